@@ -12,7 +12,8 @@ import torch, psutil
 # %% auto #0
 __all__ = ['KINDS', 'log', 'T', 'probe_cpu', 'probe_cuda', 'probe_mps', 'probe_xla', 'probe_jax', 'choose_kind', 'Hardware',
            'detect', 'torch_device', 'load_device', 'jax_devices', 'DtypeChoice', 'best_dtype', 'sync', 'Memory',
-           'memory', 'Peak', 'peak_specs', 'report', 'report_markdown']
+           'memory', 'Peak', 'peak_specs', 'triton_interpreter_if_no_gpu', 'triton_available', 'triton_usable',
+           'with_fallback', 'failed_backends', 'report', 'report_markdown']
 
 # %% ../nbs/00_devices.ipynb #4875356e
 KINDS = ('cuda', 'rocm', 'tpu', 'mps', 'cpu')  # the order in which `detect` looks
@@ -299,6 +300,45 @@ def peak_specs(hw:Hardware|None=None) -> Peak:
     return Peak({}, None, f'unknown for {hw.name!r}')
 
 # %% ../nbs/00_devices.ipynb #9305d429
+def triton_interpreter_if_no_gpu() -> bool:
+    "Set TRITON_INTERPRET=1 when no CUDA/ROCm GPU is visible and the variable is unset; True when interpreter mode is on."
+    if 'TRITON_INTERPRET' not in os.environ and not torch.cuda.is_available():
+        os.environ['TRITON_INTERPRET'] = '1'
+        log.info('no GPU: Triton kernels run in the Triton interpreter (TRITON_INTERPRET=1)')
+    return os.environ.get('TRITON_INTERPRET') == '1'
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    "triton is installed and imports."
+    if importlib.util.find_spec('triton') is None: return False
+    try: import triton; return True
+    except Exception: return False
+
+def triton_usable(t:torch.Tensor) -> bool:
+    "The compiled Triton path applies to tensor `t`: it is on a CUDA/ROCm device and triton imports."
+    return t.is_cuda and triton_available()
+
+_FAILED = {}  # (op, backend) -> the error that made it fall back
+
+def with_fallback(op:str, # the operation, e.g. 'selective_scan'
+                  backend:str, fn, # the fast backend's name and a no-argument callable running it
+                  fallback:str, fallback_fn, # the portable backend's name and callable
+                 ):
+    "Run `fn()`; if it raises, warn once, remember the failure for this process and run `fallback_fn()` (now and from then on)."
+    import warnings
+    if (op, backend) not in _FAILED:
+        try: return fn()
+        except Exception as e:
+            _FAILED[(op, backend)] = f'{type(e).__name__}: {e}'
+            warnings.warn(f'{op}: the {backend} backend failed ({_FAILED[(op, backend)][:300]}); '
+                          f'using {fallback} for the rest of this process', RuntimeWarning, stacklevel=2)
+    return fallback_fn()
+
+def failed_backends() -> dict:
+    "The (op, backend) pairs that failed in this process, with their errors."
+    return dict(_FAILED)
+
+# %% ../nbs/00_devices.ipynb #411847b9
 def _gib(b): return f'{b/2**30:.1f} GiB' if b else '—'
 
 def report(hw:Hardware|None=None) -> dict:
