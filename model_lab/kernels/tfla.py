@@ -8,18 +8,18 @@ import os, math, logging
 from typing import NamedTuple
 import torch, torch.nn.functional as F
 from ..devices import (Hardware, triton_interpreter_if_no_gpu, triton_usable, with_fallback, torch_device,
-                               best_dtype, peak_specs, sync)
+                               best_dtype, peak_specs)
 from ..bench import measure, record, suite
 
-log = logging.getLogger('model_lab')
 _INTERPRET = triton_interpreter_if_no_gpu()  # no GPU: Triton kernels run in its interpreter; must happen before `import triton`
 try:
     import triton, triton.language as tl
-except ImportError:  # the PyTorch paths work without triton (pip install 'model_lab[kernels]' for the kernels)
+except ImportError:  # the PyTorch paths work without triton
     triton = tl = None
+    logging.getLogger('model_lab').info("triton is not installed: mlstm runs its PyTorch paths (pip install 'model_lab[kernels]')")
 
 # %% auto #0
-__all__ = ['log', 'FLOOR', 'TILE_MAX', 'BACKENDS', 'VARIANTS', 'mlstm_inputs', 'mlstm_parallel', 'MLSTMState', 'mlstm_recurrent',
+__all__ = ['FLOOR', 'TILE_MAX', 'BACKENDS', 'VARIANTS', 'mlstm_inputs', 'mlstm_parallel', 'MLSTMState', 'mlstm_recurrent',
            'mlstm', 'mlstm_step', 'mlstm_flops', 'bench_tfla']
 
 # %% ../../nbs/11_kernels_tfla.ipynb #bfd67d1b
@@ -127,7 +127,7 @@ def _chunk_gates(i, f, L:int, variant:str, m0, ct) -> _ChunkGates:
     B, H, S = i.shape
     NC = -(-S // L); Sp = NC * L
     lf, li = _log_gates(i, f, variant, ct)
-    lf, li = F.pad(lf, (0, Sp - S)), F.pad(li, (0, Sp - S), value=-math.inf)  # padded steps keep the state as it is
+    if Sp > S: lf, li = F.pad(lf, (0, Sp - S)), F.pad(li, (0, Sp - S), value=-math.inf)  # padded steps keep the state
     b = lf.view(B, H, NC, L).cumsum(-1).view(B, H, Sp)                          # log forget since the chunk start
     m = _max_state(lf, li, m0) if variant == 'exp' else torch.zeros_like(lf, dtype=torch.float64)
     mu = (m - b.double()).to(ct)
@@ -145,32 +145,36 @@ def _chunk_gates(i, f, L:int, variant:str, m0, ct) -> _ChunkGates:
 FLOOR = -80.  # exponents are clamped here: exp(-80) ~ 2e-35 is still a normal float32 (fast exp path)
 _CAUSAL = {}
 
-def _causal(L:int, device, dtype) -> torch.Tensor:
-    "Lower-triangular ones (L, L), cached."
-    key = (L, str(device), dtype)
-    if key not in _CAUSAL: _CAUSAL[key] = torch.ones(L, L, device=device, dtype=dtype).tril()
+def _causal(L:int, scale:float, device, dtype) -> torch.Tensor:
+    "scale times the lower-triangular ones (L, L), cached."
+    key = (L, scale, str(device), dtype)
+    if key not in _CAUSAL: _CAUSAL[key] = torch.ones(L, L, device=device, dtype=dtype).tril() * scale
     return _CAUSAL[key]
 
-def _intra_decay(u, mu):
-    "E (B, H, NC, L, L): exp(u_s - mu_t) for s <= t within each chunk, 0 above the diagonal."
+def _intra_decay(u, mu, scale:float):
+    "scale * E (N, L, L): scale * exp(u_s - mu_t) for s <= t within each chunk, 0 above the diagonal."
     L = u.shape[-1]
-    return (u[..., None, :] - mu[..., :, None]).clamp_(FLOOR, 0.).exp_().mul_(_causal(L, u.device, u.dtype))
+    return (u[..., None, :] - mu[..., :, None]).clamp_(FLOOR, 0.).exp_().mul_(_causal(L, scale, u.device, u.dtype))
 
 def _carry(U, un, gam, C0, n0):
     "States entering each chunk: C_0 = C0, C_{c+1} = gam_c C_c + U_c. Returns (B, H, NC+1, Dqk, Dv) and (B, H, NC+1, Dqk)."
-    Cs, ns = [C0], [n0]
-    for c in range(U.shape[2]):
-        Cs.append(torch.addcmul(U[:, :, c], gam[:, :, c, None, None], Cs[-1]))
-        ns.append(torch.addcmul(un[:, :, c], gam[:, :, c, None], ns[-1]))
-    return torch.stack(Cs, 2), torch.stack(ns, 2)
+    B, H, NC = gam.shape
+    Cs, ns = U.new_empty(B, H, NC + 1, *U.shape[3:]), un.new_empty(B, H, NC + 1, un.shape[-1])
+    Cs[:, :, 0], ns[:, :, 0] = C0, n0
+    for c in range(NC):  # no autograd here (inside a Function's forward/backward): write in place
+        torch.addcmul(U[:, :, c], gam[:, :, c, None, None], Cs[:, :, c], out=Cs[:, :, c + 1])
+        torch.addcmul(un[:, :, c], gam[:, :, c, None], ns[:, :, c], out=ns[:, :, c + 1])
+    return Cs, ns
 
 def _carry_back(dCin, dnin, gam, dC_last, dn_last):
     "Reverse of `_carry`: gradients w.r.t. every state C_0..C_NC, given the gradients the outputs send to C_0..C_{NC-1}."
-    DC, Dn = [dC_last], [dn_last]
-    for c in range(dCin.shape[2] - 1, -1, -1):
-        DC.append(torch.addcmul(dCin[:, :, c], gam[:, :, c, None, None], DC[-1]))
-        Dn.append(torch.addcmul(dnin[:, :, c], gam[:, :, c, None], Dn[-1]))
-    return torch.stack(DC[::-1], 2), torch.stack(Dn[::-1], 2)
+    B, H, NC = gam.shape
+    DC, Dn = dCin.new_empty(B, H, NC + 1, *dCin.shape[3:]), dnin.new_empty(B, H, NC + 1, dnin.shape[-1])
+    DC[:, :, NC], Dn[:, :, NC] = dC_last, dn_last
+    for c in range(NC - 1, -1, -1):
+        torch.addcmul(dCin[:, :, c], gam[:, :, c, None, None], DC[:, :, c + 1], out=DC[:, :, c])
+        torch.addcmul(dnin[:, :, c], gam[:, :, c, None], Dn[:, :, c + 1], out=Dn[:, :, c])
+    return DC, Dn
 
 def _norm_grads(dh, h, den, n, lbv, eps):
     "Backward through h = num / (max(|den|, lbv) + eps): (d num, d den, d log-lower-bound)."
@@ -185,50 +189,53 @@ class _TorchCore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, u, mu, la, lgam, lw, lb, C0, n0, scale, eps, L):
         B, H, Sp, Dk = q.shape; Dv, NC = v.shape[-1], Sp // L
-        qc, kc, vc = q.view(B, H, NC, L, Dk) * scale, k.view(B, H, NC, L, Dk), v.view(B, H, NC, L, Dv)
-        E = _intra_decay(u.view(B, H, NC, L), mu.view(B, H, NC, L))        # (B, H, NC, L, L)
-        Ct = torch.matmul(qc, kc.transpose(-1, -2)).mul_(E)
-        wk = la.view(B, H, NC, L).exp()
-        kw = kc * wk[..., None]                                            # (B, H, NC, L, Dk)
-        Cs, ns = _carry(kw.transpose(-1, -2) @ vc, kw.sum(-2), lgam.exp(), C0, n0)
-        w = lw.view(B, H, NC, L).exp()
+        N = B * H * NC                                                     # one batch entry per chunk: bmm, no copies
+        qc, kc, vc = q.reshape(N, L, Dk), k.reshape(N, L, Dk), v.reshape(N, L, Dv)
+        E = _intra_decay(u.reshape(N, L), mu.reshape(N, L), scale)         # (N, L, L), the 1/sqrt(Dqk) folded in
+        Ct = torch.bmm(qc, kc.transpose(1, 2)).mul_(E)
+        wk = la.reshape(N, L).exp()
+        kw = kc * wk[..., None]                                            # (N, L, Dk)
+        U = torch.bmm(kw.transpose(1, 2), vc).view(B, H, NC, Dk, Dv)
+        Cs, ns = _carry(U, kw.sum(1).view(B, H, NC, Dk), lgam.exp(), C0, n0)
+        Cin, nin = Cs[:, :, :-1].reshape(N, Dk, Dv), ns[:, :, :-1].reshape(N, Dk)  # state entering each chunk
+        w = lw.reshape(N, L).exp().mul_(scale)
         qi = qc * w[..., None]
-        num = torch.matmul(Ct, vc).add_(qi @ Cs[:, :, :-1])                  # (B, H, NC, L, Dv)
-        den = Ct.sum(-1).add_((qi * ns[:, :, :-1, None, :]).sum(-1))          # (B, H, NC, L)
-        lbv = lb.view(B, H, NC, L).exp()
+        num = torch.bmm(Ct, vc).baddbmm_(qi, Cin)                          # (N, L, Dv)
+        den = Ct.sum(-1).add_((qi * nin[:, None, :]).sum(-1))              # (N, L)
+        lbv = lb.reshape(N, L).exp()
         n = torch.maximum(den.abs(), lbv)
         h = num / (n + eps)[..., None]
-        ctx.save_for_backward(qc, kc, vc, E, Ct, wk, lgam, w, lbv, Cs, ns, den, n, h)
-        ctx.scale, ctx.eps = scale, eps
+        ctx.save_for_backward(qc, kc, vc, E, Ct, wk, lgam, w, lbv, Cin, nin, den, n, h)
+        ctx.eps = eps
         return h.view(B, H, Sp, Dv), Cs[:, :, -1], ns[:, :, -1]
 
     @staticmethod
     def backward(ctx, dh, dC_last, dn_last):
-        qc, kc, vc, E, Ct, wk, lgam, w, lbv, Cs, ns, den, n, h = ctx.saved_tensors
-        B, H, NC, L, Dk = qc.shape; Sp = NC * L
-        dnum, dden, dlb = _norm_grads(dh.reshape(h.shape), h, den, n, lbv, ctx.eps)
-        dCt = torch.matmul(dnum, vc.transpose(-1, -2)).add_(dden[..., None])     # (B, H, NC, L, L)
-        dv = Ct.transpose(-1, -2) @ dnum
+        qc, kc, vc, E, Ct, wk, lgam, w, lbv, Cin, nin, den, n, h = ctx.saved_tensors
+        B, H, NC = lgam.shape; N, L, Dk = qc.shape; Dv, Sp = vc.shape[-1], NC * L
+        dnum, dden, dlb = _norm_grads(dh.reshape(N, L, Dv), h, den, n, lbv, ctx.eps)
+        dCt = torch.bmm(dnum, vc.transpose(1, 2)).add_(dden[..., None])  # (N, L, L)
+        dv = torch.bmm(Ct.transpose(1, 2), dnum)
         dlogE = dCt * Ct
         dS = dCt.mul_(E)
-        dq, dk = dS @ kc, dS.transpose(-1, -2) @ qc
-        Cin, nin = Cs[:, :, :-1], ns[:, :, :-1]
-        dqi = torch.matmul(dnum, Cin.transpose(-1, -2)).add_(dden[..., None] * nin[..., None, :])  # (B, H, NC, L, Dk)
-        dq += dqi * w[..., None]
+        dq, dk = torch.bmm(dS, kc), torch.bmm(dS.transpose(1, 2), qc)
+        dqi = torch.bmm(dnum, Cin.transpose(1, 2)).add_(dden[..., None] * nin[:, None, :])  # (N, L, Dk)
+        dq.addcmul_(dqi, w[..., None])
         dlw = (dqi * qc).sum(-1) * w
         qi = qc * w[..., None]
         gam = lgam.exp()
-        zC, zn = torch.zeros_like(Cs[:, :, 0]), torch.zeros_like(ns[:, :, 0])
-        DC, Dn = _carry_back(qi.transpose(-1, -2) @ dnum, (qi * dden[..., None]).sum(-2), gam,
-                             zC if dC_last is None else dC_last, zn if dn_last is None else dn_last)
-        dU, dun = DC[:, :, 1:], Dn[:, :, 1:]                                  # gradients w.r.t. the states after each chunk
-        dlgam = ((dU * Cin).sum((-1, -2)) + (dun * nin).sum(-1)) * gam
-        dkw = torch.matmul(vc, dU.transpose(-1, -2)).add_(dun[..., None, :])  # (B, H, NC, L, Dk)
-        dv += (kc * wk[..., None]) @ dU
-        dk += dkw * wk[..., None]
+        DC, Dn = _carry_back(torch.bmm(qi.transpose(1, 2), dnum).view(B, H, NC, Dk, Dv),
+                             (qi * dden[..., None]).sum(1).view(B, H, NC, Dk), gam,
+                             torch.zeros_like(Cin[:B * H]).view(B, H, Dk, Dv) if dC_last is None else dC_last,
+                             torch.zeros_like(nin[:B * H]).view(B, H, Dk) if dn_last is None else dn_last)
+        dU, dun = DC[:, :, 1:].reshape(N, Dk, Dv), Dn[:, :, 1:].reshape(N, Dk)  # gradients w.r.t. the states after each chunk
+        dlgam = ((dU * Cin).sum((-1, -2)) + (dun * nin).sum(-1)).view(B, H, NC) * gam
+        dkw = torch.bmm(vc, dU.transpose(1, 2)).add_(dun[:, None, :])     # (N, L, Dk)
+        dv.baddbmm_(kc * wk[..., None], dU)
+        dk.addcmul_(dkw, wk[..., None])
         dla = (dkw * kc).sum(-1) * wk
         flat = lambda x, *d: x.reshape(B, H, Sp, *d)
-        return (flat(dq * ctx.scale, Dk), flat(dk, Dk), flat(dv, vc.shape[-1]), flat(dlogE.sum(-2)), flat(-dlogE.sum(-1)),
+        return (flat(dq, Dk), flat(dk, Dk), flat(dv, Dv), flat(dlogE.sum(-2)), flat(-dlogE.sum(-1)),
                 flat(dla), dlgam, flat(dlw), flat(dlb), DC[:, :, 0], Dn[:, :, 0], None, None, None)
 
 # %% ../../nbs/11_kernels_tfla.ipynb #8640981e
@@ -239,13 +246,13 @@ def _chunkwise(q, k, v, i, f, state:MLSTMState|None, L:int, variant:str, eps:flo
     gl = _chunk_gates(i, f, L, variant, state.m if state is not None else None, ct)
     Sp = gl.u.shape[-1]
     kv_dtype = ct if core == 'torch' else q.dtype                    # Triton reads q, k, v in their own dtype
-    q, k, v = (F.pad(x.to(kv_dtype), (0, 0, 0, Sp - S)) for x in (q, k, v))
+    q, k, v = (F.pad(x.to(kv_dtype), (0, 0, 0, Sp - S)) if Sp > S else x.to(kv_dtype) for x in (q, k, v))
     C0, n0 = (state.C.to(ct), state.n.to(ct)) if state is not None else _zero_state(q, v, ct)[:2]
     fn = _TorchCore.apply if core == 'torch' else _TritonCore.apply
     h, C, n = fn(q, k, v, gl.u, gl.mu, gl.la, gl.lgam, gl.lw, gl.lb, C0, n0, Dk ** -0.5, eps, L)
     return h[:, :, :S].to(out_dtype), MLSTMState(C, n, gl.m_last)
 
-# %% ../../nbs/11_kernels_tfla.ipynb #bafdb8f0
+# %% ../../nbs/11_kernels_tfla.ipynb #e3369954
 def _jit(fn):
     "triton.jit when triton is installed, else the plain function (the module still imports; the kernels cannot run)."
     return triton.jit(fn) if triton is not None else fn
@@ -297,7 +304,7 @@ def _dct(DNUM, DDEN, V, rows, cols, Dv, BV: tl.constexpr, BT: tl.constexpr, DT: 
         d += _dot(dn, tl.trans(vt), DT, LOWP)
     return d + tl.load(DDEN + rows)[:, None]
 
-# %% ../../nbs/11_kernels_tfla.ipynb #440349f6
+# %% ../../nbs/11_kernels_tfla.ipynb #74d7e96e
 @_jit
 def _fw_states_kernel(K, V, LA, LGAM, C0, N0, CS, NS, NC, Dk, Dv,
                       L: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr):
@@ -365,7 +372,7 @@ def _fw_out_kernel(Q, K, V, U, MU, LW, LB, CS, NS, H, DEN, NN, scale, eps, NC, D
         tl.store(DEN + bh * S + rows, den)
         tl.store(NN + bh * S + rows, n)
 
-# %% ../../nbs/11_kernels_tfla.ipynb #e3369954
+# %% ../../nbs/11_kernels_tfla.ipynb #a28f83e1
 @_jit
 def _bw_states_kernel(Q, DNUM, DDEN, LW, LGAM, DCL, DNL, DCS, DNS, scale, NC, Dk, Dv,
                       L: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr):
@@ -505,7 +512,7 @@ def _bw_dv_kernel(Q, K, U, MU, LA, DCS, DNUM, DV, scale, NC, Dk, Dv,
         dvi += _dot(kt, dci, DT, LOWP)
     tl.store(DV + bh * S * Dv + cols[:, None] * Dv + ov[None, :], dv + dvi * tl.exp(tl.load(LA + cols))[:, None], mask=mv[None, :])
 
-# %% ../../nbs/11_kernels_tfla.ipynb #74d7e96e
+# %% ../../nbs/11_kernels_tfla.ipynb #5b8dc1d1
 TILE_MAX = 64   # largest query/key tile (rows) and head-dimension block
 
 def _tiles(L:int, Dk:int, Dv:int) -> tuple:
@@ -565,7 +572,7 @@ class _TritonCore(torch.autograd.Function):
                 r(dla.sum(0), Sp), r(dlgam, NC), r(dlw.sum(0), Sp), r(dlb, Sp), r(DCS[:, 0], Dk, Dv), r(DNS[:, 0], Dk),
                 None, None, None)
 
-# %% ../../nbs/11_kernels_tfla.ipynb #7fd11501
+# %% ../../nbs/11_kernels_tfla.ipynb #635b852d
 @_jit
 def _logsigmoid(x):
     return tl.minimum(x, 0.) - tl.log(1. + tl.exp(-tl.abs(x)))
@@ -612,7 +619,7 @@ def _step_triton(q, k, v, i, f, state:MLSTMState|None, variant:str='exp', eps:fl
                                               C, n, m, h, C2, n2, m2, Dk ** -0.5, eps, Dk, Dv, BK, BV, variant == 'sig')
     return h.to(q.dtype), MLSTMState(C2, n2, m2)
 
-# %% ../../nbs/11_kernels_tfla.ipynb #40cf89e9
+# %% ../../nbs/11_kernels_tfla.ipynb #1088e804
 BACKENDS = ('auto', 'torch', 'triton', 'parallel', 'recurrent')
 VARIANTS = ('exp', 'sig')
 
@@ -648,7 +655,7 @@ def _check_options(backend, variant, chunk_size):
     if variant not in VARIANTS: raise ValueError(f'variant must be one of {", ".join(VARIANTS)}, got {variant!r}')
     if not isinstance(chunk_size, int) or chunk_size < 1: raise ValueError(f'chunk_size must be a positive int, got {chunk_size!r}')
 
-# %% ../../nbs/11_kernels_tfla.ipynb #635b852d
+# %% ../../nbs/11_kernels_tfla.ipynb #b4bfe900
 def _triton_ready(q, L:int):
     "Raise unless the Triton path can run these inputs here."
     if triton is None: raise RuntimeError("backend='triton' needs triton: pip install 'model_lab[kernels]'")
@@ -702,11 +709,11 @@ def mlstm_step(q, k, v, i, f, # q, k (B, H, Dqk); v (B, H, Dv); i, f (B, H)
                              'torch', lambda: _step_torch(q, k, v, i, f, state, variant, eps))
     return _step_torch(q, k, v, i, f, state, variant, eps)
 
-# %% ../../nbs/11_kernels_tfla.ipynb #e97cf02c
-_BENCH_SIZES = dict(quick=dict(S=(128, 256), D=(64,)), default=dict(S=(256, 1024, 4096), D=(64,)),
+# %% ../../nbs/11_kernels_tfla.ipynb #fc705d96
+_BENCH_SIZES = dict(quick=dict(S=(64, 128), D=(64,)), default=dict(S=(256, 1024, 4096), D=(64,)),
                     full=dict(S=(256, 512, 1024, 2048, 4096, 8192, 16384), D=(64, 128, 256)))
 # the largest S each slow reference runs at: (forward, forward+backward), per device kind
-_REF_LIMITS = dict(cpu=dict(parallel=(4096, 2048), recurrent=(1024, 128)),
+_REF_LIMITS = dict(cpu=dict(parallel=(4096, 2048), recurrent=(1024, 256)),
                    gpu=dict(parallel=(8192, 4096), recurrent=(2048, 1024)))
 
 def mlstm_flops(B, H, S, Dqk, Dv, chunk_size:int=64, backward:bool=False) -> float:
@@ -733,7 +740,7 @@ def _implementations(hw:Hardware, S:int, backward:bool) -> dict:
     if S <= lim['recurrent'][backward]: impl['recurrent'] = lambda *x: mlstm(*x, backend='recurrent')
     return impl
 
-# %% ../../nbs/11_kernels_tfla.ipynb #2ba7b226
+# %% ../../nbs/11_kernels_tfla.ipynb #34365696
 def _timed_call(fn, x, backward:bool):
     "A no-argument callable running fn on inputs x, forward only or forward+backward."
     if not backward:
