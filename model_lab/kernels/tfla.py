@@ -274,16 +274,41 @@ def _tile_ids(pid, NC, NT: tl.constexpr):
     return (pid // (NT * NC)).to(tl.int64), c, t
 
 @_jit
-def _qk(Q, K, rows, cols, Dk, BK: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr, LOWP: tl.constexpr):
-    "Q[rows] @ K[cols]^T (BT, BT) over all of Dqk, block by block."
+def _tile(P, rows, o, D):
+    "P[rows, o] of a row-major (S, D) matrix, as float32; 0 where o >= D."
+    return tl.load(P + rows[:, None] * D + o[None, :], mask=(o < D)[None, :], other=0.).to(tl.float32)
+
+@_jit
+def _block(P, o1, o2, D1, D2):
+    "P[o1, o2] of a row-major (D1, D2) state matrix, as float32; 0 outside."
+    return tl.load(P + o1[:, None] * D2 + o2[None, :], mask=(o1 < D1)[:, None] & (o2 < D2)[None, :], other=0.).to(tl.float32)
+
+@_jit
+def _abt(A, B, rows, cols, D, BD: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr, LOWP: tl.constexpr):
+    "A[rows] @ B[cols]^T (BT, BT) over all D columns, block by block (q k^T, dnum v^T)."
     s = tl.zeros((BT, BT), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        od = d0 + tl.arange(0, BD)
+        s += _dot(_tile(A, rows, od, D), tl.trans(_tile(B, cols, od, D)), DT, LOWP)
+    return s
+
+@_jit
+def _times_state(A, rows, M, ov, Dk, Dv, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, LOWP: tl.constexpr):
+    "A[rows] (BT, Dk) @ M[:, ov] (Dk, BV) for a (Dk, Dv) state M."
+    acc = tl.zeros((BT, BV), dtype=tl.float32)
     for d0 in range(0, Dk, BK):
         od = d0 + tl.arange(0, BK)
-        md = od < Dk
-        qt = tl.load(Q + rows[:, None] * Dk + od[None, :], mask=md[None, :], other=0.).to(tl.float32)
-        kt = tl.load(K + cols[:, None] * Dk + od[None, :], mask=md[None, :], other=0.).to(tl.float32)
-        s += _dot(qt, tl.trans(kt), DT, LOWP)
-    return s
+        acc += _dot(_tile(A, rows, od, Dk), _block(M, od, ov, Dk, Dv), DT, LOWP)
+    return acc
+
+@_jit
+def _times_state_t(A, rows, M, ok, Dk, Dv, BV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, LOWP: tl.constexpr):
+    "A[rows] (BT, Dv) @ M[ok, :]^T (Dv, BK) for a (Dk, Dv) state M."
+    acc = tl.zeros((BT, BK), dtype=tl.float32)
+    for e0 in range(0, Dv, BV):
+        oe = e0 + tl.arange(0, BV)
+        acc += _dot(_tile(A, rows, oe, Dv), tl.trans(_block(M, ok, oe, Dk, Dv)), DT, LOWP)
+    return acc
 
 @_jit
 def _decay(U, MU, rows, cols, FLOOR: tl.constexpr):
@@ -292,18 +317,6 @@ def _decay(U, MU, rows, cols, FLOOR: tl.constexpr):
     x = tl.minimum(tl.maximum(x, FLOOR), 0.)
     return tl.where(rows[:, None] >= cols[None, :], tl.exp(x), 0.)
 
-@_jit
-def _dct(DNUM, DDEN, V, rows, cols, Dv, BV: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr, LOWP: tl.constexpr):
-    "d C~ (BT, BT) = dnum[rows] @ V[cols]^T + dden[rows], over all of Dv."
-    d = tl.zeros((BT, BT), dtype=tl.float32)
-    for e0 in range(0, Dv, BV):
-        oe = e0 + tl.arange(0, BV)
-        me = oe < Dv
-        dn = tl.load(DNUM + rows[:, None] * Dv + oe[None, :], mask=me[None, :], other=0.)
-        vt = tl.load(V + cols[:, None] * Dv + oe[None, :], mask=me[None, :], other=0.).to(tl.float32)
-        d += _dot(dn, tl.trans(vt), DT, LOWP)
-    return d + tl.load(DDEN + rows)[:, None]
-
 # %% ../../nbs/11_kernels_tfla.ipynb #74d7e96e
 @_jit
 def _fw_states_kernel(K, V, LA, LGAM, C0, N0, CS, NS, NC, Dk, Dv,
@@ -311,12 +324,11 @@ def _fw_states_kernel(K, V, LA, LGAM, C0, N0, CS, NS, NC, Dk, Dv,
     "Inter-chunk recurrence: CS[bh, c] = state entering chunk c (c = 0..NC); C <- exp(lgam_c) C + sum_s exp(la_s) k_s v_s^T."
     bh, pk, pv = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     ok, ov = pk * BK + tl.arange(0, BK), pv * BV + tl.arange(0, BV)
-    mk, mv = ok < Dk, ov < Dv
-    mkv = mk[:, None] & mv[None, :]
+    mk, mkv = ok < Dk, (ok < Dk)[:, None] & (ov < Dv)[None, :]
     K, V, LA = K + bh * NC * L * Dk, V + bh * NC * L * Dv, LA + bh * NC * L
     CS, NS, LGAM = CS + bh * (NC + 1) * Dk * Dv, NS + bh * (NC + 1) * Dk, LGAM + bh * NC
     off = ok[:, None] * Dv + ov[None, :]
-    C = tl.load(C0 + bh * Dk * Dv + off, mask=mkv, other=0.)
+    C = _block(C0 + bh * Dk * Dv, ok, ov, Dk, Dv)
     n = tl.load(N0 + bh * Dk + ok, mask=mk, other=0.)
     for c in range(NC):
         tl.store(CS + c * Dk * Dv + off, C, mask=mkv)
@@ -326,10 +338,8 @@ def _fw_states_kernel(K, V, LA, LGAM, C0, N0, CS, NS, NC, Dk, Dv,
         C, n = C * g, n * g
         for l0 in range(0, L, BL):
             rows = c * L + l0 + tl.arange(0, BL)
-            wk = tl.exp(tl.load(LA + rows))
-            kt = tl.load(K + rows[:, None] * Dk + ok[None, :], mask=mk[None, :], other=0.).to(tl.float32) * wk[:, None]
-            vt = tl.load(V + rows[:, None] * Dv + ov[None, :], mask=mv[None, :], other=0.).to(tl.float32)
-            C += _dot(tl.trans(kt), vt, K.dtype.element_ty, LOWP)
+            kt = _tile(K, rows, ok, Dk) * tl.exp(tl.load(LA + rows))[:, None]
+            C += _dot(tl.trans(kt), _tile(V, rows, ov, Dv), K.dtype.element_ty, LOWP)
             n += tl.sum(kt, 0)
     tl.store(CS + NC * Dk * Dv + off, C, mask=mkv)
     if pv == 0:
@@ -343,7 +353,6 @@ def _fw_out_kernel(Q, K, V, U, MU, LW, LB, CS, NS, H, DEN, NN, scale, eps, NC, D
     bh, c, t = _tile_ids(tl.program_id(0), NC, L // BT)
     pv = tl.program_id(1)
     ov = pv * BV + tl.arange(0, BV)
-    mv = ov < Dv
     S = NC * L
     Q, K, V = Q + bh * S * Dk, K + bh * S * Dk, V + bh * S * Dv
     U, MU, LW, LB = U + bh * S, MU + bh * S, LW + bh * S, LB + bh * S
@@ -353,21 +362,17 @@ def _fw_out_kernel(Q, K, V, U, MU, LW, LB, CS, NS, H, DEN, NN, scale, eps, NC, D
     den = tl.zeros((BT,), dtype=tl.float32)
     for j in range(0, t + 1):
         cols = c * L + j * BT + tl.arange(0, BT)
-        ct = _qk(Q, K, rows, cols, Dk, BK, BT, DT, LOWP) * scale * _decay(U, MU, rows, cols, FLOOR)
-        vt = tl.load(V + cols[:, None] * Dv + ov[None, :], mask=mv[None, :], other=0.).to(tl.float32)
-        num += _dot(ct, vt, DT, LOWP)
+        ct = _abt(Q, K, rows, cols, Dk, BK, BT, DT, LOWP) * scale * _decay(U, MU, rows, cols, FLOOR)
+        num += _dot(ct, _tile(V, cols, ov, Dv), DT, LOWP)
         den += tl.sum(ct, 1)
-    w = tl.exp(tl.load(LW + rows)) * scale
+    w = tl.exp(tl.load(LW + rows)) * scale                              # weight of the incoming state in each row
     CS, NS = CS + (bh * (NC + 1) + c) * Dk * Dv, NS + (bh * (NC + 1) + c) * Dk
+    num += _times_state(Q, rows, CS, ov, Dk, Dv, BK, BT, BV, DT, LOWP) * w[:, None]
     for d0 in range(0, Dk, BK):
         od = d0 + tl.arange(0, BK)
-        md = od < Dk
-        qt = tl.load(Q + rows[:, None] * Dk + od[None, :], mask=md[None, :], other=0.).to(tl.float32) * w[:, None]
-        ci = tl.load(CS + od[:, None] * Dv + ov[None, :], mask=md[:, None] & mv[None, :], other=0.)
-        num += _dot(qt, ci, DT, LOWP)
-        den += tl.sum(qt * tl.load(NS + od, mask=md, other=0.)[None, :], 1)
+        den += tl.sum(_tile(Q, rows, od, Dk) * tl.load(NS + od, mask=od < Dk, other=0.)[None, :], 1) * w
     n = tl.maximum(tl.abs(den), tl.exp(tl.load(LB + rows)))
-    tl.store(H + bh * S * Dv + rows[:, None] * Dv + ov[None, :], num / (n + eps)[:, None], mask=mv[None, :])
+    tl.store(H + bh * S * Dv + rows[:, None] * Dv + ov[None, :], num / (n + eps)[:, None], mask=(ov < Dv)[None, :])
     if pv == 0:
         tl.store(DEN + bh * S + rows, den)
         tl.store(NN + bh * S + rows, n)
@@ -379,12 +384,11 @@ def _bw_states_kernel(Q, DNUM, DDEN, LW, LGAM, DCL, DNL, DCS, DNS, scale, NC, Dk
     "Reverse recurrence: DCS[bh, c] = gradient w.r.t. the state entering chunk c (c = NC..0)."
     bh, pk, pv = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     ok, ov = pk * BK + tl.arange(0, BK), pv * BV + tl.arange(0, BV)
-    mk, mv = ok < Dk, ov < Dv
-    mkv = mk[:, None] & mv[None, :]
+    mk, mkv = ok < Dk, (ok < Dk)[:, None] & (ov < Dv)[None, :]
     Q, DNUM, DDEN, LW = Q + bh * NC * L * Dk, DNUM + bh * NC * L * Dv, DDEN + bh * NC * L, LW + bh * NC * L
     DCS, DNS, LGAM = DCS + bh * (NC + 1) * Dk * Dv, DNS + bh * (NC + 1) * Dk, LGAM + bh * NC
     off = ok[:, None] * Dv + ov[None, :]
-    dC = tl.load(DCL + bh * Dk * Dv + off, mask=mkv, other=0.)
+    dC = _block(DCL + bh * Dk * Dv, ok, ov, Dk, Dv)
     dn = tl.load(DNL + bh * Dk + ok, mask=mk, other=0.)
     for cc in range(NC):
         c = NC - 1 - cc
@@ -395,10 +399,8 @@ def _bw_states_kernel(Q, DNUM, DDEN, LW, LGAM, DCL, DNL, DCS, DNS, scale, NC, Dk
         dC, dn = dC * g, dn * g
         for l0 in range(0, L, BL):
             rows = c * L + l0 + tl.arange(0, BL)
-            w = tl.exp(tl.load(LW + rows)) * scale
-            qt = tl.load(Q + rows[:, None] * Dk + ok[None, :], mask=mk[None, :], other=0.).to(tl.float32) * w[:, None]
-            dnum = tl.load(DNUM + rows[:, None] * Dv + ov[None, :], mask=mv[None, :], other=0.)
-            dC += _dot(tl.trans(qt), dnum, Q.dtype.element_ty, LOWP)
+            qt = _tile(Q, rows, ok, Dk) * (tl.exp(tl.load(LW + rows)) * scale)[:, None]
+            dC += _dot(tl.trans(qt), _tile(DNUM, rows, ov, Dv), Q.dtype.element_ty, LOWP)
             dn += tl.sum(qt * tl.load(DDEN + rows)[:, None], 0)
     tl.store(DCS + off, dC, mask=mkv)
     if pv == 0:
@@ -412,7 +414,6 @@ def _bw_dq_kernel(Q, K, V, U, MU, LW, CS, NS, DNUM, DDEN, DQ, DMU, DLW, scale, N
     bh, c, t = _tile_ids(tl.program_id(0), NC, L // BT)
     pk = tl.program_id(1)
     ok = pk * BK + tl.arange(0, BK)
-    mk = ok < Dk
     S = NC * L
     Q, K, V, DNUM = Q + bh * S * Dk, K + bh * S * Dk, V + bh * S * Dv, DNUM + bh * S * Dv
     U, MU, LW, DDEN = U + bh * S, MU + bh * S, LW + bh * S, DDEN + bh * S
@@ -420,28 +421,19 @@ def _bw_dq_kernel(Q, K, V, U, MU, LW, CS, NS, DNUM, DDEN, DQ, DMU, DLW, scale, N
     rows = c * L + t * BT + tl.arange(0, BT)
     dq = tl.zeros((BT, BK), dtype=tl.float32)
     rs = tl.zeros((BT,), dtype=tl.float32)
-    for j in range(0, t + 1):
+    for j in range(0, t + 1):                                            # key tiles left of and on the diagonal
         cols = c * L + j * BT + tl.arange(0, BT)
-        ds = _dct(DNUM, DDEN, V, rows, cols, Dv, BV, BT, DT, LOWP) * _decay(U, MU, rows, cols, FLOOR)
-        rs += tl.sum(ds * _qk(Q, K, rows, cols, Dk, BK, BT, DT, LOWP) * scale, 1)
-        kt = tl.load(K + cols[:, None] * Dk + ok[None, :], mask=mk[None, :], other=0.).to(tl.float32)
-        dq += _dot(ds, kt, DT, LOWP)
-    dq = dq * scale
+        ds = (_abt(DNUM, V, rows, cols, Dv, BV, BT, DT, LOWP) + tl.load(DDEN + rows)[:, None]) * _decay(U, MU, rows, cols, FLOOR)
+        rs += tl.sum(ds * _abt(Q, K, rows, cols, Dk, BK, BT, DT, LOWP), 1)
+        dq += _dot(ds, _tile(K, cols, ok, Dk), DT, LOWP)
     CS, NS = CS + (bh * (NC + 1) + c) * Dk * Dv, NS + (bh * (NC + 1) + c) * Dk
-    dqi = tl.zeros((BT, BK), dtype=tl.float32)
-    for e0 in range(0, Dv, BV):
-        oe = e0 + tl.arange(0, BV)
-        me = oe < Dv
-        dn = tl.load(DNUM + rows[:, None] * Dv + oe[None, :], mask=me[None, :], other=0.)
-        ci = tl.load(CS + ok[:, None] * Dv + oe[None, :], mask=mk[:, None] & me[None, :], other=0.)
-        dqi += _dot(dn, tl.trans(ci), DT, LOWP)
-    dqi += tl.load(DDEN + rows)[:, None] * tl.load(NS + ok, mask=mk, other=0.)[None, :]
+    dqi = _times_state_t(DNUM, rows, CS, ok, Dk, Dv, BV, BT, BK, DT, LOWP)   # d(q w) from the incoming state
+    dqi += tl.load(DDEN + rows)[:, None] * tl.load(NS + ok, mask=ok < Dk, other=0.)[None, :]
     w = tl.exp(tl.load(LW + rows)) * scale
-    qt = tl.load(Q + rows[:, None] * Dk + ok[None, :], mask=mk[None, :], other=0.).to(tl.float32)
-    tl.store(DQ + bh * S * Dk + rows[:, None] * Dk + ok[None, :], dq + dqi * w[:, None], mask=mk[None, :])
-    tl.store(DLW + (pk * NBH + bh) * S + rows, tl.sum(dqi * qt, 1) * w)
+    tl.store(DQ + bh * S * Dk + rows[:, None] * Dk + ok[None, :], dq * scale + dqi * w[:, None], mask=(ok < Dk)[None, :])
+    tl.store(DLW + (pk * NBH + bh) * S + rows, tl.sum(dqi * _tile(Q, rows, ok, Dk), 1) * w)
     if pk == 0:
-        tl.store(DMU + bh * S + rows, -rs)
+        tl.store(DMU + bh * S + rows, -rs * scale)
 
 @_jit
 def _bw_dk_kernel(Q, K, V, U, MU, LA, DCS, DNS, DNUM, DDEN, DK, DU, DLA, scale, NBH, NC, Dk, Dv,
@@ -451,7 +443,6 @@ def _bw_dk_kernel(Q, K, V, U, MU, LA, DCS, DNS, DNUM, DDEN, DK, DU, DLA, scale, 
     bh, c, j = _tile_ids(tl.program_id(0), NC, L // BT)
     pk = tl.program_id(1)
     ok = pk * BK + tl.arange(0, BK)
-    mk = ok < Dk
     S = NC * L
     Q, K, V, DNUM = Q + bh * S * Dk, K + bh * S * Dk, V + bh * S * Dv, DNUM + bh * S * Dv
     U, MU, LA, DDEN = U + bh * S, MU + bh * S, LA + bh * S, DDEN + bh * S
@@ -459,28 +450,19 @@ def _bw_dk_kernel(Q, K, V, U, MU, LA, DCS, DNS, DNUM, DDEN, DK, DU, DLA, scale, 
     cols = c * L + j * BT + tl.arange(0, BT)
     dk = tl.zeros((BT, BK), dtype=tl.float32)
     cs = tl.zeros((BT,), dtype=tl.float32)
-    for t in range(j, L // BT):
+    for t in range(j, L // BT):                                          # query tiles on and below the diagonal
         rows = c * L + t * BT + tl.arange(0, BT)
-        ds = _dct(DNUM, DDEN, V, rows, cols, Dv, BV, BT, DT, LOWP) * _decay(U, MU, rows, cols, FLOOR)
-        cs += tl.sum(ds * _qk(Q, K, rows, cols, Dk, BK, BT, DT, LOWP) * scale, 0)
-        qt = tl.load(Q + rows[:, None] * Dk + ok[None, :], mask=mk[None, :], other=0.).to(tl.float32)
-        dk += _dot(tl.trans(ds), qt, DT, LOWP)
-    dk = dk * scale
+        ds = (_abt(DNUM, V, rows, cols, Dv, BV, BT, DT, LOWP) + tl.load(DDEN + rows)[:, None]) * _decay(U, MU, rows, cols, FLOOR)
+        cs += tl.sum(ds * _abt(Q, K, rows, cols, Dk, BK, BT, DT, LOWP), 0)
+        dk += _dot(tl.trans(ds), _tile(Q, rows, ok, Dk), DT, LOWP)
     DCS, DNS = DCS + (bh * (NC + 1) + c + 1) * Dk * Dv, DNS + (bh * (NC + 1) + c + 1) * Dk
-    dkw = tl.zeros((BT, BK), dtype=tl.float32)
-    for e0 in range(0, Dv, BV):
-        oe = e0 + tl.arange(0, BV)
-        me = oe < Dv
-        vt = tl.load(V + cols[:, None] * Dv + oe[None, :], mask=me[None, :], other=0.).to(tl.float32)
-        dci = tl.load(DCS + ok[:, None] * Dv + oe[None, :], mask=mk[:, None] & me[None, :], other=0.)
-        dkw += _dot(vt, tl.trans(dci), DT, LOWP)
-    dkw += tl.load(DNS + ok, mask=mk, other=0.)[None, :]
+    dkw = _times_state_t(V, cols, DCS, ok, Dk, Dv, BV, BT, BK, DT, LOWP)     # d(k exp(la)) from the state after the chunk
+    dkw += tl.load(DNS + ok, mask=ok < Dk, other=0.)[None, :]
     wk = tl.exp(tl.load(LA + cols))
-    kt = tl.load(K + cols[:, None] * Dk + ok[None, :], mask=mk[None, :], other=0.).to(tl.float32)
-    tl.store(DK + bh * S * Dk + cols[:, None] * Dk + ok[None, :], dk + dkw * wk[:, None], mask=mk[None, :])
-    tl.store(DLA + (pk * NBH + bh) * S + cols, tl.sum(dkw * kt, 1) * wk)
+    tl.store(DK + bh * S * Dk + cols[:, None] * Dk + ok[None, :], dk * scale + dkw * wk[:, None], mask=(ok < Dk)[None, :])
+    tl.store(DLA + (pk * NBH + bh) * S + cols, tl.sum(dkw * _tile(K, cols, ok, Dk), 1) * wk)
     if pk == 0:
-        tl.store(DU + bh * S + cols, cs)
+        tl.store(DU + bh * S + cols, cs * scale)
 
 @_jit
 def _bw_dv_kernel(Q, K, U, MU, LA, DCS, DNUM, DV, scale, NC, Dk, Dv,
@@ -490,7 +472,6 @@ def _bw_dv_kernel(Q, K, U, MU, LA, DCS, DNUM, DV, scale, NC, Dk, Dv,
     bh, c, j = _tile_ids(tl.program_id(0), NC, L // BT)
     pv = tl.program_id(1)
     ov = pv * BV + tl.arange(0, BV)
-    mv = ov < Dv
     S = NC * L
     Q, K, DNUM = Q + bh * S * Dk, K + bh * S * Dk, DNUM + bh * S * Dv
     U, MU, LA = U + bh * S, MU + bh * S, LA + bh * S
@@ -499,18 +480,11 @@ def _bw_dv_kernel(Q, K, U, MU, LA, DCS, DNUM, DV, scale, NC, Dk, Dv,
     dv = tl.zeros((BT, BV), dtype=tl.float32)
     for t in range(j, L // BT):
         rows = c * L + t * BT + tl.arange(0, BT)
-        ct = _qk(Q, K, rows, cols, Dk, BK, BT, DT, LOWP) * scale * _decay(U, MU, rows, cols, FLOOR)
-        dn = tl.load(DNUM + rows[:, None] * Dv + ov[None, :], mask=mv[None, :], other=0.)
-        dv += _dot(tl.trans(ct), dn, DT, LOWP)
+        ct = _abt(Q, K, rows, cols, Dk, BK, BT, DT, LOWP) * scale * _decay(U, MU, rows, cols, FLOOR)
+        dv += _dot(tl.trans(ct), _tile(DNUM, rows, ov, Dv), DT, LOWP)
     DCS = DCS + (bh * (NC + 1) + c + 1) * Dk * Dv
-    dvi = tl.zeros((BT, BV), dtype=tl.float32)
-    for d0 in range(0, Dk, BK):
-        od = d0 + tl.arange(0, BK)
-        md = od < Dk
-        kt = tl.load(K + cols[:, None] * Dk + od[None, :], mask=md[None, :], other=0.).to(tl.float32)
-        dci = tl.load(DCS + od[:, None] * Dv + ov[None, :], mask=md[:, None] & mv[None, :], other=0.)
-        dvi += _dot(kt, dci, DT, LOWP)
-    tl.store(DV + bh * S * Dv + cols[:, None] * Dv + ov[None, :], dv + dvi * tl.exp(tl.load(LA + cols))[:, None], mask=mv[None, :])
+    dv += _times_state(K, cols, DCS, ov, Dk, Dv, BK, BT, BV, DT, LOWP) * tl.exp(tl.load(LA + cols))[:, None]
+    tl.store(DV + bh * S * Dv + cols[:, None] * Dv + ov[None, :], dv, mask=(ov < Dv)[None, :])
 
 # %% ../../nbs/11_kernels_tfla.ipynb #5b8dc1d1
 TILE_MAX = 64   # largest query/key tile (rows) and head-dimension block
