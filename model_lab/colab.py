@@ -114,6 +114,7 @@ class Facts:
     modules: dict = field(default_factory=dict)   # module name -> importable (found on the path)
     shell: str|None = None                        # class name of the IPython shell; None outside IPython
     hw: Hardware = field(default_factory=Hardware)
+    hw_error: str = ''                            # why detect() refused (a bad MODEL_LAB_DEVICE), '' when it did not
     torch_build: str = 'cpu'                      # 'cuda 12.8', 'rocm 6.4' or 'cpu'
     dev_files: dict = field(default_factory=dict) # {'nvidia': /dev/nvidia0 exists, 'accel': number of /dev/accel* (TPU chips)}
     ram_total: int = 0
@@ -256,7 +257,9 @@ def gather_facts(environ:dict|None=None, # the environment to read (os.environ w
     paths = {**default_dirs(env, rt.name, drive, cwd or os.getcwd()), **(dirs or {})}
     home = environ.get('HOME') or str(Path.home())
     vm = psutil.virtual_memory()
-    return Facts(env=env, modules=modules, shell=shell, hw=detect(), torch_build=_torch_build(),
+    try: hw, hw_error = detect(), ''
+    except ValueError as e: hw, hw_error = Hardware(name=platform.processor()), str(e)
+    return Facts(env=env, modules=modules, shell=shell, hw=hw, hw_error=hw_error, torch_build=_torch_build(),
                  dev_files=dict(nvidia=os.path.exists('/dev/nvidia0'), accel=len(glob.glob('/dev/accel*'))),
                  ram_total=vm.total, ram_available=vm.available, requires_python=py_req, requirements=reqs,
                  requirements_source=src, versions=versions,
@@ -335,6 +338,7 @@ def _tpu_fix(f:Facts) -> str:
 
 def check_accelerator(f:Facts) -> Finding:
     hw, rt = f.hw, runtime_of(f.env, f.modules, f.shell).name
+    if f.hw_error: return Finding('accelerator', 'fail', f.hw_error, 'unset MODEL_LAB_DEVICE or set it to a kind this machine has')
     if hw.source != 'detected': return Finding('accelerator', 'ok', f'{_describe(hw)}, chosen by {hw.source}')
     if colab_gpu_runtime(f) and hw.kind not in ('cuda', 'rocm'):
         return Finding('accelerator', 'fail', f"this is a Colab GPU runtime (COLAB_GPU={f.env['COLAB_GPU']}) but PyTorch sees no GPU "
@@ -625,31 +629,33 @@ def fit_training(m:ModelSize, dtype:str, usable:int) -> tuple|None:
 
 def _gb(b): return f'{b / 1e9:.1f} GB'
 
+def _inference_advice(m:ModelSize, best:str, usable:int, n:int) -> tuple[str, str, bool]:
+    inf = {dt: estimate(m, dt, False).total for dt in DTYPES}
+    said = 'inference: ' + ', '.join(f'{dt} {_gb(b)}' + ('' if b <= usable else ' (too big)') for dt, b in inf.items())
+    if inf[best] <= usable: return said, '', True
+    smaller = [dt for dt in ('bf16', 'int8') if INFER_W[dt] < INFER_W[best] and inf[dt] <= usable]
+    if smaller and smaller[0] == 'bf16': todo = f'load the weights in bf16 for inference: {_gb(inf["bf16"])}'
+    elif smaller: todo = f'quantize to int8 for inference (bitsandbytes load_in_8bit or torchao int8 weight-only): {_gb(inf["int8"])}'
+    elif n > 1 and inf[best] <= usable * n: todo = f'shard inference over the {n} devices (device_map="auto" / a JAX mesh)'
+    else: todo = f'inference needs {_gb(inf["int8"])} even in int8: use a bigger accelerator or offload layers to the CPU (device_map="auto")'
+    return said, todo, False
+
+def _training_advice(m:ModelSize, best:str, usable:int, n:int) -> tuple[str, str, bool]:
+    head = f'training {best} (batch {m.batch} x {m.seq} tokens): '
+    if (fit := fit_training(m, best, usable)):
+        mb, k, ckpt = fit
+        said = head + f'micro-batch {mb} x {k} accumulation steps' + (' with activation checkpointing' if ckpt else '') + f' ({_gb(estimate(m, best, True, mb, ckpt).total)})'
+        todo = [f'gradient accumulation: micro-batch {mb}, {k} steps for an effective batch of {m.batch}' if k > 1 else '', 'activation checkpointing on' if ckpt else '']
+        return said, ', '.join(t for t in todo if t), True
+    need = estimate(m, best, True, 1, True).total
+    todo = [f'8-bit AdamW (bitsandbytes) with bf16 weights: micro-batch {f8[0]} x {f8[1]} steps'] if (f8 := fit_training(m, 'int8', usable)) else []
+    todo.append(f'training needs {_gb(need)} at micro-batch 1: FSDP over {math.ceil(need / usable)} devices of this size' + (f' ({n} here)' if n > 1 else '') + ', or a smaller preset')
+    return head + f'too big even at micro-batch 1 with checkpointing ({_gb(need)})', '; '.join(todo), False
+
 def fit_advice(m:ModelSize, best:str, usable:int, n:int) -> tuple[str, str, bool]:
     "(what fits, what to do, everything the project wants from this model fits at `best` dtype) for one model."
-    inf = {dt: estimate(m, dt, False).total for dt in DTYPES}
-    said = [f"inference: {', '.join(f'{dt} {_gb(b)}' + ('' if b <= usable else ' (too big)') for dt, b in inf.items())}"]
-    todo, ok = [], inf[best] <= usable
-    if not ok:
-        smaller = [dt for dt in ('bf16', 'int8') if INFER_W[dt] < INFER_W[best] and inf[dt] <= usable]
-        if smaller and smaller[0] == 'bf16': todo.append(f'load the weights in bf16 for inference: {_gb(inf["bf16"])}')
-        elif smaller: todo.append(f'quantize to int8 for inference (bitsandbytes load_in_8bit or torchao int8 weight-only): {_gb(inf["int8"])}')
-        elif n > 1 and inf[best] <= usable * n: todo.append(f'shard inference over the {n} devices (device_map="auto" / a JAX mesh)')
-        else: todo.append(f'inference needs {_gb(min(inf.values()))} even in int8: use a bigger accelerator or offload layers to the CPU (device_map="auto")')
-    if m.train:
-        fit = fit_training(m, best, usable)
-        said.append(f'training {best} (batch {m.batch} x {m.seq} tokens): ' + (f'micro-batch {fit[0]} x {fit[1]} accumulation steps'
-                    + (' with activation checkpointing' if fit[2] else '') + f' ({_gb(estimate(m, best, True, fit[0], fit[2]).total)})' if fit
-                    else f'too big even at micro-batch 1 with checkpointing ({_gb(estimate(m, best, True, 1, True).total)})'))
-        if fit and fit[1] > 1: todo.append(f'gradient accumulation: micro-batch {fit[0]}, {fit[1]} steps for an effective batch of {m.batch}'
-                                           + (', activation checkpointing on' if fit[2] else ''))
-        if not fit:
-            ok = False
-            if (f8 := fit_training(m, 'int8', usable)): todo.append(f'8-bit AdamW (bitsandbytes) with bf16 weights: micro-batch {f8[0]} x {f8[1]} steps')
-            need = estimate(m, best, True, 1, True).total
-            todo.append(f'training needs {_gb(need)} at micro-batch 1: FSDP over {math.ceil(need / usable)} devices of this size'
-                        + (f' ({n} here)' if n > 1 else '') + ', or a smaller preset')
-    return '; '.join(said), '; '.join(todo), ok
+    parts = [_inference_advice(m, best, usable, n)] + ([_training_advice(m, best, usable, n)] if m.train else [])
+    return '; '.join(p[0] for p in parts), '; '.join(p[1] for p in parts if p[1]), all(p[2] for p in parts)
 
 def _check_model(f:Facts, m:ModelSize, best:str, usable:int, n:int, what:str) -> Finding:
     said, todo, ok = fit_advice(m, best, usable, n)
