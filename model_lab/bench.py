@@ -250,19 +250,25 @@ def _hue(r:Result, hue:str):
 def plot(results:Iterable[Result], x:str, # a params key (e.g. 'L', 'n')
          y:str='median', # 'min' | 'median' | 'max' | 'throughput' | 'peak_mem_bytes' | a quality or params key
          hue:str='name', # 'name' | 'dtype' | 'device' | 'suite' | a params key: one line each
-         path=None, logx:bool=False, logy:bool=False, title:str|None=None):
+         path=None, logx:bool=False, logy:bool=False, title:str|None=None,
+         ref:str|None=None, # a params key holding a limit for each line (e.g. 'peak_tflops'), drawn dashed
+        ):
     "Line plot of `y` against the parameter `x`, one line per `hue`; saved as PNG to `path` when given."
     import matplotlib.pyplot as plt
-    groups = {}
+    results, groups, refs = list(results), {}, {}
     for r in results:
         if x in r.params and _yval(r, y) is not None: groups.setdefault(_hue(r, hue), []).append((r.params[x], _yval(r, y)))
+        if ref and r.params.get(ref): refs[_hue(r, hue)] = r.params[ref]
     if not groups: raise ValueError(f'no results have params[{x!r}] and a value for {y!r}')
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for k, pts in groups.items():
-        pts.sort(); ax.plot(*zip(*pts), marker='o', label=k)
+        pts.sort(); line, = ax.plot(*zip(*pts), marker='o', label=k)
+        if k in refs: ax.axhline(refs[k], ls='--', lw=1, color=line.get_color(), label=f'{k}: {ref}')
+    xs = sorted({p[0] for pts in groups.values() for p in pts})
+    if logx and all(isinstance(v, (int, float)) for v in xs): ax.set_xscale('log'); ax.set_xticks(xs, [_fmt(v) for v in xs]); ax.minorticks_off()
     unit = next((r.throughput['unit'] for r in results if r.throughput), '') if y == 'throughput' else ''
     ax.set(xlabel=x, ylabel={'median': 'median time (s)', 'min': 'min time (s)', 'peak_mem_bytes': 'peak memory (bytes)'}.get(y, f'{y} {unit}'.strip()),
-           title=title or '', xscale='log' if logx else 'linear', yscale='log' if logy else 'linear')
+           title=title or '', yscale='log' if logy else 'linear')
     ax.grid(True, which='both', alpha=.3); ax.legend(fontsize=8)
     fig.tight_layout()
     if path: Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=110)
@@ -312,7 +318,7 @@ def _matmul_dtypes(hw:Hardware) -> list:
     if hw.kind == 'tpu': return [torch.float32, torch.bfloat16]
     return [torch.float32, torch.bfloat16, torch.float16]
 
-@suite('matmul', plots=[dict(x='n', y='throughput', hue='dtype', logx=True)])
+@suite('matmul', plots=[dict(x='n', y='throughput', hue='dtype', logx=True, ref='peak_tflops')])
 def bench_matmul(hw:Hardware, size:str='default'):
     "Square matmul: achieved TFLOP/s per dtype beside the device's peak."
     dev, peak = torch_device(hw), peak_specs(hw)

@@ -11,7 +11,7 @@ from pathlib import Path
 os.environ.setdefault('KINETO_LOG_LEVEL', '5')
 
 # %% auto #0
-__all__ = ['COMMANDS', 'command', 'parser', 'main', 'UsageError', 'devices_cmd', 'bench_cmd', 'report_cmd']
+__all__ = ['COMMANDS', 'command', 'parser', 'main', 'UsageError', 'devices_cmd', 'bench_cmd', 'report_cmd', 'check_cmd']
 
 # %% ../nbs/95_cli.ipynb #be4977b9
 COMMANDS = {}
@@ -95,5 +95,19 @@ def report_cmd(ns) -> int:
     return 0
 
 # %% ../nbs/95_cli.ipynb #d46655b5
+@command('check', 'Will this project run on this runtime? One line per finding with its fix; exit 1 if something fails.', [
+    (('--json',), dict(action='store_true', help='print {"runtime": ..., "findings": [{"name", "status", "detail", "fix"}, ...]}')),
+    (('--fix',), dict(action='store_true', help='create missing directories and set unset cache variables, then check again')),
+])
+def check_cmd(ns) -> int:
+    from model_lab.colab import run_checks, apply_fixes
+    report = run_checks()
+    if ns.fix:
+        apply_fixes(report, dry_run=False, out=sys.stderr if ns.json else sys.stdout)
+        report = run_checks()
+    print(report.to_json() if ns.json else report.text())
+    return report.exit_code
+
+# %% ../nbs/95_cli.ipynb #f31ed572
 #| eval: false
 if __name__ == '__main__': sys.exit(main())
