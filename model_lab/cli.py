@@ -11,7 +11,8 @@ from pathlib import Path
 os.environ.setdefault('KINETO_LOG_LEVEL', '5')
 
 # %% auto #0
-__all__ = ['COMMANDS', 'command', 'parser', 'main', 'UsageError', 'devices_cmd', 'bench_cmd', 'report_cmd', 'check_cmd']
+__all__ = ['COMMANDS', 'command', 'parser', 'main', 'UsageError', 'devices_cmd', 'bench_cmd', 'report_cmd', 'check_cmd',
+           'transcribe_cmd']
 
 # %% ../nbs/95_cli.ipynb #be4977b9
 COMMANDS = {}
@@ -109,5 +110,26 @@ def check_cmd(ns) -> int:
     return report.exit_code
 
 # %% ../nbs/95_cli.ipynb #f31ed572
+@command('transcribe', 'Transcribe an audio file with Whisper (tiny.en, bundled: works offline) and print the text.', [
+    (('file',), dict(metavar='FILE', help='audio file: wav, flac, mp3, m4a, ogg, ...')),
+    (('--backend',), dict(default='faster-whisper', choices=['faster-whisper', 'openai-whisper', 'transformers'], help='default: faster-whisper')),
+    (('--model',), dict(default='tiny.en', help='Whisper model name (default tiny.en, bundled; others are downloaded once when online)')),
+    (('--device',), dict(default='auto', help='auto (default), cpu, cuda, cuda:N or mps')),
+    (('--compute-type',), dict(default='auto', help='auto (default), float32, float16, or int8 (faster-whisper)')),
+    (('--beam-size',), dict(type=int, default=1, help='1 = greedy (default)')),
+    (('--json',), dict(action='store_true', help='print text, segments, timings and notes as JSON')),
+])
+def transcribe_cmd(ns) -> int:
+    from model_lab.audio import load_asr, AudioError, ModelUnavailable
+    if not os.path.isfile(ns.file): raise UsageError(f'audio file {ns.file} does not exist')
+    try: asr = load_asr(ns.model, backend=ns.backend, device=ns.device, compute_type=ns.compute_type)
+    except ModelUnavailable as e: print(f'model-lab transcribe: {e}', file=sys.stderr); return 1
+    except ValueError as e: raise UsageError(str(e)) from None
+    try: tr = asr.transcribe(ns.file, beam_size=ns.beam_size)
+    except AudioError as e: print(f'model-lab transcribe: {e}', file=sys.stderr); return 1
+    print(json.dumps(tr.to_dict(), indent=1) if ns.json else tr.text)
+    return 0
+
+# %% ../nbs/95_cli.ipynb #0945d58d
 #| eval: false
 if __name__ == '__main__': sys.exit(main())
