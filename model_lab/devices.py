@@ -91,7 +91,8 @@ def probe_jax() -> dict:
         import jax
         devs = jax.devices()
         return dict(jax_backend=jax.default_backend(), jax_devices=[str(d) for d in devs],
-                    jax_device_kind=devs[0].device_kind if devs else None)
+                    jax_device_kind=devs[0].device_kind if devs else None,
+                    jax_memory_bytes=[(d.memory_stats() or {}).get('bytes_limit') for d in devs])  # None on CPU
     except Exception as e:
         return dict(notes=[f'jax is installed but did not start: {type(e).__name__}: {str(e)[:200]}'])
 
@@ -151,9 +152,11 @@ def _available(p:dict) -> dict:
 
 def _tpu_facts(p:dict) -> dict:
     jx, xl = p['jax'], p['xla']
-    n = len(jx.get('jax_devices') or []) if jx.get('jax_backend') == 'tpu' else 1
+    on_jax = jx.get('jax_backend') == 'tpu'
+    n = len(jx.get('jax_devices') or []) if on_jax else 1
     name = jx.get('jax_device_kind') or f"TPU ({xl.get('xla_device', '?')})"
-    return dict(name=name, count=n, memory_bytes=[], bf16=True)
+    mem = [m for m in jx.get('jax_memory_bytes') or [] if m] if on_jax else []  # HBM per chip, as JAX reports it
+    return dict(name=name, count=n, memory_bytes=mem, bf16=True)
 
 def detect(refresh:bool=False) -> Hardware:
     "Detect the hardware: CUDA/ROCm -> TPU -> MPS -> CPU, unless `MODEL_LAB_DEVICE` names one of those kinds."
@@ -168,11 +171,11 @@ def detect(refresh:bool=False) -> Hardware:
     elif kind == 'tpu': facts = _tpu_facts(p)
     notes = p['xla'].get('notes', []) + p['jax'].get('notes', [])
     xla = {k: v for k, v in p['xla'].items() if k != 'notes'}
-    jx = {k: v for k, v in p['jax'].items() if k != 'notes'}
+    jx = {k: v for k, v in p['jax'].items() if k not in ('notes', 'jax_memory_bytes')}
     return Hardware(kind=kind, **facts, **xla, **jx, **cpu, notes=notes,
                     source=f'MODEL_LAB_DEVICE={override}' if override else 'detected')
 
-# %% ../nbs/00_devices.ipynb #a7ef5444
+# %% ../nbs/00_devices.ipynb #91f866a2
 def torch_device(hw:Hardware|None=None) -> torch.device:
     "The torch.device for `hw` (detected when None)."
     hw = hw or detect()
@@ -195,7 +198,7 @@ def jax_devices() -> list:
     import jax
     return jax.devices()
 
-# %% ../nbs/00_devices.ipynb #f01de123
+# %% ../nbs/00_devices.ipynb #b93b327a
 class DtypeChoice(NamedTuple):
     dtype: torch.dtype
     reason: str
@@ -213,7 +216,7 @@ def best_dtype(hw:Hardware|None=None) -> DtypeChoice:
     if hw.kind == 'rocm' and hw.bf16: return DtypeChoice(torch.bfloat16, f'{hw.name}: ROCm device with bf16 matrix cores')
     return DtypeChoice(torch.float32, f'{hw.kind}: no reduced-precision matrix units that model_lab relies on; fp32')
 
-# %% ../nbs/00_devices.ipynb #9f6467d9
+# %% ../nbs/00_devices.ipynb #d82dc815
 def _xla_wait():
     import torch_xla, torch_xla.core.xla_model as xm
     torch_xla.sync(); xm.wait_device_ops()
@@ -250,7 +253,7 @@ def memory(device=None) -> Memory:
     rss = psutil.Process().memory_info().rss
     return Memory(rss, max(rss, _rss_peak()), _meminfo_total())  # the kernel updates ru_maxrss lazily
 
-# %% ../nbs/00_devices.ipynb #f38ec0d5
+# %% ../nbs/00_devices.ipynb #87ebe69c
 class Peak(NamedTuple):
     flops: dict           # dtype name -> FLOP/s per device ('fp32', 'tf32', 'bf16', 'fp16')
     bandwidth: float|None # memory bytes/s per device
@@ -299,10 +302,13 @@ def peak_specs(hw:Hardware|None=None) -> Peak:
             return Peak(fl, bw, f'datasheet ({pat.split("|")[0]}), dense')
     return Peak({}, None, f'unknown for {hw.name!r}')
 
-# %% ../nbs/00_devices.ipynb #9305d429
+# %% ../nbs/00_devices.ipynb #d95d9c95
 def triton_interpreter_if_no_gpu() -> bool:
     "Set TRITON_INTERPRET=1 when no CUDA/ROCm GPU is visible and the variable is unset; True when interpreter mode is on."
     if 'TRITON_INTERPRET' not in os.environ and not torch.cuda.is_available():
+        if 'triton' in sys.modules:  # triton.language's own @jit helpers (tl.sum, tl.max) are already compiled-mode
+            log.warning('triton was imported before TRITON_INTERPRET=1 was set: interpreter kernels that call tl.sum/tl.max '
+                        'will fail. Set TRITON_INTERPRET=1 in the environment, or import model_lab.kernels before triton.')
         os.environ['TRITON_INTERPRET'] = '1'
         log.info('no GPU: Triton kernels run in the Triton interpreter (TRITON_INTERPRET=1)')
     return os.environ.get('TRITON_INTERPRET') == '1'
@@ -338,7 +344,7 @@ def failed_backends() -> dict:
     "The (op, backend) pairs that failed in this process, with their errors."
     return dict(_FAILED)
 
-# %% ../nbs/00_devices.ipynb #411847b9
+# %% ../nbs/00_devices.ipynb #f6a915da
 def _gib(b): return f'{b/2**30:.1f} GiB' if b else '—'
 
 def report(hw:Hardware|None=None) -> dict:
