@@ -270,6 +270,7 @@ class _TorchScan(torch.autograd.Function):
         return y, last
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, gout, glast):
         *inputs, hs = ctx.saved_tensors
         return _torch_scan_bwd(*inputs, hs, ctx.T, ctx.softplus, gout, glast) + (None, None)
@@ -280,6 +281,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
                         ):
     "`selective_scan_ref`'s result from the chunked PyTorch path, with a hand-written backward; any device."
     dims = check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if chunk is not None and chunk < 1: raise ValueError(f'chunk must be a positive number of steps, got {chunk}')
     T = chunk or _torch_chunk(dims.batch, dims.dim, dims.dstate)
     y, last = _TorchScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, T)
     return (y, last) if return_last_state else y
@@ -303,31 +305,45 @@ def _cdiv(a:int, b:int) -> int: return -(-a // b)
 
 # %% ../../nbs/10_kernels_scan.ipynb #4f268251
 @triton.jit
+def _program_data(DIM, L, DG, G, GB, GC, N: tl.constexpr, BLOCK_D: tl.constexpr):
+    "This program's channels (grid: batch, group, channel block) and where its sequences start."
+    pid_b, pid_g, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid = (pid_b * G + pid_g) * tl.num_programs(2) + pid_k      # this program's scratch slot
+    j = tl.arange(0, BLOCK_D)
+    md = pid_k * BLOCK_D + j < DG                                # real channels of this block
+    d = pid_g * DG + tl.minimum(pid_k * BLOCK_D + j, DG - 1)     # (BLOCK_D,) channels, clamped: loads need no mask
+    n = tl.arange(0, N)
+    dn = d[:, None] * N + n[None, :]                             # (BLOCK_D, N) into (D, N)
+    b64 = pid_b.to(tl.int64)
+    row = b64 * DIM * L + d.to(tl.int64) * L                     # (BLOCK_D,) each channel's sequence in (B, D, L)
+    bcB = (b64 * GB + pid_g // (G // GB)) * N * L + n * L        # (N,) each state's sequence in B (B, GB, N, L)
+    bcC = (b64 * GC + pid_g // (G // GC)) * N * L + n * L        # ... and in C
+    return pid, j, md, d, n, dn, b64, row, bcB, bcC
+
+@triton.jit
+def _program_params(A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, d, dn, B_FIXED: tl.constexpr, C_FIXED: tl.constexpr,
+                    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    "A, a fixed B and C (BLOCK_D, N), D and delta_bias (BLOCK_D,) of this program's channels, in float32 (0 when absent)."
+    A = tl.load(A_ptr + dn).to(tl.float32)
+    Bf = tl.load(B_ptr + dn).to(tl.float32) if B_FIXED else tl.zeros(A.shape, dtype=tl.float32)
+    Cf = tl.load(C_ptr + dn).to(tl.float32) if C_FIXED else tl.zeros(A.shape, dtype=tl.float32)
+    Dv = tl.load(D_ptr + d).to(tl.float32) if HAS_D else tl.zeros(d.shape, dtype=tl.float32)
+    bias = tl.load(bias_ptr + d).to(tl.float32) if HAS_BIAS else tl.zeros(d.shape, dtype=tl.float32)
+    return A, Bf, Cf, Dv, bias
+
+# %% ../../nbs/10_kernels_scan.ipynb #b81e8212
+@triton.jit
 def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, y_ptr, hs_ptr, scr_ptr,
                      L, DIM, DG, G, GB, GC, NC,
                      N: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
                      B_FIXED: tl.constexpr, C_FIXED: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr):
     P: tl.constexpr = CHUNK * BLOCK_D                            # one scratch plane (CHUNK, BLOCK_D)
-    pid_b, pid_g, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    j = tl.arange(0, BLOCK_D)
-    md = pid_k * BLOCK_D + j < DG                                # real channels of this block
-    d = pid_g * DG + tl.minimum(pid_k * BLOCK_D + j, DG - 1)     # (BLOCK_D,) channels, clamped: loads need no mask
-    n = tl.arange(0, N)
-    dn = d[:, None] * N + n[None, :]                             # (BLOCK_D, N) into (D, N)
-    A = tl.load(A_ptr + dn).to(tl.float32)
-    if B_FIXED: Bt = tl.load(B_ptr + dn).to(tl.float32)
-    if C_FIXED: Ct = tl.load(C_ptr + dn).to(tl.float32)
-    if HAS_D: Dv = tl.load(D_ptr + d).to(tl.float32)
-    if HAS_BIAS: bias = tl.load(bias_ptr + d).to(tl.float32)
-    b64 = pid_b.to(tl.int64)
-    row = b64 * DIM * L + d.to(tl.int64) * L                     # (BLOCK_D,) each channel's sequence in (B, D, L)
-    bcB = (b64 * GB + pid_g // (G // GB)) * N * L + n * L         # (N,) each state's sequence in B (B, GB, N, L)
-    bcC = (b64 * GC + pid_g // (G // GC)) * N * L + n * L         # ... and in C
+    pid, j, md, d, n, dn, b64, row, bcB, bcC = _program_data(DIM, L, DG, G, GB, GC, N, BLOCK_D)
+    A, Bf, Cf, Dv, bias = _program_params(A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, d, dn, B_FIXED, C_FIXED, HAS_D, HAS_BIAS)
     if HAS_H0: h = tl.load(h0_ptr + b64 * DIM * N + dn).to(tl.float32)
     else: h = tl.zeros((BLOCK_D, N), dtype=tl.float32)
     hs = hs_ptr + (b64 * DIM + d[:, None]) * (NC + 1) * N + n[None, :]
-    pid = (pid_b * G + pid_g) * tl.num_programs(2) + pid_k
     scr = scr_ptr + pid.to(tl.int64) * 3 * P                     # planes: Δ, Δ·u, C·x
     s = tl.arange(0, CHUNK)
     tile = scr + s[None, :] * BLOCK_D + j[:, None]               # (BLOCK_D, CHUNK) view of plane 0
@@ -349,8 +365,8 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         for k in range(0, tl.minimum(CHUNK, L - c0)):            # the recurrence, one step at a time
             dtk = tl.load(vec + k * BLOCK_D)
             dtuk = tl.load(vec + (P + k * BLOCK_D))
-            if not B_FIXED: Bt = tl.load(Bp + k).to(tl.float32)[None, :]
-            if not C_FIXED: Ct = tl.load(Cp + k).to(tl.float32)[None, :]
+            Bt = Bf if B_FIXED else tl.load(Bp + k).to(tl.float32)[None, :]
+            Ct = Cf if C_FIXED else tl.load(Cp + k).to(tl.float32)[None, :]
             h = tl.exp(dtk[:, None] * A) * h + dtuk[:, None] * Bt
             tl.store(vec + (2 * P + k * BLOCK_D), tl.reduce(h * Ct, 1, _sum))
         tl.debug_barrier()
@@ -362,7 +378,7 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=md[:, None] & mt[None, :])
     tl.store(hs + NC * N, h, mask=md[:, None])                   # the last state
 
-# %% ../../nbs/10_kernels_scan.ipynb #b81e8212
+# %% ../../nbs/10_kernels_scan.ipynb #b9d744ea
 @triton.jit
 def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, hs_ptr, gy_ptr, glast_ptr, scr_ptr,
                      gu_ptr, gdelta_ptr, gz_ptr, gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr, gh0_ptr,
@@ -373,24 +389,10 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
     P: tl.constexpr = CHUNK * BLOCK_D
     Q: tl.constexpr = CHUNK * N
     S: tl.constexpr = BLOCK_D * N
-    pid_b, pid_g, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    j = tl.arange(0, BLOCK_D)
-    md = pid_k * BLOCK_D + j < DG
-    d = pid_g * DG + tl.minimum(pid_k * BLOCK_D + j, DG - 1)
-    n = tl.arange(0, N)
-    dn = d[:, None] * N + n[None, :]
-    A = tl.load(A_ptr + dn).to(tl.float32)
-    if B_FIXED: Bt = tl.load(B_ptr + dn).to(tl.float32)
-    if C_FIXED: Ct = tl.load(C_ptr + dn).to(tl.float32)
-    if HAS_D: Dv = tl.load(D_ptr + d).to(tl.float32)
-    if HAS_BIAS: bias = tl.load(bias_ptr + d).to(tl.float32)
-    b64 = pid_b.to(tl.int64)
-    row = b64 * DIM * L + d.to(tl.int64) * L
-    bcB = (b64 * GB + pid_g // (G // GB)) * N * L + n * L
-    bcC = (b64 * GC + pid_g // (G // GC)) * N * L + n * L
+    pid, j, md, d, n, dn, b64, row, bcB, bcC = _program_data(DIM, L, DG, G, GB, GC, N, BLOCK_D)
+    A, Bf, Cf, Dv, bias = _program_params(A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, d, dn, B_FIXED, C_FIXED, HAS_D, HAS_BIAS)
     hrow = b64 * DIM * N + dn
     hs = hs_ptr + (b64 * DIM + d[:, None]) * (NC + 1) * N + n[None, :]
-    pid = (pid_b * G + pid_g) * tl.num_programs(2) + pid_k
     scr = scr_ptr + pid.to(tl.int64) * (6 * P + 2 * Q + (CHUNK + 1) * S)
     # scratch: planes (CHUNK, BLOCK_D) 0 Δ, 1 Δ·u, 2 C·x, 3 g (dℓ/dy before the gate), 4 Σ_n λ·B, 5 Σ_n dℓ/d(ΔA)·A;
     # at 6P two planes (CHUNK, N): the per-step gradients of B and C; at 6P+2Q the chunk's CHUNK+1 states (BLOCK_D, N)
@@ -429,11 +431,11 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         for k in range(0, nk):                                   # recompute the chunk's states from its first one
             dtk = tl.load(vec + k * BLOCK_D)
             dtuk = tl.load(vec + (P + k * BLOCK_D))
-            if not B_FIXED: Bt = tl.load(Bp + k).to(tl.float32)[None, :]
+            Bt = Bf if B_FIXED else tl.load(Bp + k).to(tl.float32)[None, :]
             h = tl.exp(dtk[:, None] * A) * h + dtuk[:, None] * Bt
             tl.store(st + (k + 1) * S, h)
             if HAS_Z:
-                if not C_FIXED: Ct = tl.load(Cp + k).to(tl.float32)[None, :]
+                Ct = Cf if C_FIXED else tl.load(Cp + k).to(tl.float32)[None, :]
                 tl.store(vec + (2 * P + k * BLOCK_D), tl.reduce(h * Ct, 1, _sum))
         tl.debug_barrier()
         g = tl.load(gy_ptr + offs, mask=m2, other=0.0).to(tl.float32)  # 0 on padded channels: no gradient from them
@@ -451,8 +453,8 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
             dtk = tl.load(vec + k * BLOCK_D)
             dtuk = tl.load(vec + (P + k * BLOCK_D))
             gk = tl.load(vec + (3 * P + k * BLOCK_D))
-            if not B_FIXED: Bt = tl.load(Bp + k).to(tl.float32)[None, :]
-            if not C_FIXED: Ct = tl.load(Cp + k).to(tl.float32)[None, :]
+            Bt = Bf if B_FIXED else tl.load(Bp + k).to(tl.float32)[None, :]
+            Ct = Cf if C_FIXED else tl.load(Cp + k).to(tl.float32)[None, :]
             x = tl.load(st + (k + 1) * S)
             dA = tl.exp(dtk[:, None] * A)
             lam = gk[:, None] * Ct + lam_next                    # λ_t = C_t g_t + exp(Δ_{t+1} A) λ_{t+1}
@@ -487,7 +489,7 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
     if HAS_D: tl.atomic_add(gD_ptr + d, gD, mask=md)
     if HAS_BIAS: tl.atomic_add(gbias_ptr + d, gbias, mask=md)
 
-# %% ../../nbs/10_kernels_scan.ipynb #0c31e4f8
+# %% ../../nbs/10_kernels_scan.ipynb #929e743f
 def _pad_state(x, n2, dim):
     "x contiguous with its state dimension `dim` zero-padded to n2."
     k = n2 - x.shape[dim]
@@ -525,7 +527,7 @@ def _ptr(t, default):
     "A contiguous tensor for the kernel; `default` (never read) stands in for an absent one."
     return t.contiguous() if t is not None else default
 
-# %% ../../nbs/10_kernels_scan.ipynb #929e743f
+# %% ../../nbs/10_kernels_scan.ipynb #52cacdd1
 def _triton_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, chunk):
     "y (B, D, L) and the states (B, D, L/chunk + 1, N2) in float32: entering each chunk, then the last."
     b, d, l = u.shape
@@ -560,7 +562,7 @@ def _triton_scan_bwd(u, delta, A, B, C, D, z, delta_bias, initial_state, hs, chu
     return (gu, gdelta, gA[:, :n].to(A.dtype), unpad(gB, B), unpad(gC, C), opt(gD, D), gz if z is not None else None,
             opt(gbias, delta_bias), opt(gh0[..., :n], initial_state))
 
-# %% ../../nbs/10_kernels_scan.ipynb #52cacdd1
+# %% ../../nbs/10_kernels_scan.ipynb #004c4d84
 class _TritonScan(torch.autograd.Function):
     "The Triton scan and its backward kernel; with `may_fall_back`, a failing backward kernel falls back to PyTorch."
     @staticmethod
@@ -571,6 +573,7 @@ class _TritonScan(torch.autograd.Function):
         return y, hs[:, :, -1, :A.shape[1]].clone()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, gout, glast):
         *inputs, hs = ctx.saved_tensors
         run = lambda: _triton_scan_bwd(*inputs, hs, ctx.chunk, ctx.softplus, gout, glast)
@@ -600,7 +603,7 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     return _scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state, chunk, False)
 
-# %% ../../nbs/10_kernels_scan.ipynb #7af07c39
+# %% ../../nbs/10_kernels_scan.ipynb #477010ee
 BACKENDS = ('auto', 'torch', 'triton', 'ref')
 
 def _check_backend(backend):
@@ -621,7 +624,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if not triton_usable(u): return on_torch()
     return with_fallback('selective_scan', 'triton', lambda: _scan_triton(*args, chunk=64, may_fall_back=True), 'torch', on_torch)
 
-# %% ../../nbs/10_kernels_scan.ipynb #f5585488
+# %% ../../nbs/10_kernels_scan.ipynb #ab5ec993
 def _step_groups(name, X, b, d, n) -> int:
     s = _shape(X)
     if s == (b, n): return 1
@@ -659,7 +662,7 @@ def _state_update_torch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     if z is not None: y = y * F.silu(z.to(cdt))
     return y.to(x.dtype)
 
-# %% ../../nbs/10_kernels_scan.ipynb #ab5ec993
+# %% ../../nbs/10_kernels_scan.ipynb #95fa76e6
 @triton.jit
 def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
                          s_b, s_d, s_n, DIM, N, DGB, GB, DGC, GC,
@@ -715,7 +718,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     return with_fallback('selective_state_update', 'triton', lambda: _state_update_triton(*args),
                          'torch', lambda: _state_update_torch(*args))
 
-# %% ../../nbs/10_kernels_scan.ipynb #3f620da3
+# %% ../../nbs/10_kernels_scan.ipynb #9eab1d96
 _SCAN_SIZES = dict(quick=dict(dims=(64,), lengths=(128, 256), repeat=2),
                    default=dict(dims=(256,), lengths=(256, 512, 1024, 2048, 4096, 8192), repeat=3),
                    full=dict(dims=(256, 1024, 2048), lengths=(256, 512, 1024, 2048, 4096, 8192), repeat=5))
