@@ -769,7 +769,8 @@ def bench_scan(hw:Hardware, size:str='default'):
                         y = fn()
                         if be == 'ref': y_ref = y
                         else: quality['max_rel_err'] = _rel_err(y, y_ref)
-                    t = measure(fn, warmup=0 if once or be == 'ref' else 1, repeat=1 if once else cfg['repeat'],
+                    t = measure(fn, warmup=int(gpu and p == 'fwd+bwd' and not once),  # forward: warmed up by y above
+                                repeat=1 if once else cfg['repeat'] if l <= 2048 else max(2, cfg['repeat'] - 2),
                                 device=dev, track_memory=not once)
                     gb = _scan_bytes(2, d, 16, l, kw['u'].element_size(), p == 'fwd+bwd') / 1e9
                     if peak_bw: quality['fraction_of_peak_bw'] = round(gb / t.median / (peak_bw / 1e9), 4)
