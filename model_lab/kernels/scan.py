@@ -423,7 +423,7 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
         else: dt = raw
         tl.store(tile, dt)
         tl.store(tile + P, dt * u)
-        h = tl.load(hs + c * N)
+        h = tl.load(hs + c * N).to(tl.float32)
         tl.store(st, h)
         tl.debug_barrier()
         Bp = B_ptr + bcB + c0
@@ -512,6 +512,10 @@ def _block_d(batch, groups, dg, device) -> int:
 class _Launch(NamedTuple):
     n2: int; Bk: torch.Tensor; Ck: torch.Tensor; groups: tuple; dg: int; block_d: int; grid: tuple; flags: dict
 
+def _num_warps(block_d, chunk) -> int:
+    "Warps per program: at most 4 elements of a (BLOCK_D, CHUNK) tile per thread, which keeps the backward kernel from spilling."
+    return max(4, min(8, block_d * chunk // 128))
+
 def _launch(u, A, B, C, D, z, delta_bias, softplus) -> _Launch:
     "The kernels' shared arguments."
     b, d, _ = u.shape
@@ -539,7 +543,8 @@ def _triton_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, softplu
     h0 = _pad_state(initial_state, s.n2, 2) if initial_state is not None else y
     _scan_fwd_kernel[s.grid](u.contiguous(), delta.contiguous(), _pad_state(A, s.n2, 1), s.Bk, s.Ck, _ptr(D, y), _ptr(z, y),
                              _ptr(delta_bias, y), h0, y, hs, scratch, l, d, s.dg, *s.groups, nc,
-                             N=s.n2, CHUNK=chunk, BLOCK_D=s.block_d, HAS_H0=initial_state is not None, **s.flags)
+                             N=s.n2, CHUNK=chunk, BLOCK_D=s.block_d, HAS_H0=initial_state is not None, **s.flags,
+                             num_warps=_num_warps(s.block_d, chunk))
     return y, hs
 
 def _triton_scan_bwd(u, delta, A, B, C, D, z, delta_bias, initial_state, hs, chunk, softplus, gout, glast):
@@ -556,7 +561,8 @@ def _triton_scan_bwd(u, delta, A, B, C, D, z, delta_bias, initial_state, hs, chu
     _scan_bwd_kernel[s.grid](u.contiguous(), delta.contiguous(), _pad_state(A, s.n2, 1), s.Bk, s.Ck, _ptr(D, gu), _ptr(z, gu),
                              _ptr(delta_bias, gu), hs, gout.contiguous(), gl, scratch,
                              gu, gdelta, gz, gA, gB, gC, gD, gbias, gh0, l, d, s.dg, *s.groups, hs.shape[2] - 1,
-                             N=s.n2, CHUNK=chunk, BLOCK_D=s.block_d, HAS_GLAST=glast is not None, **s.flags)
+                             N=s.n2, CHUNK=chunk, BLOCK_D=s.block_d, HAS_GLAST=glast is not None, **s.flags,
+                             num_warps=_num_warps(s.block_d, chunk))
     unpad = lambda g, X: (g[..., :n] if X.dim() == 2 else g[:, :, :n]).reshape(X.shape).to(X.dtype)
     opt = lambda g, X: g.to(X.dtype) if X is not None else None
     return (gu, gdelta, gA[:, :n].to(A.dtype), unpad(gB, B), unpad(gC, C), opt(gD, D), gz if z is not None else None,
@@ -597,13 +603,13 @@ def _scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           initial_state=None, return_last_state=False,
-                          chunk:int=64, # steps per chunk: the backward pass stores one state per chunk (a power of two)
+                          chunk:int=32, # steps per chunk: the backward pass stores one state per chunk (a power of two)
                          ):
     "`selective_scan_ref`'s result from the Triton kernels (on a GPU, or in Triton's interpreter)."
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
     return _scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state, chunk, False)
 
-# %% ../../nbs/10_kernels_scan.ipynb #477010ee
+# %% ../../nbs/10_kernels_scan.ipynb #907cf10d
 BACKENDS = ('auto', 'torch', 'triton', 'ref')
 
 def _check_backend(backend):
@@ -620,11 +626,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     on_torch = lambda: selective_scan_torch(*args)
     if backend == 'ref': return selective_scan_ref(*args)
     if backend == 'torch': return on_torch()
-    if backend == 'triton': return _scan_triton(*args, chunk=64, may_fall_back=False)
+    if backend == 'triton': return _scan_triton(*args, chunk=32, may_fall_back=False)
     if not triton_usable(u): return on_torch()
-    return with_fallback('selective_scan', 'triton', lambda: _scan_triton(*args, chunk=64, may_fall_back=True), 'torch', on_torch)
+    return with_fallback('selective_scan', 'triton', lambda: _scan_triton(*args, chunk=32, may_fall_back=True), 'torch', on_torch)
 
-# %% ../../nbs/10_kernels_scan.ipynb #ab5ec993
+# %% ../../nbs/10_kernels_scan.ipynb #90e6ceec
 def _step_groups(name, X, b, d, n) -> int:
     s = _shape(X)
     if s == (b, n): return 1
@@ -662,7 +668,7 @@ def _state_update_torch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     if z is not None: y = y * F.silu(z.to(cdt))
     return y.to(x.dtype)
 
-# %% ../../nbs/10_kernels_scan.ipynb #95fa76e6
+# %% ../../nbs/10_kernels_scan.ipynb #5bf7b5a7
 @triton.jit
 def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
                          s_b, s_d, s_n, DIM, N, DGB, GB, DGC, GC,
@@ -718,7 +724,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     return with_fallback('selective_state_update', 'triton', lambda: _state_update_triton(*args),
                          'torch', lambda: _state_update_torch(*args))
 
-# %% ../../nbs/10_kernels_scan.ipynb #9eab1d96
+# %% ../../nbs/10_kernels_scan.ipynb #cf3620c5
 _SCAN_SIZES = dict(quick=dict(dims=(64,), lengths=(128, 256), repeat=2),
                    default=dict(dims=(256,), lengths=(256, 512, 1024, 2048, 4096, 8192), repeat=3),
                    full=dict(dims=(256, 1024, 2048), lengths=(256, 512, 1024, 2048, 4096, 8192), repeat=5))
