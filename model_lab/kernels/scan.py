@@ -630,7 +630,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     if not triton_usable(u): return on_torch()
     return with_fallback('selective_scan', 'triton', lambda: _scan_triton(*args, chunk=32, may_fall_back=True), 'torch', on_torch)
 
-# %% ../../nbs/10_kernels_scan.ipynb #90e6ceec
+# %% ../../nbs/10_kernels_scan.ipynb #5bf7b5a7
 def _step_groups(name, X, b, d, n) -> int:
     s = _shape(X)
     if s == (b, n): return 1
@@ -668,7 +668,7 @@ def _state_update_torch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     if z is not None: y = y * F.silu(z.to(cdt))
     return y.to(x.dtype)
 
-# %% ../../nbs/10_kernels_scan.ipynb #5bf7b5a7
+# %% ../../nbs/10_kernels_scan.ipynb #079284af
 @triton.jit
 def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
                          s_b, s_d, s_n, DIM, N, DGB, GB, DGC, GC,
@@ -724,7 +724,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     return with_fallback('selective_state_update', 'triton', lambda: _state_update_triton(*args),
                          'torch', lambda: _state_update_torch(*args))
 
-# %% ../../nbs/10_kernels_scan.ipynb #cf3620c5
+# %% ../../nbs/10_kernels_scan.ipynb #cc56ba24
 _SCAN_SIZES = dict(quick=dict(dims=(64,), lengths=(128, 256), repeat=2),
                    default=dict(dims=(256,), lengths=(256, 512, 1024, 2048, 4096, 8192), repeat=3),
                    full=dict(dims=(256, 1024, 2048), lengths=(256, 512, 1024, 2048, 4096, 8192), repeat=5))
