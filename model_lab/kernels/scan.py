@@ -103,11 +103,11 @@ def check_scan_inputs(u, delta, A, B, C, D=None, z=None, delta_bias=None, initia
 def _compute_dtype(x): return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 def _per_channel(X, d, cdt):
-    "B or C broadcastable to (B, D, N, L): one row per channel."
+    "B or C broadcastable to (B, D, L, N): one row per channel."
     X = X.to(cdt)
-    if X.dim() == 2: return X[None, :, :, None]                     # fixed (D, N) -> (1, D, N, 1)
-    if X.dim() == 3: return X[:, None]                              # (B, N, L) -> (B, 1, N, L)
-    return X.repeat_interleave(d // X.shape[1], dim=1)              # (B, G, N, L) -> (B, D, N, L)
+    if X.dim() == 2: return X[None, :, None, :]                                    # fixed (D, N) -> (1, D, 1, N)
+    if X.dim() == 3: return X.transpose(1, 2)[:, None]                             # (B, N, L) -> (B, 1, L, N)
+    return X.transpose(2, 3).repeat_interleave(d // X.shape[1], dim=1)             # (B, G, N, L) -> (B, D, L, N)
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        initial_state=None, return_last_state=False):
@@ -116,14 +116,14 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     cdt = _compute_dtype(u)
     dt = delta.to(cdt) if delta_bias is None else delta.to(cdt) + delta_bias.to(cdt)[:, None]   # (B, D, L)
     if delta_softplus: dt = F.softplus(dt)
-    dA = torch.exp(dt[:, :, None, :] * A.to(cdt)[:, :, None])              # (B, D, N, L)
-    dBu = (dt * u.to(cdt))[:, :, None, :] * _per_channel(B, d, cdt)        # (B, D, N, L)
-    Cs = _per_channel(C, d, cdt).expand(-1, d, n, l)                       # (B|1, D, N, L)
+    dA = torch.exp(dt[..., None] * A.to(cdt)[:, None, :])                  # (B, D, L, N)
+    dBu = (dt * u.to(cdt))[..., None] * _per_channel(B, d, cdt)            # (B, D, L, N)
+    Cs = _per_channel(C, d, cdt).expand(-1, d, l, n)                       # (B|1, D, L, N)
     x = u.new_zeros(b, d, n, dtype=cdt) if initial_state is None else initial_state.to(cdt)
     ys = []
     for t in range(l):
-        x = dA[..., t] * x + dBu[..., t]                                   # (B, D, N)
-        ys.append((x * Cs[..., t]).sum(-1))                                # (B, D)
+        x = dA[:, :, t] * x + dBu[:, :, t]                                 # (B, D, N)
+        ys.append((x * Cs[:, :, t]).sum(-1))                               # (B, D)
     y = torch.stack(ys, dim=-1)                                            # (B, D, L)
     if D is not None: y = y + D.to(cdt)[:, None] * u.to(cdt)
     if z is not None: y = y * F.silu(z.to(cdt))
