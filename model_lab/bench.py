@@ -65,8 +65,12 @@ def _torch_cpu_peak(prof) -> int|None:
         prof.export_chrome_trace(path)
         events = json.loads(Path(path).read_text())['traceEvents']
     finally: os.unlink(path)
-    totals = [e['args']['Total Allocated'] for e in events if e.get('name') == '[memory]' and e['args'].get('Device Type') == 0]
-    return max(totals) if totals else None
+    mem = [e['args'] for e in events if e.get('name') == '[memory]' and e['args'].get('Device Type') == 0]
+    if not mem: return None
+    # the running total is process-wide: it still counts blocks allocated under an earlier profile and kept alive,
+    # so the baseline is the total just before the first event of this one
+    base = mem[0]['Total Allocated'] - mem[0]['Bytes']
+    return max(m['Total Allocated'] for m in mem) - base
 
 def peak_memory(fn:Callable, device=None) -> int|None:
     "Extra bytes one call of `fn` needs beyond what was allocated before it, on `device` (None: where its output lives)."
