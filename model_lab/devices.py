@@ -303,15 +303,27 @@ def peak_specs(hw:Hardware|None=None) -> Peak:
     return Peak({}, None, f'unknown for {hw.name!r}')
 
 # %% ../nbs/00_devices.ipynb #d95d9c95
+def _triton_loaded_compiled() -> bool:
+    "triton is imported in compiled mode: its own @jit helpers (tl.sum, tl.max) are not interpreter functions."
+    tl = sys.modules.get('triton.language')
+    if tl is None: return False
+    try: from triton.runtime.interpreter import InterpretedFunction
+    except Exception: return False
+    return not isinstance(getattr(tl, 'sum', None), InterpretedFunction)
+
 def triton_interpreter_if_no_gpu() -> bool:
     "Set TRITON_INTERPRET=1 when no CUDA/ROCm GPU is visible and the variable is unset; True when interpreter mode is on."
     if 'TRITON_INTERPRET' not in os.environ and not torch.cuda.is_available():
-        if 'triton' in sys.modules:  # triton.language's own @jit helpers (tl.sum, tl.max) are already compiled-mode
-            log.warning('triton was imported before TRITON_INTERPRET=1 was set: interpreter kernels that call tl.sum/tl.max '
-                        'will fail. Set TRITON_INTERPRET=1 in the environment, or import model_lab.kernels before triton.')
         os.environ['TRITON_INTERPRET'] = '1'
         log.info('no GPU: Triton kernels run in the Triton interpreter (TRITON_INTERPRET=1)')
-    return os.environ.get('TRITON_INTERPRET') == '1'
+    interpret = os.environ.get('TRITON_INTERPRET') == '1'
+    if interpret and _triton_loaded_compiled():
+        # something imported triton before interpreter mode was on: drop its Python modules so that the next
+        # `import triton` builds interpreter-mode ones (its C extension stays loaded: it cannot be imported twice)
+        for m in [m for m in sys.modules if (m == 'triton' or m.startswith('triton.')) and not m.startswith('triton._C')]:
+            del sys.modules[m]
+        log.info('triton was imported before TRITON_INTERPRET=1: its Python modules are re-imported in interpreter mode')
+    return interpret
 
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
@@ -344,7 +356,7 @@ def failed_backends() -> dict:
     "The (op, backend) pairs that failed in this process, with their errors."
     return dict(_FAILED)
 
-# %% ../nbs/00_devices.ipynb #f6a915da
+# %% ../nbs/00_devices.ipynb #15f8a2d4
 def _gib(b): return f'{b/2**30:.1f} GiB' if b else '—'
 
 def report(hw:Hardware|None=None) -> dict:
