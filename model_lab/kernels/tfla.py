@@ -487,12 +487,25 @@ def _bw_dv_kernel(Q, K, U, MU, LA, DCS, DNUM, DV, scale, NC, Dk, Dv,
     tl.store(DV + bh * S * Dv + cols[:, None] * Dv + ov[None, :], dv, mask=(ov < Dv)[None, :])
 
 # %% ../../nbs/11_kernels_tfla.ipynb #5b8dc1d1
-TILE_MAX = 64   # largest query/key tile (rows) and head-dimension block
+TILE_MAX = 64   # largest query/key tile (rows) and head-dimension block in the interpreter and on ROCm
 
-def _tiles(L:int, Dk:int, Dv:int) -> tuple:
-    "(BT, BK, BV): row tile, Dqk block, Dv block."
+def _launch_config(lowp:bool, # tl.dot in fp16/bf16 (else exact fp32)
+                   capability:tuple|None, # the CUDA GPU's compute capability; None: interpreter or ROCm
+                  ) -> tuple:
+    "(largest row tile, largest head-dimension block, warps per program) of the chunkwise kernels (see the table)."
+    if capability is None: return TILE_MAX, TILE_MAX, 4
+    if tuple(capability) < (8, 0): return 32, 32, 4
+    return (64, 64, 4) if lowp else (32, 64, 8)
+
+def _capability(x:torch.Tensor) -> tuple|None:
+    "The compute capability of x's CUDA GPU; None on a CPU (interpreter) or ROCm."
+    return torch.cuda.get_device_capability(x.device) if x.is_cuda and torch.version.hip is None else None
+
+def _tiles(L:int, Dk:int, Dv:int, cfg:tuple) -> tuple:
+    "(BT, BK, BV, num_warps): row tile, Dqk block, Dv block and warps for chunk size L under `_launch_config` cfg."
+    tmax, dmax, warps = cfg
     p2 = triton.next_power_of_2
-    return min(L, TILE_MAX), max(16, min(p2(Dk), TILE_MAX)), max(16, min(p2(Dv), TILE_MAX))
+    return min(L, tmax), max(16, min(p2(Dk), dmax)), max(16, min(p2(Dv), dmax)), warps
 
 def _lowp(x:torch.Tensor) -> bool:
     "tl.dot in the input dtype (fp16/bf16 on a GPU); fp32 products otherwise."
@@ -508,38 +521,38 @@ class _TritonCore(torch.autograd.Function):
         q, k, v = (x.reshape(BH, Sp, -1).contiguous() for x in (q, k, v))
         u, mu, la, lw, lb = _f32(*(x.reshape(BH, Sp) for x in (u, mu, la, lw, lb)))
         lgam, C0, n0 = _f32(lgam.reshape(BH, NC), C0.reshape(BH, Dk, Dv), n0.reshape(BH, Dk))
-        BT, BK, BV = _tiles(L, Dk, Dv); lp = _lowp(q)
+        lp = _lowp(q); BT, BK, BV, W = _tiles(L, Dk, Dv, _launch_config(lp, _capability(q)))
         f32 = dict(device=q.device, dtype=torch.float32)
         CS, NS = torch.empty(BH, NC + 1, Dk, Dv, **f32), torch.empty(BH, NC + 1, Dk, **f32)
         _fw_states_kernel[(BH, triton.cdiv(Dk, BK), triton.cdiv(Dv, BV))](
-            k, v, la, lgam, C0, n0, CS, NS, NC, Dk, Dv, L, BT, BK, BV, lp)
+            k, v, la, lgam, C0, n0, CS, NS, NC, Dk, Dv, L, BT, BK, BV, lp, num_warps=W)
         h, den, n = torch.empty(BH, Sp, Dv, **f32), torch.empty(BH, Sp, **f32), torch.empty(BH, Sp, **f32)
         _fw_out_kernel[(BH * NC * (L // BT), triton.cdiv(Dv, BV))](
-            q, k, v, u, mu, lw, lb, CS, NS, h, den, n, scale, eps, NC, Dk, Dv, L, BT, BK, BV, FLOOR, lp)
+            q, k, v, u, mu, lw, lb, CS, NS, h, den, n, scale, eps, NC, Dk, Dv, L, BT, BK, BV, FLOOR, lp, num_warps=W)
         ctx.save_for_backward(q, k, v, u, mu, la, lgam, lw, lb, CS, NS, h, den, n)
-        ctx.cfg = (B, H, L, scale, eps)
+        ctx.cfg = (B, H, L, scale, eps, lp, (BT, BK, BV, W))
         return h.view(B, H, Sp, Dv), CS[:, -1].view(B, H, Dk, Dv), NS[:, -1].view(B, H, Dk)
 
     @staticmethod
     def backward(ctx, dh, dC_last, dn_last):
         q, k, v, u, mu, la, lgam, lw, lb, CS, NS, h, den, n = ctx.saved_tensors
-        B, H, L, scale, eps = ctx.cfg
+        B, H, L, scale, eps, lp, (BT, BK, BV, W) = ctx.cfg
         BH, Sp, Dk = q.shape; Dv, NC = v.shape[-1], Sp // L
-        BT, BK, BV = _tiles(L, Dk, Dv); lp = _lowp(q); nK = triton.cdiv(Dk, BK)
+        nK = triton.cdiv(Dk, BK)
         dnum, dden, dlb = _norm_grads(dh.reshape(BH, Sp, Dv).float(), h, den, n, lb.exp(), eps)
         dnum, dden = dnum.contiguous(), dden.contiguous()
         dCl = torch.zeros_like(CS[:, 0]) if dC_last is None else dC_last.reshape(BH, Dk, Dv).float().contiguous()
         dnl = torch.zeros_like(NS[:, 0]) if dn_last is None else dn_last.reshape(BH, Dk).float().contiguous()
         DCS, DNS = torch.empty_like(CS), torch.empty_like(NS)
-        _bw_states_kernel[(BH, nK, triton.cdiv(Dv, BV))](q, dnum, dden, lw, lgam, dCl, dnl, DCS, DNS, scale, NC, Dk, Dv, L, BT, BK, BV, lp)
+        _bw_states_kernel[(BH, nK, triton.cdiv(Dv, BV))](q, dnum, dden, lw, lgam, dCl, dnl, DCS, DNS, scale, NC, Dk, Dv, L, BT, BK, BV, lp, num_warps=W)
         f32 = dict(device=q.device, dtype=torch.float32)
         grid = (BH * NC * (L // BT),)
         dq, dmu, dlw = torch.empty(BH, Sp, Dk, **f32), torch.empty(BH, Sp, **f32), torch.empty(nK, BH, Sp, **f32)
-        _bw_dq_kernel[grid + (nK,)](q, k, v, u, mu, lw, CS, NS, dnum, dden, dq, dmu, dlw, scale, BH, NC, Dk, Dv, L, BT, BK, BV, FLOOR, lp)
+        _bw_dq_kernel[grid + (nK,)](q, k, v, u, mu, lw, CS, NS, dnum, dden, dq, dmu, dlw, scale, BH, NC, Dk, Dv, L, BT, BK, BV, FLOOR, lp, num_warps=W)
         dk, du, dla = torch.empty(BH, Sp, Dk, **f32), torch.empty(BH, Sp, **f32), torch.empty(nK, BH, Sp, **f32)
-        _bw_dk_kernel[grid + (nK,)](q, k, v, u, mu, la, DCS, DNS, dnum, dden, dk, du, dla, scale, BH, NC, Dk, Dv, L, BT, BK, BV, FLOOR, lp)
+        _bw_dk_kernel[grid + (nK,)](q, k, v, u, mu, la, DCS, DNS, dnum, dden, dk, du, dla, scale, BH, NC, Dk, Dv, L, BT, BK, BV, FLOOR, lp, num_warps=W)
         dv = torch.empty(BH, Sp, Dv, **f32)
-        _bw_dv_kernel[grid + (triton.cdiv(Dv, BV),)](q, k, u, mu, la, DCS, dnum, dv, scale, NC, Dk, Dv, L, BT, BK, BV, FLOOR, lp)
+        _bw_dv_kernel[grid + (triton.cdiv(Dv, BV),)](q, k, u, mu, la, DCS, dnum, dv, scale, NC, Dk, Dv, L, BT, BK, BV, FLOOR, lp, num_warps=W)
         dlgam = ((DCS[:, 1:] * CS[:, :-1]).sum((-1, -2)) + (DNS[:, 1:] * NS[:, :-1]).sum(-1)) * lgam.exp()
         r = lambda x, *d: x.reshape(B, H, *d)
         return (r(dq, Sp, Dk).to(q.dtype), r(dk, Sp, Dk).to(k.dtype), r(dv, Sp, Dv).to(v.dtype), r(du, Sp), r(dmu, Sp),
@@ -582,18 +595,24 @@ def _step_kernel(Q, K, V, I, Fg, C, N, M, H, C2, N2, M2, scale, eps, Dk, Dv,
         tl.store(N2 + bh * Dk + ok, n, mask=mk)
         tl.store(M2 + bh, m2)
 
+def _step_config(Dk:int, Dv:int) -> tuple:
+    "(BK, BV, num_warps): all of Dqk, a Dv block, warps; at most 64 state entries per thread (no spills, up to Dqk = 1024)."
+    BK = max(16, triton.next_power_of_2(Dk))
+    BV = max(16, min(triton.next_power_of_2(Dv), 64 if BK <= 128 else 32 if BK <= 512 else 16))
+    return BK, BV, 4 if BK * BV <= 8192 else 8
+
 def _step_triton(q, k, v, i, f, state:MLSTMState|None, variant:str='exp', eps:float=1e-6):
     "One recurrent step with the Triton kernel: (h (B, H, Dv), new state in float32)."
     B, H, Dk = q.shape; Dv = v.shape[-1]
     C, n, m = state if state is not None else _zero_state(q, v, torch.float32)
     C, n, m = _f32(C, n, m)
     C2, n2, m2, h = torch.empty_like(C), torch.empty_like(n), torch.empty_like(m), torch.empty(B, H, Dv, device=q.device)
-    BK = max(16, triton.next_power_of_2(Dk)); BV = max(16, min(triton.next_power_of_2(Dv), 64 if BK <= 128 else 32))
+    BK, BV, W = _step_config(Dk, Dv)
     _step_kernel[(B * H, triton.cdiv(Dv, BV))](q.contiguous(), k.contiguous(), v.contiguous(), i.contiguous(), f.contiguous(),
-                                              C, n, m, h, C2, n2, m2, Dk ** -0.5, eps, Dk, Dv, BK, BV, variant == 'sig')
+                                              C, n, m, h, C2, n2, m2, Dk ** -0.5, eps, Dk, Dv, BK, BV, variant == 'sig', num_warps=W)
     return h.to(q.dtype), MLSTMState(C2, n2, m2)
 
-# %% ../../nbs/11_kernels_tfla.ipynb #1088e804
+# %% ../../nbs/11_kernels_tfla.ipynb #8930a216
 BACKENDS = ('auto', 'torch', 'triton', 'parallel', 'recurrent')
 VARIANTS = ('exp', 'sig')
 
@@ -629,7 +648,7 @@ def _check_options(backend, variant, chunk_size):
     if variant not in VARIANTS: raise ValueError(f'variant must be one of {", ".join(VARIANTS)}, got {variant!r}')
     if not isinstance(chunk_size, int) or chunk_size < 1: raise ValueError(f'chunk_size must be a positive int, got {chunk_size!r}')
 
-# %% ../../nbs/11_kernels_tfla.ipynb #b4bfe900
+# %% ../../nbs/11_kernels_tfla.ipynb #e74311a3
 def _triton_ready(q, L:int):
     "Raise unless the Triton path can run these inputs here."
     if triton is None: raise RuntimeError("backend='triton' needs triton: pip install 'model_lab[kernels]'")
@@ -683,7 +702,7 @@ def mlstm_step(q, k, v, i, f, # q, k (B, H, Dqk); v (B, H, Dv); i, f (B, H)
                              'torch', lambda: _step_torch(q, k, v, i, f, state, variant, eps))
     return _step_torch(q, k, v, i, f, state, variant, eps)
 
-# %% ../../nbs/11_kernels_tfla.ipynb #fc705d96
+# %% ../../nbs/11_kernels_tfla.ipynb #4a2589b2
 _BENCH_SIZES = dict(quick=dict(S=(64, 128), D=(64,)), default=dict(S=(256, 1024, 4096), D=(64,)),
                     full=dict(S=(256, 512, 1024, 2048, 4096, 8192, 16384), D=(64, 128, 256)))
 # the largest S each slow reference runs at: (forward, forward+backward), per device kind
@@ -714,7 +733,7 @@ def _implementations(hw:Hardware, S:int, backward:bool) -> dict:
     if S <= lim['recurrent'][backward]: impl['recurrent'] = lambda *x: mlstm(*x, backend='recurrent')
     return impl
 
-# %% ../../nbs/11_kernels_tfla.ipynb #34365696
+# %% ../../nbs/11_kernels_tfla.ipynb #14ab7a04
 def _timed_call(fn, x, backward:bool):
     "A no-argument callable running fn on inputs x, forward only or forward+backward."
     if not backward:
