@@ -4,7 +4,8 @@
 
 # %% ../nbs/00_devices.ipynb #d0c9495f
 from __future__ import annotations
-import os, re, sys, platform, functools, importlib, importlib.util, importlib.metadata, logging, resource
+import os, re, sys, platform, functools, importlib, importlib.util, importlib.metadata, logging, resource, subprocess, tempfile
+from pathlib import Path
 from dataclasses import dataclass, field, asdict, replace
 from typing import NamedTuple
 import torch, psutil
@@ -13,7 +14,8 @@ import torch, psutil
 __all__ = ['KINDS', 'log', 'T', 'probe_cpu', 'probe_cuda', 'probe_mps', 'probe_xla', 'probe_jax', 'choose_kind', 'Hardware',
            'detect', 'torch_device', 'load_device', 'jax_devices', 'DtypeChoice', 'best_dtype', 'sync', 'Memory',
            'memory', 'Peak', 'peak_specs', 'triton_interpreter_if_no_gpu', 'triton_available', 'triton_usable',
-           'with_fallback', 'failed_backends', 'report', 'report_markdown']
+           'with_fallback', 'failed_backends', 'triton_tool', 'KernelResources', 'compile_for_gpu', 'report',
+           'report_markdown']
 
 # %% ../nbs/00_devices.ipynb #4875356e
 KINDS = ('cuda', 'rocm', 'tpu', 'mps', 'cpu')  # the order in which `detect` looks
@@ -357,6 +359,45 @@ def failed_backends() -> dict:
     return dict(_FAILED)
 
 # %% ../nbs/00_devices.ipynb #15f8a2d4
+def triton_tool(name:str):
+    "Path of a CUDA tool bundled with triton's NVIDIA backend ('ptxas', 'cuobjdump'), or None (no triton, or not bundled)."
+    spec = importlib.util.find_spec('triton')
+    if spec is None or not spec.submodule_search_locations: return None
+    p = Path(list(spec.submodule_search_locations)[0]) / 'backends' / 'nvidia' / 'bin' / name
+    return p if p.exists() else None
+
+class KernelResources(NamedTuple):
+    regs: int    # registers per thread (-1: no cuobjdump)
+    stack: int   # stack bytes per thread: above 0 the kernel spills registers
+    shared: int  # shared memory per block, bytes
+
+def _res_usage(cubin:bytes) -> tuple:
+    tool = triton_tool('cuobjdump')
+    if tool is None: return -1, -1
+    with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
+        f.write(cubin); f.flush()
+        out = subprocess.run([str(tool), '-res-usage', f.name], capture_output=True, text=True, check=True).stdout
+    return tuple(int(x) for x in re.search(r'REG:(\d+) STACK:(\d+)', out).groups())
+
+def compile_for_gpu(fn, # a @triton.jit kernel
+                    signature:dict, # argument name -> '*fp32', '*bf16', 'i32', 'fp32', ... or 'constexpr'
+                    constexprs:dict, # argument name -> value, for the constexpr arguments
+                    capability:int, # NVIDIA compute capability: 75 (T4), 80 (A100), 90 (H100)
+                    num_warps:int=4,
+                    aligned:tuple=(), # arguments a launch sees 16-aligned (pointers, sizes divisible by 16)
+                   ) -> KernelResources:
+    "Compile `fn` for sm_<capability> without a GPU; its registers, stack and shared memory per thread/block."
+    if os.environ.get('TRITON_INTERPRET') == '1':
+        raise RuntimeError('compile_for_gpu needs compiled-mode triton: call it in a process started with TRITON_INTERPRET=0')
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    attrs = {(fn.arg_names.index(a),): [['tt.divisibility', 16]] for a in aligned}
+    k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget('cuda', capability, 32),
+                       options=dict(num_warps=num_warps))
+    return KernelResources(*_res_usage(k.asm['cubin']), k.metadata.shared)
+
+# %% ../nbs/00_devices.ipynb #08bffe8e
 def _gib(b): return f'{b/2**30:.1f} GiB' if b else '—'
 
 def report(hw:Hardware|None=None) -> dict:
