@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_audio_bench.ipynb #7a03ef57
 from __future__ import annotations
-import os, re, json, time, struct, hashlib, logging, difflib, functools, contextlib, importlib, importlib.resources
+import os, re, abc, json, time, struct, hashlib, logging, difflib, functools, contextlib, importlib, importlib.resources
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np, torch
@@ -558,7 +558,7 @@ def torch_threads(n:int):
     finally: torch.set_num_threads(old)
 
 # %% ../nbs/30_audio_bench.ipynb #a40cc04e
-class ASR:
+class ASR(abc.ABC):
     "A loaded speech recognizer (see `load_asr`): the same `transcribe` on every backend."
     backend, imports = '', ()  # imports: the backend's modules, imported before the load clock starts
     def __init__(self, entry:ASRModel, placement:Placement, model, threads:int, load_s:float, **extra):
@@ -570,7 +570,9 @@ class ASR:
     def __repr__(self):
         return f'{type(self).__name__}({self.entry.name!r} on {self.device}, {self.compute_type}, {self.threads} threads, loaded in {self.load_s:.2f} s)'
 
-    def _segments(self, x:np.ndarray, beam_size:int, temperature:float) -> list: raise NotImplementedError
+    @abc.abstractmethod
+    def _segments(self, x:np.ndarray, beam_size:int, temperature:float) -> list:
+        "The backend's decoding of a 16 kHz waveform: a list of segments."
     def _threads(self): return torch_threads(self.threads)
 
     def transcribe(self, audio, # a path or a 16 kHz float32 waveform
