@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 from typing import Callable, Iterable
 import torch, psutil
-from .devices import Hardware, detect, sync, torch_device, peak_specs, report, report_markdown
+from .devices import Hardware, detect, sync, torch_device, peak_specs, report, report_markdown, package_version
 
 # %% auto #0
 __all__ = ['log', 'SIZES', 'SUITES', 'SUITE_MODULES', 'RSSPeak', 'peak_memory', 'Timing', 'measure', 'Result', 'versions',
@@ -136,10 +136,7 @@ class Result:
 
 def versions(*pkgs) -> dict:
     "Versions of python, torch, model_lab and `pkgs` (None where not installed)."
-    def v(p):
-        try: return importlib.metadata.version(p)
-        except importlib.metadata.PackageNotFoundError: return None
-    return {'python': platform.python_version(), **{p: v(p) for p in ('torch', 'model_lab', *pkgs)}}
+    return {'python': platform.python_version(), **{p: package_version(p) for p in ('torch', 'model_lab', *pkgs)}}
 
 def device_record(hw:Hardware) -> dict:
     return dict(kind=hw.kind, name=hw.name, count=hw.count, memory=hw.memory_bytes[0] if hw.memory_bytes else None)

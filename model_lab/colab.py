@@ -13,7 +13,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version, InvalidVersion
 from packaging.utils import canonicalize_name
 import torch, psutil
-from .devices import Hardware, detect, best_dtype
+from .devices import Hardware, detect, best_dtype, package_version
 from .bench import fmt_bytes
 
 # %% auto #0
@@ -182,10 +182,6 @@ OPTIONAL = ('apex', 'flash-attn', 'triton', 'bitsandbytes')  # accelerator packa
 STACK = ('torch', 'torchvision', 'torchaudio', 'torch_xla', 'jax', 'jaxlib', 'libtpu', 'flax', 'transformers',
          'openai-whisper', 'faster-whisper', 'mlstm_kernels', 'wandb', 'tensorboard')  # versions and pins worth reading
 
-def _version(dist):
-    try: return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError: return None
-
 @functools.lru_cache(maxsize=1)
 def _top_level() -> dict: return importlib.metadata.packages_distributions()
 
@@ -251,7 +247,7 @@ def gather_facts(environ:dict|None=None, # the environment to read (os.environ w
     shell = type(ip.get_ipython()).__name__ if ip and ip.get_ipython() else None
     reqs, py_req, src = model_lab_requirements()
     names = {canonicalize_name(q.name) for q in map(Requirement, reqs)} | {canonicalize_name(n) for n in OPTIONAL + STACK}
-    versions = {n: _version(n) for n in sorted(names)}
+    versions = {n: package_version(n) for n in sorted(names)}
     drive = os.path.isdir(f'{DRIVE}/MyDrive')
     rt = runtime_of(env, modules, shell)
     paths = {**default_dirs(env, rt.name, drive, cwd or os.getcwd()), **(dirs or {})}

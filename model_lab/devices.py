@@ -11,11 +11,11 @@ from typing import NamedTuple
 import torch, psutil
 
 # %% auto #0
-__all__ = ['KINDS', 'log', 'T', 'probe_cpu', 'probe_cuda', 'probe_mps', 'probe_xla', 'probe_jax', 'choose_kind', 'Hardware',
-           'detect', 'torch_device', 'load_device', 'jax_devices', 'DtypeChoice', 'best_dtype', 'sync', 'Memory',
-           'memory', 'Peak', 'peak_specs', 'triton_interpreter_if_no_gpu', 'triton_available', 'triton_usable',
-           'with_fallback', 'failed_backends', 'triton_tool', 'KernelResources', 'compile_for_gpu', 'report',
-           'report_markdown']
+__all__ = ['KINDS', 'log', 'T', 'probe_cpu', 'probe_cuda', 'probe_mps', 'package_version', 'probe_xla', 'probe_jax',
+           'choose_kind', 'Hardware', 'detect', 'torch_device', 'load_device', 'jax_devices', 'DtypeChoice',
+           'best_dtype', 'sync', 'Memory', 'memory', 'Peak', 'peak_specs', 'triton_interpreter_if_no_gpu',
+           'triton_available', 'triton_usable', 'with_fallback', 'failed_backends', 'triton_tool', 'KernelResources',
+           'compile_for_gpu', 'report', 'report_markdown']
 
 # %% ../nbs/00_devices.ipynb #4875356e
 KINDS = ('cuda', 'rocm', 'tpu', 'mps', 'cpu')  # the order in which `detect` looks
@@ -71,8 +71,9 @@ def probe_mps() -> dict|None:
                 memory_bytes=[total], bf16=False)
 
 # %% ../nbs/00_devices.ipynb #d5a345be
-def _version(pkg):
-    try: return importlib.metadata.version(pkg)
+def package_version(dist:str) -> str|None:
+    "The installed version of the distribution `dist`, or None when it is not installed."
+    try: return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError: return None
 
 def probe_xla() -> dict:
@@ -83,7 +84,7 @@ def probe_xla() -> dict:
         dev = torch_xla.device()
         return dict(torch_xla=torch_xla.__version__, xla_device=str(dev), xla_device_type=xr.device_type())
     except Exception as e:  # ImportError, OSError (undefined symbol), RuntimeError (no PJRT device)
-        return dict(notes=[f'torch_xla {_version("torch_xla")} is installed but unusable next to torch '
+        return dict(notes=[f'torch_xla {package_version("torch_xla")} is installed but unusable next to torch '
                            f'{torch.__version__}: {type(e).__name__}: {str(e)[:200]}'])
 
 def probe_jax() -> dict:
