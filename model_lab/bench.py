@@ -120,10 +120,10 @@ def measure(fn:Callable, # called with no arguments; its output is waited for
 # %% ../nbs/01_bench.ipynb #123e95e3
 @dataclass
 class Result:
-    "One measurement: what ran, where, how fast, how much memory, how good."
+    "One measurement: what ran (`params`: the configuration only), where, how fast, how much memory, how good."
     suite: str
     name: str
-    params: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)     # what was run: sizes, dtype, backend, beam, ... (the merge key)
     device: dict = field(default_factory=dict)     # kind, name, count, memory (bytes per device)
     dtype: str = ''
     times_s: dict = field(default_factory=dict)    # min, median, max, n
@@ -133,6 +133,7 @@ class Result:
     versions: dict = field(default_factory=dict)
     started_at: str = ''
     host: str = ''
+    conditions: dict = field(default_factory=dict) # what describes the machine or the run, or was measured: threads, peak_tflops, rtf, ...
 
 def versions(*pkgs) -> dict:
     "Versions of python, torch, model_lab and `pkgs` (None where not installed)."
@@ -146,13 +147,16 @@ def _dtype_name(d): return str(d).replace('torch.', '') if d is not None else ''
 def record(suite:str, name:str, timing:Timing, *, hw:Hardware|None=None, params:dict|None=None, dtype=None,
            work:float|None=None, # work done per call, in the numerator of `unit` (e.g. TFLOP per call)
            unit:str|None=None, # e.g. 'TFLOP/s', 'tokens/s', 'GB/s'
-           quality:dict|None=None, pkgs:tuple=()) -> Result:
+           quality:dict|None=None, pkgs:tuple=(),
+           conditions:dict|None=None, # machine- or run-specific values, not part of the configuration (threads, peak_tflops, ...)
+          ) -> Result:
     "A `Result` from a `Timing`: throughput = `work` / median time."
     hw = hw or detect()
     thr = dict(value=work / timing.median, unit=unit) if work is not None and unit else None
     return Result(suite, name, dict(params or {}), device_record(hw), _dtype_name(dtype),
                   dict(min=timing.min, median=timing.median, max=timing.max, n=timing.n), thr, timing.peak_mem_bytes,
-                  dict(quality or {}), versions(*pkgs), timing.started_at or _now(), socket.gethostname())
+                  dict(quality or {}), versions(*pkgs), timing.started_at or _now(), socket.gethostname(),
+                  dict(conditions or {}))
 
 # %% ../nbs/01_bench.ipynb #b02055a6
 def atomic_write(path, data:str|bytes):
