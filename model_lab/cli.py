@@ -11,7 +11,7 @@ from pathlib import Path
 os.environ.setdefault('KINETO_LOG_LEVEL', '5')
 
 # %% auto #0
-__all__ = ['COMMANDS', 'command', 'parser', 'main', 'UsageError', 'devices_cmd', 'bench_cmd', 'report_cmd', 'check_cmd',
+__all__ = ['COMMANDS', 'command', 'parser', 'main', 'UsageError', 'devices_cmd', 'tables', 'bench_cmd', 'report_cmd', 'check_cmd',
            'transcribe_cmd']
 
 # %% ../nbs/95_cli.ipynb #be4977b9
@@ -49,16 +49,39 @@ def devices_cmd(ns) -> int:
     return 0
 
 # %% ../nbs/95_cli.ipynb #ab996397
+def tables(results, suites:dict) -> str:
+    "Each suite's results as its module's `headline(results)` table where it has one (audio), else the generic table."
+    from model_lab.bench import table
+    out = []
+    for name in dict.fromkeys(r.suite for r in results):
+        rs, s = [r for r in results if r.suite == name], suites.get(name)
+        head = getattr(sys.modules.get(s.fn.__module__), 'headline', None) if s else None
+        out.append(head(rs) if head else table(rs))
+    return '\n\n'.join(out)
+
 @command('bench', 'Run benchmark suites; write results/<run-id>.json, a markdown table and PNG plots.', [
     (('suites',), dict(nargs='*', metavar='SUITE', help='suites to run (default: all available); see --list')),
     (('--out',), dict(default='results', help='output folder (default: results/)')),
     (('--quick',), dict(action='store_true', help='smallest sizes: seconds per suite')),
     (('--full',), dict(action='store_true', help='the complete sweep (meant for accelerators)')),
     (('--list',), dict(action='store_true', help='list the suites and exit')),
+    (('--dataset',), dict(default=None, metavar='NAME', help='audio only: score WER and RTFx on this HF dataset (streamed) or local folder')),
+    (('--dataset-config',), dict(default=None, help='the dataset config (e.g. clean for openslr/librispeech_asr)')),
+    (('--split',), dict(default='test', help='the dataset split (default test)')),
+    (('--limit',), dict(type=int, default=100, help='dataset rows to score (default 100)')),
 ])
 def bench_cmd(ns) -> int:
     from model_lab.bench import load_suites, run_suites, table
     if ns.quick and ns.full: raise UsageError('--quick and --full exclude each other')
+    if ns.dataset:
+        if ns.suites not in ([], ['audio']): raise UsageError(f'--dataset scores the audio suite only, got suites {" ".join(ns.suites)}')
+        if ns.limit < 1: raise UsageError(f'--limit must be >= 1, got {ns.limit}')
+        from model_lab.audio import dataset_run, headline, DataUnavailable
+        try: results, path = dataset_run(ns.dataset, ns.dataset_config, ns.split, ns.limit, out=ns.out)
+        except DataUnavailable as e: print(f'model-lab bench: {e}', file=sys.stderr); return 1
+        except ValueError as e: raise UsageError(str(e)) from None
+        print(headline(results)); print(f'\nwrote {path}')
+        return 0
     suites, unavailable = load_suites()
     if ns.list:
         for s in suites.values(): print(f'{s.name:12s} {s.help}')
@@ -66,7 +89,7 @@ def bench_cmd(ns) -> int:
         return 0
     try: run = run_suites(ns.suites or None, size='quick' if ns.quick else 'full' if ns.full else 'default', out=ns.out)
     except ValueError as e: raise UsageError(str(e)) from None
-    print(table(run.results))
+    print(tables(run.results, suites))
     print(f'\nwrote {run.json_path}, {run.md_path}' + ''.join(f', {p}' for p in run.pngs))
     for name in run.errors: print(f'suite {name} FAILED (see {run.md_path})', file=sys.stderr)
     return 1 if run.errors else 0
@@ -110,25 +133,73 @@ def check_cmd(ns) -> int:
     return report.exit_code
 
 # %% ../nbs/95_cli.ipynb #f31ed572
-@command('transcribe', 'Transcribe an audio file with Whisper (tiny.en, bundled: works offline) and print the text.', [
-    (('file',), dict(metavar='FILE', help='audio file: wav, flac, mp3, m4a, ogg, ...')),
+def _say(ns, err:Exception|str, code:int) -> int:
+    "Report an error: JSON on stdout with --json (scripts read one stream), else a line on stderr. Returns `code`."
+    if getattr(ns, 'json', False): print(json.dumps(dict(error=str(err), kind='usage' if code == 2 else 'failed', command=ns.command, exit_code=code)))
+    elif code == 2: ns._parser.print_usage(sys.stderr); print(f'model-lab {ns.command}: error: {err}', file=sys.stderr)
+    else: print(f'model-lab {ns.command}: {err}', file=sys.stderr)
+    return code
+
+def _check_transcribe(ns) -> tuple:
+    "Every argument checked before a model loads: (registry entry, placement, language code, output folder or None)."
+    from model_lab.audio import get_model, check_language, place, OUTPUT_FORMATS
+    for f in ns.files:
+        if os.path.isdir(f): raise UsageError(f'{f} is a folder, not an audio file: pass the files in it, e.g. {os.path.join(f, "*.wav")}')
+        if not os.path.isfile(f): raise UsageError(f'audio file {f} does not exist')
+    if ns.beam_size < 1: raise UsageError(f'--beam-size must be >= 1 (1 is greedy decoding), got {ns.beam_size}')
+    if ns.threads is not None and ns.threads < 1: raise UsageError(f'--threads must be >= 1 (CPU cores to use), got {ns.threads}')
+    if len(ns.files) > 1 and not ns.output_dir and ns.output_format in ('srt', 'vtt'):
+        raise UsageError(f'{len(ns.files)} files as {ns.output_format} need --output-dir (one file each; stdout would mix them)')
+    out = Path(ns.output_dir) if ns.output_dir else None
+    if out is not None and out.exists() and not out.is_dir(): raise UsageError(f'--output-dir {out} is a file, not a folder')
+    try:
+        entry = get_model(ns.model, ns.backend)
+        return entry, place(ns.backend, device=ns.device, compute_type=ns.compute_type), check_language(entry, ns.language), out
+    except ValueError as e: raise UsageError(str(e)) from None
+
+@command('transcribe', 'Transcribe audio files with Whisper (tiny.en, bundled: works offline), streaming the segments as they are decoded.', [
+    (('files',), dict(nargs='+', metavar='FILE', help='audio files: wav, flac, mp3, m4a, ogg, ...')),
     (('--backend',), dict(default='faster-whisper', choices=['faster-whisper', 'openai-whisper', 'transformers'], help='default: faster-whisper')),
     (('--model',), dict(default='tiny.en', help='Whisper model name (default tiny.en, bundled; others are downloaded once when online)')),
     (('--device',), dict(default='auto', help='auto (default), cpu, cuda, cuda:N or mps')),
-    (('--compute-type',), dict(default='auto', help='auto (default), float32, float16, or int8 (faster-whisper)')),
+    (('--compute-type',), dict(default='auto', help='auto (default: int8 for faster-whisper on a CPU, float32 for the others; float16 on a GPU), float32, float16 or int8 (faster-whisper)')),
     (('--beam-size',), dict(type=int, default=1, help='1 = greedy (default)')),
-    (('--json',), dict(action='store_true', help='print text, segments, timings and notes as JSON')),
+    (('--threads',), dict(type=int, default=None, help='CPU threads (default: all that PyTorch uses)')),
+    (('--language',), dict(default=None, help='language code or name (default: en for .en models, else detected)')),
+    (('--output-format',), dict(default='txt', choices=['txt', 'srt', 'vtt', 'json'],
+                                help='format of the files in --output-dir (default txt); without --output-dir srt, vtt and json go to stdout')),
+    (('--output-dir',), dict(default=None, help='write FILE_STEM.FORMAT here for each file; stdout then shows the segments as they are decoded')),
+    (('--json',), dict(action='store_true', help='print text, segments, timings and notes as JSON (a list for several files); errors too')),
 ])
 def transcribe_cmd(ns) -> int:
-    from model_lab.audio import load_asr, AudioError, ModelUnavailable
-    if not os.path.isfile(ns.file): raise UsageError(f'audio file {ns.file} does not exist')
-    try: asr = load_asr(ns.model, backend=ns.backend, device=ns.device, compute_type=ns.compute_type)
-    except ModelUnavailable as e: print(f'model-lab transcribe: {e}', file=sys.stderr); return 1
-    except ValueError as e: raise UsageError(str(e)) from None
-    try: tr = asr.transcribe(ns.file, beam_size=ns.beam_size)
-    except AudioError as e: print(f'model-lab transcribe: {e}', file=sys.stderr); return 1
-    print(json.dumps(tr.to_dict(), indent=1) if ns.json else tr.text)
-    return 0
+    ns.json = ns.json or (ns.output_format == 'json' and not ns.output_dir)  # stdout is JSON: so are the errors
+    try: entry, placement, language, out = _check_transcribe(ns)
+    except UsageError as e: return _say(ns, e, 2)
+    import itertools
+    from model_lab.audio import load_asr, AudioError, ModelUnavailable, cue, preamble, render
+    from model_lab.bench import atomic_write
+    try: asr = load_asr(ns.model, backend=ns.backend, device=ns.device, compute_type=ns.compute_type, threads=ns.threads)
+    except ModelUnavailable as e: return _say(ns, e.cli_message, 1)
+    fmt = 'json' if ns.json else 'lines' if out or ns.output_format == 'txt' else ns.output_format  # what stdout shows
+    docs, failed = [], 0
+    for f in ns.files:
+        if len(ns.files) > 1 and fmt == 'lines': print(f'==> {f} <==', flush=True)
+        print(preamble(fmt), end='', flush=True)
+        n = itertools.count(1)
+        show = None if fmt == 'json' else lambda s: print(cue(s, fmt, next(n)), end='', flush=True)  # each segment as it is decoded
+        try: tr = asr.transcribe(f, beam_size=ns.beam_size, language=language, on_segment=show, progress=sys.stderr.isatty())
+        except AudioError as e:
+            failed += 1; docs.append(dict(file=f, error=str(e)))
+            if not ns.json: print(f'model-lab transcribe: {e}', file=sys.stderr)
+            continue
+        for note in tr.notes: print(f'model-lab transcribe: {f}: {note}', file=sys.stderr)  # what was skipped, in every mode
+        if out: p = out / f'{Path(f).stem}.{ns.output_format}'; atomic_write(p, render(tr, ns.output_format)); print(f'wrote {p}', file=sys.stderr)
+        docs.append(dict(file=f, **tr.to_dict()))
+    if ns.json:
+        doc = docs[0] if len(docs) == 1 else docs
+        print(json.dumps(dict(doc, kind='failed', command=ns.command, exit_code=1) if 'error' in doc else doc, indent=1))
+    return 1 if failed else 0
+
 
 # %% ../nbs/95_cli.ipynb #0945d58d
 #| eval: false
