@@ -11,11 +11,11 @@ from typing import NamedTuple
 import torch, psutil
 
 # %% auto #0
-__all__ = ['KINDS', 'log', 'T', 'probe_cpu', 'probe_cuda', 'probe_mps', 'package_version', 'probe_xla', 'probe_jax',
-           'choose_kind', 'Hardware', 'detect', 'torch_device', 'load_device', 'jax_devices', 'DtypeChoice',
-           'best_dtype', 'sync', 'Memory', 'memory', 'Peak', 'peak_specs', 'triton_interpreter_if_no_gpu',
-           'triton_available', 'triton_usable', 'with_fallback', 'failed_backends', 'triton_tool', 'KernelResources',
-           'compile_for_gpu', 'report', 'report_markdown']
+__all__ = ['KINDS', 'log', 'BF16_MIN_SPEEDUP', 'T', 'probe_cpu', 'probe_cuda', 'probe_mps', 'package_version', 'probe_xla',
+           'probe_jax', 'choose_kind', 'Hardware', 'detect', 'torch_device', 'load_device', 'jax_devices',
+           'DtypeChoice', 'best_dtype', 'sync', 'Memory', 'memory', 'Peak', 'peak_specs',
+           'triton_interpreter_if_no_gpu', 'triton_available', 'triton_usable', 'with_fallback', 'failed_backends',
+           'triton_tool', 'KernelResources', 'compile_for_gpu', 'report', 'report_markdown']
 
 # %% ../nbs/00_devices.ipynb #4875356e
 KINDS = ('cuda', 'rocm', 'tpu', 'mps', 'cpu')  # the order in which `detect` looks
@@ -206,9 +206,21 @@ class DtypeChoice(NamedTuple):
     dtype: torch.dtype
     reason: str
 
-def best_dtype(hw:Hardware|None=None) -> DtypeChoice:
+BF16_MIN_SPEEDUP = 1.2  # a CPU's bf16 pays off when its matmul runs at least this many times faster than fp32
+
+def _cpu_dtype(hw:Hardware, speedup:float|None) -> DtypeChoice:
+    said = f"{hw.name or 'this CPU'} has {'native bf16 units (AVX512-BF16 or AMX)' if hw.bf16 else 'no native bf16 units (no AVX512-BF16, no AMX)'}"
+    if speedup is None:
+        return DtypeChoice(torch.bfloat16, said + ': bf16 matmuls at full speed (not measured)') if hw.bf16 else DtypeChoice(torch.float32, said + ': fp32')
+    said += f'; a bf16 matmul measured {speedup:.1f}x the fp32 speed here'
+    return DtypeChoice(torch.bfloat16, said + ': bf16') if speedup >= BF16_MIN_SPEEDUP else DtypeChoice(torch.float32, said + ': fp32')
+
+def best_dtype(hw:Hardware|None=None,
+               bf16_speedup:float|None=None, # CPUs: bf16 matmul speed / fp32 speed measured on `hw` (`model_lab.bench.bf16_speedup`)
+              ) -> DtypeChoice:
     "The compute dtype to use on `hw`, with the reason."
     hw = hw or detect()
+    if hw.kind == 'cpu': return _cpu_dtype(hw, bf16_speedup)
     if hw.kind == 'tpu': return DtypeChoice(torch.bfloat16, f'{hw.name or "TPU"}: the matrix units compute in bf16 natively')
     cc = hw.compute_capability
     if hw.kind == 'cuda' and cc:
@@ -401,15 +413,16 @@ def compile_for_gpu(fn, # a @triton.jit kernel
 # %% ../nbs/00_devices.ipynb #08bffe8e
 def _gib(b): return f'{b/2**30:.1f} GiB' if b else '—'
 
-def report(hw:Hardware|None=None) -> dict:
-    "The hardware report as a JSON-ready dict, `kind` first."
+def report(hw:Hardware|None=None, bf16_speedup:float|None=None) -> dict:
+    "The hardware report as a JSON-ready dict, `kind` first; `bf16_speedup` (measured) goes into the dtype choice."
     hw = hw or detect()
-    d = asdict(hw)
+    d, best = asdict(hw), best_dtype(hw, bf16_speedup)
     d['compute_capability'] = list(hw.compute_capability) if hw.compute_capability else None
-    d['dtype'], d['dtype_reason'] = str(best_dtype(hw).dtype).replace('torch.', ''), best_dtype(hw).reason
+    d['dtype'], d['dtype_reason'] = str(best.dtype).replace('torch.', ''), best.reason
+    if bf16_speedup is not None: d['bf16_speedup'] = round(bf16_speedup, 2)
     return d
 
-def report_markdown(hw:Hardware|None=None) -> str:
+def report_markdown(hw:Hardware|None=None, bf16_speedup:float|None=None) -> str:
     "The hardware report as a markdown table."
     hw = hw or detect()
     cc = '.'.join(map(str, hw.compute_capability)) if hw.compute_capability else '—'
@@ -417,7 +430,7 @@ def report_markdown(hw:Hardware|None=None) -> str:
     jx = f'{hw.jax_backend}, {len(hw.jax_devices)} device(s)' if hw.jax_backend else 'not available'
     rows = [('kind', f'**{hw.kind}** ({hw.source})'), ('device', f'{hw.count} x {hw.name}'),
             ('memory per device', ', '.join(_gib(m) for m in hw.memory_bytes) or '—'), ('compute capability', cc),
-            ('dtype', f'{best_dtype(hw).dtype} — {best_dtype(hw).reason}'), ('torch', hw.torch_version),
+            ('dtype', f'{best_dtype(hw, bf16_speedup).dtype} — {best_dtype(hw, bf16_speedup).reason}'), ('torch', hw.torch_version),
             ('torch_xla', xla), ('JAX', jx), ('CPU', f'{hw.cpu_model}, {hw.cpu_cores} cores, {_gib(hw.ram_bytes)} RAM')]
     rows += [('note', n) for n in hw.notes]
     return '| | |\n|---|---|\n' + '\n'.join(f'| {k} | {v} |' for k, v in rows)
