@@ -16,8 +16,8 @@ from .devices import Hardware, detect, sync, torch_device, peak_specs, report, r
 __all__ = ['log', 'LEGACY_CONDITIONS', 'SIZES', 'SUITES', 'SUITE_MODULES', 'heap_in_use', 'MemPeak', 'RSSPeak', 'memory_method',
            'peak_memory', 'Timing', 'measure', 'Result', 'versions', 'device_record', 'record', 'atomic_write',
            'save_results', 'load_results', 'fmt_time', 'fmt_bytes', 'table', 'compare', 'plot', 'Suite', 'suite',
-           'suite_table', 'suite_total', 'load_suites', 'matmul_record', 'bench_matmul', 'bf16_speedup', 'Run',
-           'run_id', 'Progress', 'run_suites']
+           'suite_table', 'suite_total', 'load_suites', 'matmul_record', 'bench_matmul', 'bf16_speedup',
+           'cpu_bf16_speedup', 'Run', 'run_id', 'Progress', 'run_suites']
 
 # %% ../nbs/01_bench.ipynb #23280c00
 log = logging.getLogger('model_lab')
@@ -429,7 +429,7 @@ def bench_matmul(hw:Hardware, size:str='default'):
 
 _BF16_SPEEDUP = {}
 
-def bf16_speedup(hw:Hardware|None=None, n:int=512) -> float|None:
+def bf16_speedup(hw:Hardware|None=None, n:int=1024) -> float|None:
     "How many times faster an n x n bf16 matmul runs than fp32 on `hw`'s torch device (fp32 / bf16 time, the fastest of 5 each); None if it cannot run."
     hw = hw or detect()
     key = (hw.kind, hw.name, n, torch.get_num_threads())
@@ -440,6 +440,11 @@ def bf16_speedup(hw:Hardware|None=None, n:int=512) -> float|None:
             _BF16_SPEEDUP[key] = t[torch.float32] / t[torch.bfloat16]
         except (RuntimeError, TypeError) as e: log.info(f'bf16_speedup: no bf16 matmul on {hw.kind} ({e})'); _BF16_SPEEDUP[key] = None
     return _BF16_SPEEDUP[key]
+
+def cpu_bf16_speedup(hw:Hardware|None=None) -> float|None:
+    "`bf16_speedup` where it decides `best_dtype`: on a CPU with native bf16 units (a CPU without them is not worth the slow bf16 run); else None."
+    hw = hw or detect()
+    return bf16_speedup(hw) if hw.kind == 'cpu' and hw.bf16 else None
 
 # %% ../nbs/01_bench.ipynb #426f64a2
 @dataclass

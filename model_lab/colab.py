@@ -14,7 +14,7 @@ from packaging.version import Version, InvalidVersion
 from packaging.utils import canonicalize_name
 import torch, psutil
 from .devices import Hardware, detect, best_dtype, package_version
-from .bench import fmt_bytes, bf16_speedup
+from .bench import fmt_bytes, cpu_bf16_speedup
 
 # %% auto #0
 __all__ = ['STATUSES', 'GiB', 'ENV_VARS', 'MODULES', 'DRIVE', 'OPTIONAL', 'STACK', 'XLA_PAIR', 'MENU', 'TPU_HBM', 'DTYPE_NAME',
@@ -258,7 +258,7 @@ def gather_facts(environ:dict|None=None, # the environment to read (os.environ w
     try: hw, hw_error = detect(), ''
     except ValueError as e: hw, hw_error = Hardware(name=platform.processor()), str(e)
     return Facts(env=env, modules=modules, shell=shell, hw=hw, hw_error=hw_error, torch_build=_torch_build(),
-                 bf16_speedup=bf16_speedup(hw) if hw.kind == 'cpu' and not hw_error else None,
+                 bf16_speedup=None if hw_error else cpu_bf16_speedup(hw),
                  dev_files=dict(nvidia=os.path.exists('/dev/nvidia0'), accel=len(glob.glob('/dev/accel*'))),
                  ram_total=vm.total, ram_available=vm.available, requires_python=py_req, requirements=reqs,
                  requirements_source=src, versions=versions,
