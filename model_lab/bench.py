@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_bench.ipynb #d91fc07e
 from __future__ import annotations
-import os, sys, json, time, math, glob, socket, platform, threading, statistics, traceback, datetime
+import os, re, sys, json, time, math, glob, socket, platform, threading, statistics, traceback, datetime
 import importlib, importlib.metadata, tempfile, logging, ctypes, functools
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
@@ -415,7 +415,7 @@ def matmul_record(hw:Hardware, dt, n:int, t:Timing) -> Result:
     "The matmul record of an n x n `dt` product timed as `t` on `hw`: the configuration in params, the peak in conditions."
     peak, work = peak_specs(hw), 2 * n**3 / 1e12  # TFLOP per call
     pk = peak.flops.get(_SHORT[dt])
-    cond = dict(peak_tflops=pk / 1e12 if pk else None, peak_source=peak.source.split(':')[0])
+    cond = dict(peak_tflops=pk / 1e12 if pk else None, peak_source=re.sub(r' \(.*\)', '', peak.source.split(':')[0]))  # 'datasheet, dense', 'estimate'
     if hw.kind == 'cpu': cond['threads'] = torch.get_num_threads()
     return record('matmul', f'matmul {_dtype_name(dt)}', t, hw=hw, dtype=dt, work=work, unit='TFLOP/s', params=dict(n=n),
                   conditions=cond, quality=dict(fraction_of_peak=round(work / t.median / (pk / 1e12), 4)) if pk else {})
