@@ -455,6 +455,7 @@ class Run:
     pngs: list
     results: list
     errors: dict
+    by_suite: dict = field(default_factory=dict)  # suite name -> the results it yielded
 
 def run_id(hw:Hardware) -> str:
     ts = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S')
@@ -533,4 +534,4 @@ def run_suites(names:Iterable[str]|None=None, *, size:str='default', out='result
         save_results([r for rs in res_by.values() for r in rs], jpath, run=meta)
     mpath = out / f'{rid}.md'
     atomic_write(mpath, _markdown_report(rid, hw, res_by, meta['errors'], size, suites))
-    return Run(rid, jpath, mpath, pngs, [r for rs in res_by.values() for r in rs], meta['errors'])
+    return Run(rid, jpath, mpath, pngs, [r for rs in res_by.values() for r in rs], meta['errors'], res_by)

@@ -98,9 +98,7 @@ def bench_cmd(ns) -> int:
         return 0
     try: run = run_suites(ns.suites or None, size='quick' if ns.quick else 'full' if ns.full else 'default', out=ns.out)
     except ValueError as e: raise UsageError(str(e)) from None
-    by_suite = {}
-    for r in run.results: by_suite.setdefault(r.suite, []).append(r)
-    for name, rs in by_suite.items(): print(f'## {name}\n\n{suite_table(suites[name], rs)}\n')
+    for name, rs in run.by_suite.items(): print(f'## {name}\n\n{suite_table(suites[name], rs)}\n')
     print(f'wrote {run.json_path}, {run.md_path}' + ''.join(f', {p}' for p in run.pngs))
     for name in run.errors: print(f'suite {name} FAILED (see {run.md_path})', file=sys.stderr)
     return 1 if run.errors else 0
