@@ -7,11 +7,10 @@ from __future__ import annotations
 import os, math, logging
 from typing import NamedTuple
 import torch, torch.nn.functional as F
-from ..devices import (Hardware, triton_interpreter_if_no_gpu, triton_usable, with_fallback, torch_device,
+from ..devices import (Hardware, triton_kernel, triton_interpreted, triton_usable, with_fallback, torch_device,
                                best_dtype, peak_specs)
 from ..bench import measure, record, suite
 
-_INTERPRET = triton_interpreter_if_no_gpu()  # no GPU: Triton kernels run in its interpreter; must happen before `import triton`
 try:
     import triton, triton.language as tl
 except ImportError:  # the PyTorch paths work without triton
@@ -253,11 +252,7 @@ def _chunkwise(q, k, v, i, f, state:MLSTMState|None, L:int, variant:str, eps:flo
     return h[:, :, :S].to(out_dtype), MLSTMState(C, n, gl.m_last)
 
 # %% ../../nbs/11_kernels_tfla.ipynb #e3369954
-def _jit(fn):
-    "triton.jit when triton is installed, else the plain function (the module still imports; the kernels cannot run)."
-    return triton.jit(fn) if triton is not None else fn
-
-@_jit
+@triton_kernel
 def _dot(a, b, DT: tl.constexpr, LOWP: tl.constexpr):
     "a @ b with fp32 accumulation: operands cast to the input dtype DT when LOWP, else exact fp32."
     if LOWP:
@@ -266,24 +261,24 @@ def _dot(a, b, DT: tl.constexpr, LOWP: tl.constexpr):
         r = tl.dot(a, b, input_precision="ieee")
     return r
 
-@_jit
+@triton_kernel
 def _tile_ids(pid, NC, NT: tl.constexpr):
     "program id -> (batch*head (int64), chunk, tile within the chunk)."
     t = pid % NT
     c = (pid // NT) % NC
     return (pid // (NT * NC)).to(tl.int64), c, t
 
-@_jit
+@triton_kernel
 def _tile(P, rows, o, D):
     "P[rows, o] of a row-major (S, D) matrix, as float32; 0 where o >= D."
     return tl.load(P + rows[:, None] * D + o[None, :], mask=(o < D)[None, :], other=0.).to(tl.float32)
 
-@_jit
+@triton_kernel
 def _block(P, o1, o2, D1, D2):
     "P[o1, o2] of a row-major (D1, D2) state matrix, as float32; 0 outside."
     return tl.load(P + o1[:, None] * D2 + o2[None, :], mask=(o1 < D1)[:, None] & (o2 < D2)[None, :], other=0.).to(tl.float32)
 
-@_jit
+@triton_kernel
 def _abt(A, B, rows, cols, D, BD: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr, LOWP: tl.constexpr):
     "A[rows] @ B[cols]^T (BT, BT) over all D columns, block by block (q k^T, dnum v^T)."
     s = tl.zeros((BT, BT), dtype=tl.float32)
@@ -292,7 +287,7 @@ def _abt(A, B, rows, cols, D, BD: tl.constexpr, BT: tl.constexpr, DT: tl.constex
         s += _dot(_tile(A, rows, od, D), tl.trans(_tile(B, cols, od, D)), DT, LOWP)
     return s
 
-@_jit
+@triton_kernel
 def _times_state(A, rows, M, ov, Dk, Dv, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, LOWP: tl.constexpr):
     "A[rows] (BT, Dk) @ M[:, ov] (Dk, BV) for a (Dk, Dv) state M."
     acc = tl.zeros((BT, BV), dtype=tl.float32)
@@ -301,7 +296,7 @@ def _times_state(A, rows, M, ov, Dk, Dv, BK: tl.constexpr, BT: tl.constexpr, BV:
         acc += _dot(_tile(A, rows, od, Dk), _block(M, od, ov, Dk, Dv), DT, LOWP)
     return acc
 
-@_jit
+@triton_kernel
 def _times_state_t(A, rows, M, ok, Dk, Dv, BV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, LOWP: tl.constexpr):
     "A[rows] (BT, Dv) @ M[ok, :]^T (Dv, BK) for a (Dk, Dv) state M."
     acc = tl.zeros((BT, BK), dtype=tl.float32)
@@ -310,7 +305,7 @@ def _times_state_t(A, rows, M, ok, Dk, Dv, BV: tl.constexpr, BT: tl.constexpr, B
         acc += _dot(_tile(A, rows, oe, Dv), tl.trans(_block(M, ok, oe, Dk, Dv)), DT, LOWP)
     return acc
 
-@_jit
+@triton_kernel
 def _decay(U, MU, rows, cols, FLOOR: tl.constexpr):
     "E (BT, BT): exp(u_s - mu_t) for s <= t, else 0; exponents clamped to [FLOOR, 0]."
     x = tl.load(U + cols)[None, :] - tl.load(MU + rows)[:, None]
@@ -318,7 +313,7 @@ def _decay(U, MU, rows, cols, FLOOR: tl.constexpr):
     return tl.where(rows[:, None] >= cols[None, :], tl.exp(x), 0.)
 
 # %% ../../nbs/11_kernels_tfla.ipynb #74d7e96e
-@_jit
+@triton_kernel
 def _fw_states_kernel(K, V, LA, LGAM, C0, N0, CS, NS, NC, Dk, Dv,
                       L: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr):
     "Inter-chunk recurrence: CS[bh, c] = state entering chunk c (c = 0..NC); C <- exp(lgam_c) C + sum_s exp(la_s) k_s v_s^T."
@@ -345,7 +340,7 @@ def _fw_states_kernel(K, V, LA, LGAM, C0, N0, CS, NS, NC, Dk, Dv,
     if pv == 0:
         tl.store(NS + NC * Dk + ok, n, mask=mk)
 
-@_jit
+@triton_kernel
 def _fw_out_kernel(Q, K, V, U, MU, LW, LB, CS, NS, H, DEN, NN, scale, eps, NC, Dk, Dv,
                    L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    FLOOR: tl.constexpr, LOWP: tl.constexpr):
@@ -378,7 +373,7 @@ def _fw_out_kernel(Q, K, V, U, MU, LW, LB, CS, NS, H, DEN, NN, scale, eps, NC, D
         tl.store(NN + bh * S + rows, n)
 
 # %% ../../nbs/11_kernels_tfla.ipynb #a28f83e1
-@_jit
+@triton_kernel
 def _bw_states_kernel(Q, DNUM, DDEN, LW, LGAM, DCL, DNL, DCS, DNS, scale, NC, Dk, Dv,
                       L: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr):
     "Reverse recurrence: DCS[bh, c] = gradient w.r.t. the state entering chunk c (c = NC..0)."
@@ -406,7 +401,7 @@ def _bw_states_kernel(Q, DNUM, DDEN, LW, LGAM, DCL, DNL, DCS, DNS, scale, NC, Dk
     if pv == 0:
         tl.store(DNS + ok, dn, mask=mk)
 
-@_jit
+@triton_kernel
 def _bw_dq_kernel(Q, K, V, U, MU, LW, CS, NS, DNUM, DDEN, DQ, DMU, DLW, scale, NBH, NC, Dk, Dv,
                   L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   FLOOR: tl.constexpr, LOWP: tl.constexpr):
@@ -435,7 +430,7 @@ def _bw_dq_kernel(Q, K, V, U, MU, LW, CS, NS, DNUM, DDEN, DQ, DMU, DLW, scale, N
     if pk == 0:
         tl.store(DMU + bh * S + rows, -rs * scale)
 
-@_jit
+@triton_kernel
 def _bw_dk_kernel(Q, K, V, U, MU, LA, DCS, DNS, DNUM, DDEN, DK, DU, DLA, scale, NBH, NC, Dk, Dv,
                   L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   FLOOR: tl.constexpr, LOWP: tl.constexpr):
@@ -464,7 +459,7 @@ def _bw_dk_kernel(Q, K, V, U, MU, LA, DCS, DNS, DNUM, DDEN, DK, DU, DLA, scale, 
     if pk == 0:
         tl.store(DU + bh * S + cols, cs * scale)
 
-@_jit
+@triton_kernel
 def _bw_dv_kernel(Q, K, U, MU, LA, DCS, DNUM, DV, scale, NC, Dk, Dv,
                   L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   FLOOR: tl.constexpr, LOWP: tl.constexpr):
@@ -509,7 +504,7 @@ def _tiles(L:int, Dk:int, Dv:int, cfg:tuple) -> tuple:
 
 def _lowp(x:torch.Tensor) -> bool:
     "tl.dot in the input dtype (fp16/bf16 on a GPU); fp32 products otherwise."
-    return x.dtype in (torch.float16, torch.bfloat16) and os.environ.get('TRITON_INTERPRET') != '1'
+    return x.dtype in (torch.float16, torch.bfloat16) and not triton_interpreted()
 
 def _f32(*xs): return [x.float().contiguous() for x in xs]
 
@@ -560,11 +555,11 @@ class _TritonCore(torch.autograd.Function):
                 None, None, None)
 
 # %% ../../nbs/11_kernels_tfla.ipynb #635b852d
-@_jit
+@triton_kernel
 def _logsigmoid(x):
     return tl.minimum(x, 0.) - tl.log(1. + tl.exp(-tl.abs(x)))
 
-@_jit
+@triton_kernel
 def _step_kernel(Q, K, V, I, Fg, C, N, M, H, C2, N2, M2, scale, eps, Dk, Dv,
                  BK: tl.constexpr, BV: tl.constexpr, SIG: tl.constexpr):
     "One mLSTM step for one (batch*head, Dv block): new C, n, m and h."
@@ -652,13 +647,10 @@ def _check_options(backend, variant, chunk_size):
 def _triton_ready(q, L:int):
     "Raise unless the Triton path can run these inputs here."
     if triton is None: raise RuntimeError("backend='triton' needs triton: pip install 'model_lab[kernels]'")
-    if os.environ.get('TRITON_INTERPRET') == '1' and not isinstance(tl.sum, triton.runtime.interpreter.InterpretedFunction):
-        raise RuntimeError('triton was imported before TRITON_INTERPRET=1 was set, so its interpreter cannot run kernels in this '
-                           'process: set TRITON_INTERPRET=1 in the environment, or import model_lab.kernels first')
     if q.dtype == torch.float64: raise ValueError("backend='triton' supports float32, float16 and bfloat16 inputs; use backend='torch' for float64")
     if L < 16 or L & (L - 1): raise ValueError(f"backend='triton' needs chunk_size a power of two >= 16, got {L}")
-    if not (q.is_cuda or os.environ.get('TRITON_INTERPRET') == '1'):
-        raise RuntimeError(f"backend='triton' needs a CUDA/ROCm GPU (the tensors are on {q.device}) or TRITON_INTERPRET=1")
+    if not (q.is_cuda or triton_interpreted()):
+        raise RuntimeError(f"backend='triton' needs CUDA/ROCm tensors on a machine with a GPU (got tensors on {q.device})")
 
 def _triton_fits(q, L:int) -> bool:
     "auto picks Triton: the tensors are on a GPU with triton, the dtype and chunk size suit the kernels."
@@ -683,7 +675,7 @@ def mlstm(q, k, v, i, f, # q, k (B, H, S, Dqk); v (B, H, S, Dv); i, f (B, H, S) 
     run = lambda core: _chunkwise(q, k, v, i, f, state, chunk_size, variant, eps, core)
     if backend == 'triton': _triton_ready(q, chunk_size); h, st = run('triton')
     elif backend == 'auto' and _triton_fits(q, chunk_size):
-        h, st = with_fallback('mlstm', 'triton', lambda: run('triton'), 'torch', lambda: run('torch'))
+        h, st = with_fallback('mlstm', 'triton', lambda: run('triton'), 'torch', lambda: run('torch'), dtype=q.dtype, device=q.device)
     else: h, st = run('torch')
     return (h, st) if return_last_state else h
 
@@ -699,7 +691,7 @@ def mlstm_step(q, k, v, i, f, # q, k (B, H, Dqk); v (B, H, Dv); i, f (B, H)
     if backend == 'triton': _triton_ready(q, 16); return _step_triton(q, k, v, i, f, state, variant, eps)
     if backend == 'auto' and _triton_fits(q, 16):
         return with_fallback('mlstm_step', 'triton', lambda: _step_triton(q, k, v, i, f, state, variant, eps),
-                             'torch', lambda: _step_torch(q, k, v, i, f, state, variant, eps))
+                             'torch', lambda: _step_torch(q, k, v, i, f, state, variant, eps), dtype=q.dtype, device=q.device)
     return _step_torch(q, k, v, i, f, state, variant, eps)
 
 # %% ../../nbs/11_kernels_tfla.ipynb #4a2589b2
