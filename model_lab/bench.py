@@ -4,8 +4,8 @@
 
 # %% ../nbs/01_bench.ipynb #d91fc07e
 from __future__ import annotations
-import os, sys, json, time, math, glob, socket, platform, threading, statistics, traceback, datetime
-import importlib, importlib.metadata, tempfile, logging
+import os, re, sys, json, time, math, glob, socket, platform, threading, statistics, traceback, datetime
+import importlib, importlib.metadata, tempfile, logging, ctypes, functools
 from dataclasses import dataclass, field, asdict, fields
 from pathlib import Path
 from typing import Callable, Iterable
@@ -13,9 +13,11 @@ import torch, psutil
 from .devices import Hardware, detect, sync, torch_device, peak_specs, report, report_markdown, package_version
 
 # %% auto #0
-__all__ = ['log', 'SIZES', 'SUITES', 'SUITE_MODULES', 'RSSPeak', 'peak_memory', 'Timing', 'measure', 'Result', 'versions',
-           'device_record', 'record', 'atomic_write', 'save_results', 'load_results', 'fmt_time', 'fmt_bytes', 'table',
-           'compare', 'plot', 'Suite', 'suite', 'load_suites', 'bench_matmul', 'Run', 'run_id', 'run_suites']
+__all__ = ['log', 'LEGACY_CONDITIONS', 'SIZES', 'SUITES', 'SUITE_MODULES', 'heap_in_use', 'MemPeak', 'RSSPeak', 'memory_method',
+           'peak_memory', 'Timing', 'measure', 'Result', 'versions', 'device_record', 'record', 'atomic_write',
+           'save_results', 'load_results', 'fmt_time', 'fmt_bytes', 'table', 'compare', 'plot', 'Suite', 'suite',
+           'suite_table', 'suite_total', 'load_suites', 'matmul_record', 'bench_matmul', 'bf16_speedup',
+           'cpu_bf16_speedup', 'Run', 'run_id', 'Progress', 'run_suites']
 
 # %% ../nbs/01_bench.ipynb #23280c00
 log = logging.getLogger('model_lab')
@@ -44,52 +46,73 @@ def _rss() -> int:
         with open('/proc/self/statm') as f: return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
     except OSError: return psutil.Process().memory_info().rss
 
-class RSSPeak:
-    "Context manager: `.peak` is the most the resident set grew during the block (bytes), sampled every `interval` s."
-    def __init__(self, interval=1e-3): self.interval, self.peak = interval, None
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in 'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost'.split()]
+
+@functools.lru_cache(maxsize=1)
+def _mallinfo2():
+    try: f = ctypes.CDLL(None).mallinfo2  # glibc >= 2.33
+    except (OSError, AttributeError): return None
+    f.restype, f.argtypes = _MallInfo2, []
+    return f
+
+def heap_in_use() -> int|None:
+    "Bytes malloc has handed out and not taken back (heap chunks in use + mmapped blocks); None without glibc's mallinfo2."
+    if (f := _mallinfo2()) is None: return None
+    m = f()
+    return m.uordblks + m.hblkhd
+
+class MemPeak:
+    "Context manager: `.peak` is the most `probe()` (bytes) grew during the block, sampled every `interval` s by a thread; `mark()` adds a sample."
+    def __init__(self, probe:Callable|None=None, # bytes now; `heap_in_use` where glibc has it, else the resident set
+                 interval:float=1e-4):
+        self.probe = probe or (heap_in_use if heap_in_use() is not None else _rss)
+        self.interval, self.peak = interval, None
     def __enter__(self):
-        self.base = self.top = _rss()
-        self._stop = threading.Event()
+        self._stop, self._ready, self._top = threading.Event(), threading.Event(), 0
         self._thread = threading.Thread(target=self._sample, daemon=True); self._thread.start()
+        self._ready.wait()  # the thread's own start-up allocations come before the baseline
+        self.base = self._mark = self.probe()
         return self
     def _sample(self):
-        while not self._stop.wait(self.interval): self.top = max(self.top, _rss())
+        self.probe(); self._ready.set(); top = 0
+        while not self._stop.wait(self.interval): top = max(top, self.probe())
+        self._top = top  # written once, by this thread only
+    def mark(self): self._mark = max(self._mark, self.probe())
     def __exit__(self, *exc):
-        self._stop.set(); self._thread.join()
-        self.peak = max(self.top, _rss()) - self.base
+        self._stop.set(); self._thread.join(); self.mark()
+        self.peak = max(self._top, self._mark) - self.base
 
-def _torch_cpu_peak(prof) -> int|None:
-    "Peak of the CPU allocator's running total in a finished torch profile; None when torch allocated nothing."
-    fd, path = tempfile.mkstemp(suffix='.json'); os.close(fd)
-    try:
-        prof.export_chrome_trace(path)
-        events = json.loads(Path(path).read_text())['traceEvents']
-    finally: os.unlink(path)
-    mem = [e['args'] for e in events if e.get('name') == '[memory]' and e['args'].get('Device Type') == 0]
-    if not mem: return None
-    # the running total is process-wide: it still counts blocks allocated under an earlier profile and kept alive,
-    # so the baseline is the total just before the first event of this one
-    base = mem[0]['Total Allocated'] - mem[0]['Bytes']
-    return max(m['Total Allocated'] for m in mem) - base
+class RSSPeak(MemPeak):
+    "`MemPeak` of the resident set (what the OS has given the process)."
+    def __init__(self, interval=1e-3): super().__init__(_rss, interval)
+
+def memory_method(device=None) -> str|None:
+    "How `peak_memory` measures on `device` (the CPU when None); None where it does not."
+    d = torch.device(device) if device is not None else torch.device('cpu')
+    if d.type == 'cuda': return 'CUDA caching allocator high-water mark'
+    if d.type != 'cpu': return None
+    return 'malloc bytes in use (glibc mallinfo2) sampled every 0.1 ms' if heap_in_use() is not None else 'resident set sampled every 0.1 ms'
 
 def peak_memory(fn:Callable, device=None) -> int|None:
-    "Extra bytes one call of `fn` needs beyond what was allocated before it, on `device` (None: where its output lives)."
+    "Extra bytes one call of `fn` needs beyond what was allocated before it, on `device` (None: the CPU, unless its output is on CUDA)."
     d = torch.device(device) if device is not None else None
     if d is not None and d.type == 'cuda':
         sync(d); torch.cuda.reset_peak_memory_stats(d); base = torch.cuda.memory_allocated(d)
         _wait(fn(), d)
         return torch.cuda.max_memory_allocated(d) - base
     if d is not None and d.type != 'cpu': return None
-    from torch.profiler import profile, ProfilerActivity
-    with RSSPeak() as rss, profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof: _wait(fn(), d)
-    return _torch_cpu_peak(prof) or rss.peak
+    with MemPeak() as mp:
+        out = fn(); _wait(out, d); mp.mark()  # the output is still alive here: it counts
+        del out
+    return mp.peak
 
 # %% ../nbs/01_bench.ipynb #b22a464b
 def _now(): return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
 
 @dataclass
 class Timing:
-    "Seconds per call over `n` timed calls, and the extra peak memory one call needs."
+    "Seconds per call over `n` timed calls (after `warmup` untimed ones), and the extra peak memory one call needs."
     min: float
     median: float
     max: float
@@ -97,6 +120,8 @@ class Timing:
     peak_mem_bytes: int|None = None
     started_at: str = ''
     times: list = field(default_factory=list, repr=False)
+    warmup: int = 0
+    mem_method: str = ''  # how peak_mem_bytes was measured (`memory_method`)
 
 def measure(fn:Callable, # called with no arguments; its output is waited for
             *, warmup:int=1, # untimed calls first (compilation, caches)
@@ -115,7 +140,8 @@ def measure(fn:Callable, # called with no arguments; its output is waited for
         dev = _wait(fn(), dev)
         times.append(time.perf_counter() - t0)
     peak = peak_memory(fn, dev) if track_memory else None
-    return Timing(min(times), statistics.median(times), max(times), len(times), peak, started, times)
+    method = (memory_method(dev) or '') if peak is not None else ''
+    return Timing(min(times), statistics.median(times), max(times), len(times), peak, started, times, warmup, method)
 
 # %% ../nbs/01_bench.ipynb #123e95e3
 @dataclass
@@ -153,17 +179,23 @@ def record(suite:str, name:str, timing:Timing, *, hw:Hardware|None=None, params:
     "A `Result` from a `Timing`: throughput = `work` / median time."
     hw = hw or detect()
     thr = dict(value=work / timing.median, unit=unit) if work is not None and unit else None
+    cond = {'peak_mem_method': timing.mem_method} if timing.mem_method else {}
     return Result(suite, name, dict(params or {}), device_record(hw), _dtype_name(dtype),
-                  dict(min=timing.min, median=timing.median, max=timing.max, n=timing.n), thr, timing.peak_mem_bytes,
-                  dict(quality or {}), versions(*pkgs), timing.started_at or _now(), socket.gethostname(),
-                  dict(conditions or {}))
+                  dict(min=timing.min, median=timing.median, max=timing.max, n=timing.n, warmup=timing.warmup), thr,
+                  timing.peak_mem_bytes, dict(quality or {}), versions(*pkgs), timing.started_at or _now(), socket.gethostname(),
+                  {**cond, **(conditions or {})})
 
 # %% ../nbs/01_bench.ipynb #b02055a6
-def atomic_write(path, data:str|bytes):
+def _umask() -> int:
+    m = os.umask(0o022); os.umask(m); return m
+
+def atomic_write(path, data:str|bytes, mode:int|None=None, # None: what `open` gives a new file (0o666 less the umask)
+                ):
     "Write `data` to `path` through a temporary file in the same folder and a rename."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')  # mode 0600
     try:
+        os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)
         with os.fdopen(fd, 'wb') as f: f.write(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:
@@ -184,6 +216,15 @@ def _expand(paths) -> list:
         else: out.append(p)
     return out
 
+# measured or machine values that files written before `Result.conditions` kept in params
+LEGACY_CONDITIONS = ('peak_tflops', 'peak_source', 'threads', 'device', 'rtf', 'peak_mem_method')
+
+def _upgrade(r:dict) -> dict:
+    "A result dict from an older file with its machine values moved from params to conditions."
+    if 'conditions' in r or not isinstance(r.get('params'), dict): return r
+    p = dict(r['params'])
+    return {**r, 'params': p, 'conditions': {k: p.pop(k) for k in LEGACY_CONDITIONS if k in p}}
+
 def _load_one(p) -> list:
     if not os.path.exists(p): raise FileNotFoundError(f'results file {p} does not exist')
     try: doc = json.loads(Path(p).read_text())
@@ -191,7 +232,7 @@ def _load_one(p) -> list:
     if not isinstance(doc, dict) or not isinstance(doc.get('results'), list):
         raise ValueError(f'{p} is not a model_lab results file: expected {{"run": ..., "results": [...]}}')
     names = {f.name for f in fields(Result)}
-    try: return [Result(**{k: v for k, v in r.items() if k in names}) for r in doc['results']]
+    try: return [Result(**{k: v for k, v in _upgrade(r).items() if k in names}) for r in doc['results']]
     except TypeError as e: raise ValueError(f'{p}: a result lacks a field ({e})') from None
 
 def load_results(paths) -> list:
@@ -229,24 +270,45 @@ def table(results:Iterable[Result]) -> str:
 
 def _dev(r): return f"{r.device.get('kind')}: {r.device.get('name')}"
 
-def compare(results:Iterable[Result], value:str='median') -> str:
-    "Cross-hardware markdown table: one row per (suite, name, params, dtype), one column per device; cells are `value` ('median', 'min' or 'throughput')."
+def _config(r:Result) -> tuple:
+    "What was run, the merge key of `compare`: suite, name, params (in any order), dtype."
+    return r.suite, r.name, json.dumps(r.params, sort_keys=True, default=str), r.dtype
+
+def _machine_of(results:list) -> Callable:
+    "Column label of a result: its device, and its host where two hosts share a device name."
+    hosts = {}
+    for r in results: hosts.setdefault(_dev(r), set()).add(r.host)
+    return lambda r: _dev(r) if len(hosts[_dev(r)]) == 1 else f'{_dev(r)} ({r.host})'
+
+def _shared_conditions(rs:list) -> dict:
+    "The conditions (and torch version) every one of `rs` ran under with one value."
+    out = {'torch': {r.versions.get('torch') for r in rs}}
+    for k in dict.fromkeys(k for r in rs for k in r.conditions): out[k] = {json.dumps(r.conditions.get(k), default=str) for r in rs}
+    return {k: json.loads(next(iter(v))) if k != 'torch' else next(iter(v)) for k, v in out.items() if len(v) == 1}
+
+def compare(results:Iterable[Result], value:str='median', # what the cells show: 'median', 'min' or 'throughput'
+            conditions:bool=True, # list each machine's shared conditions under the table
+           ) -> str:
+    "Cross-hardware markdown table: one row per configuration (suite, name, params, dtype), one column per machine."
+    if value not in ('median', 'min', 'throughput'): raise ValueError(f"value must be 'median', 'min' or 'throughput', got {value!r}")
     results = list(results)
-    devs = list(dict.fromkeys(_dev(r) for r in results))
-    cells = {}
+    col = _machine_of(results)
+    cols, cells, shown = list(dict.fromkeys(map(col, results))), {}, {}
     for r in results:
-        key = (r.suite, r.name, _params(r.params), r.dtype)
-        cells.setdefault(key, {})[_dev(r)] = _thr(r.throughput) if value == 'throughput' else fmt_time(r.times_s.get(value))
-    head = '| suite | name | params | dtype | ' + ' | '.join(devs) + ' |\n|' + '---|' * (4 + len(devs))
-    rows = [f'| {" | ".join(k)} | ' + ' | '.join(c.get(d, '—') for d in devs) + ' |' for k, c in cells.items()]
-    return '\n'.join([head, *rows])
+        k = _config(r)
+        shown.setdefault(k, (r.suite, r.name, _params(r.params), r.dtype))
+        cells.setdefault(k, {})[col(r)] = _thr(r.throughput) if value == 'throughput' else fmt_time(r.times_s.get(value))
+    head = '| suite | name | params | dtype | ' + ' | '.join(cols) + ' |\n|' + '---|' * (4 + len(cols))
+    rows = [f'| {" | ".join(shown[k])} | ' + ' | '.join(c.get(m, '—') for m in cols) + ' |' for k, c in cells.items()]
+    notes = [f'- **{m}**: ' + (_kv(_shared_conditions([r for r in results if col(r) == m])) or '—') for m in cols] if conditions else []
+    return '\n'.join([head, *rows] + ([''] + notes if notes else []))
 
 # %% ../nbs/01_bench.ipynb #6ee152be
 def _yval(r:Result, y:str):
     if y in ('min', 'median', 'max'): return r.times_s.get(y)
     if y == 'throughput': return r.throughput['value'] if r.throughput else None
     if y == 'peak_mem_bytes': return r.peak_mem_bytes
-    return r.quality.get(y, r.params.get(y))
+    return r.quality.get(y, r.conditions.get(y, r.params.get(y)))
 
 def _hue(r:Result, hue:str):
     if hue == 'device': return _dev(r)
@@ -256,14 +318,14 @@ def plot(results:Iterable[Result], x:str, # a params key (e.g. 'L', 'n')
          y:str='median', # 'min' | 'median' | 'max' | 'throughput' | 'peak_mem_bytes' | a quality or params key
          hue:str='name', # 'name' | 'dtype' | 'device' | 'suite' | a params key: one line each
          path=None, logx:bool=False, logy:bool=False, title:str|None=None,
-         ref:str|None=None, # a params key holding a limit for each line (e.g. 'peak_tflops'), drawn dashed
+         ref:str|None=None, # a conditions key holding a limit for each line (e.g. 'peak_tflops'), drawn dashed
         ):
     "Line plot of `y` against the parameter `x`, one line per `hue`; saved as PNG to `path` when given."
     import matplotlib.pyplot as plt
     results, groups, refs = list(results), {}, {}
     for r in results:
         if x in r.params and _yval(r, y) is not None: groups.setdefault(_hue(r, hue), []).append((r.params[x], _yval(r, y)))
-        if ref and r.params.get(ref): refs[_hue(r, hue)] = r.params[ref]
+        if ref and (lim := r.conditions.get(ref, r.params.get(ref))): refs[_hue(r, hue)] = lim
     if not groups: raise ValueError(f'no results have params[{x!r}] and a value for {y!r}')
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for k, pts in groups.items():
@@ -289,15 +351,31 @@ class Suite:
     fn: Callable                                   # fn(hw, size) -> Iterable[Result]
     help: str = ''
     plots: list = field(default_factory=list)      # keyword arguments for `plot`, one PNG each
+    table: Callable|None = None                    # table(results) -> markdown: the suite's headline table
+    total: Callable|None = None                    # total(hw, size) -> int: how many results fn will yield
 
 SUITES: dict = {}
 
-def suite(name:str, help:str='', plots:Iterable[dict]=()):
+def suite(name:str, help:str='', plots:Iterable[dict]=(), table:Callable|None=None, total:Callable|None=None):
     "Decorator: register `fn(hw, size) -> Iterable[Result]` as the bench suite `name`."
     def deco(fn):
-        SUITES[name] = Suite(name, fn, help or (fn.__doc__ or '').strip().split('\n')[0], list(plots))
+        SUITES[name] = Suite(name, fn, help or (fn.__doc__ or '').strip().split('\n')[0], list(plots), table, total)
         return fn
     return deco
+
+def suite_table(s:Suite, results:list) -> str:
+    "The headline markdown table of suite `s`: its own `table` function when it has one (the generic `table` if that fails)."
+    if s.table is None: return table(results)
+    try: return s.table(results)
+    except Exception as e:
+        log.warning(f'suite {s.name}: its table function failed ({type(e).__name__}: {e}); showing the generic table')
+        return table(results)
+
+def suite_total(s:Suite, hw:Hardware, size:str) -> int|None:
+    "How many results suite `s` will yield on `hw` at `size`, when it says."
+    if s.total is None: return None
+    try: return int(s.total(hw, size))
+    except Exception as e: log.warning(f'suite {s.name}: total() failed ({type(e).__name__}: {e})'); return None
 
 # modules that register suites, in the order `model-lab bench` runs them
 SUITE_MODULES = ('model_lab.bench', 'model_lab.kernels.scan', 'model_lab.kernels.tfla', 'model_lab.hybrid',
@@ -323,21 +401,50 @@ def _matmul_dtypes(hw:Hardware) -> list:
     if hw.kind == 'tpu': return [torch.float32, torch.bfloat16]
     return [torch.float32, torch.bfloat16, torch.float16]
 
-@suite('matmul', plots=[dict(x='n', y='throughput', hue='dtype', logx=True, ref='peak_tflops')])
+def _matmul_plan(hw:Hardware, size:str) -> list:
+    "(dtype, n) pairs the matmul suite measures on `hw` at `size`."
+    sizes = _MATMUL_SIZES[size] if hw.kind != 'cpu' else tuple(n for n in _MATMUL_SIZES[size] if n <= 4096)
+    return [(dt, n) for dt in _matmul_dtypes(hw) for n in sizes]
+
+def _matmul_timing(dev, dt, n:int, warmup:int=2, repeat:int|None=None, track_memory:bool=True) -> Timing:
+    g = torch.Generator().manual_seed(n)
+    a, b = (torch.randn(n, n, generator=g).to(dev, dt) for _ in range(2))
+    return measure(lambda: a @ b, warmup=warmup, repeat=repeat or (5 if n <= 2048 else 3), device=dev, track_memory=track_memory)
+
+def matmul_record(hw:Hardware, dt, n:int, t:Timing) -> Result:
+    "The matmul record of an n x n `dt` product timed as `t` on `hw`: the configuration in params, the peak in conditions."
+    peak, work = peak_specs(hw), 2 * n**3 / 1e12  # TFLOP per call
+    pk = peak.flops.get(_SHORT[dt])
+    cond = dict(peak_tflops=pk / 1e12 if pk else None, peak_source=re.sub(r' \(.*\)', '', peak.source.split(':')[0]))  # 'datasheet, dense', 'estimate'
+    if hw.kind == 'cpu': cond['threads'] = torch.get_num_threads()
+    return record('matmul', f'matmul {_dtype_name(dt)}', t, hw=hw, dtype=dt, work=work, unit='TFLOP/s', params=dict(n=n),
+                  conditions=cond, quality=dict(fraction_of_peak=round(work / t.median / (pk / 1e12), 4)) if pk else {})
+
+@suite('matmul', plots=[dict(x='n', y='throughput', hue='dtype', logx=True, ref='peak_tflops')],
+       total=lambda hw, size: len(_matmul_plan(hw, size)))
 def bench_matmul(hw:Hardware, size:str='default'):
     "Square matmul: achieved TFLOP/s per dtype beside the device's peak."
-    dev, peak = torch_device(hw), peak_specs(hw)
-    sizes = _MATMUL_SIZES[size] if hw.kind != 'cpu' else tuple(n for n in _MATMUL_SIZES[size] if n <= 4096)
-    for dt in _matmul_dtypes(hw):
-        for n in sizes:
-            g = torch.Generator().manual_seed(n)
-            a, b = (torch.randn(n, n, generator=g).to(dev, dt) for _ in range(2))
-            t = measure(lambda: a @ b, warmup=2, repeat=5 if n <= 2048 else 3, device=dev)
-            pk = peak.flops.get(_SHORT[dt])
-            tf = 2 * n**3 / t.median / 1e12
-            yield record('matmul', f'matmul {_dtype_name(dt)}', t, hw=hw, dtype=dt, work=2 * n**3 / 1e12, unit='TFLOP/s',
-                         params=dict(n=n, peak_tflops=pk / 1e12 if pk else None, peak_source=peak.source.split(':')[0]),
-                         quality=dict(fraction_of_peak=round(tf / (pk / 1e12), 4)) if pk else {})
+    dev = torch_device(hw)
+    for dt, n in _matmul_plan(hw, size): yield matmul_record(hw, dt, n, _matmul_timing(dev, dt, n))
+
+_BF16_SPEEDUP = {}
+
+def bf16_speedup(hw:Hardware|None=None, n:int=1024) -> float|None:
+    "How many times faster an n x n bf16 matmul runs than fp32 on `hw`'s torch device (fp32 / bf16 time, the fastest of 5 each); None if it cannot run."
+    hw = hw or detect()
+    key = (hw.kind, hw.name, n, torch.get_num_threads())
+    if key not in _BF16_SPEEDUP:
+        try:
+            dev = torch_device(hw)
+            t = {dt: _matmul_timing(dev, dt, n, warmup=1, repeat=5, track_memory=False).min for dt in (torch.float32, torch.bfloat16)}  # noise only adds
+            _BF16_SPEEDUP[key] = t[torch.float32] / t[torch.bfloat16]
+        except (RuntimeError, TypeError) as e: log.info(f'bf16_speedup: no bf16 matmul on {hw.kind} ({e})'); _BF16_SPEEDUP[key] = None
+    return _BF16_SPEEDUP[key]
+
+def cpu_bf16_speedup(hw:Hardware|None=None) -> float|None:
+    "`bf16_speedup` where it decides `best_dtype`: on a CPU with native bf16 units (a CPU without them is not worth the slow bf16 run); else None."
+    hw = hw or detect()
+    return bf16_speedup(hw) if hw.kind == 'cpu' and hw.bf16 else None
 
 # %% ../nbs/01_bench.ipynb #426f64a2
 @dataclass
@@ -348,14 +455,43 @@ class Run:
     pngs: list
     results: list
     errors: dict
+    by_suite: dict = field(default_factory=dict)  # suite name -> the results it yielded
 
 def run_id(hw:Hardware) -> str:
     ts = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S')
     return f'{ts}-{socket.gethostname().split(".")[0]}-{hw.kind}'
 
-def _markdown_report(rid, hw, by_suite:dict, errors:dict, size) -> str:
+def _secs(s:float) -> str: return f'{s:.1f} s' if s < 60 else f'{int(s // 60)} min {s % 60:02.0f} s'
+
+class Progress:
+    "Progress of one suite on `stream` (stderr): a tqdm bar on a terminal, else one plain line per result; ETA when `total` is known."
+    def __init__(self, desc:str, total:int|None=None, stream=None, clock:Callable=time.perf_counter, tty:bool|None=None):
+        self.desc, self.total, self.stream, self.clock = desc, total, stream or sys.stderr, clock
+        self.tty = (hasattr(self.stream, 'isatty') and self.stream.isatty()) if tty is None else tty
+        self.done, self.t0, self.bar = 0, clock(), None
+        if self.tty:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit='result', file=self.stream, leave=False, dynamic_ncols=True)
+
+    def eta(self, now:float) -> float|None:
+        "Seconds left at the rate so far; None until something is done or without a total."
+        return (now - self.t0) / self.done * max(self.total - self.done, 0) if self.total and self.done else None
+
+    def update(self, what:str=''):
+        "One more result done (`what` names it)."
+        self.done += 1
+        if self.bar is not None: self.bar.set_postfix_str(what[:40], refresh=False); self.bar.update(1); return
+        now = self.clock(); eta = self.eta(now)
+        count = f'{self.done}/{self.total} ({100 * self.done // self.total}%)' if self.total else f'{self.done} done'
+        print(f'{self.desc}: {count} in {_secs(now - self.t0)}' + (f', ETA {_secs(eta)}' if eta is not None else '')
+              + (f': {what}' if what else ''), file=self.stream, flush=True)
+
+    def close(self):
+        if self.bar is not None: self.bar.close()
+
+def _markdown_report(rid, hw, by_suite:dict, errors:dict, size, suites:dict) -> str:
     parts = [f'# model_lab bench run {rid}', f'size: `{size}`', '', report_markdown(hw)]
-    for name, rs in by_suite.items(): parts += ['', f'## {name}', '', table(rs)]
+    for name, rs in by_suite.items(): parts += ['', f'## {name}', '', suite_table(suites[name], rs)]
     for name, err in errors.items(): parts += ['', f'## {name}: FAILED', '', '```', err.strip(), '```']
     return '\n'.join(parts) + '\n'
 
@@ -368,7 +504,9 @@ def _suite_pngs(s:Suite, rs:list, out:Path, rid:str) -> list:
     return pngs
 
 def run_suites(names:Iterable[str]|None=None, *, size:str='default', out='results', hw:Hardware|None=None,
-               progress:bool=True) -> Run:
+               progress:bool=True, # report progress on `stream`
+               stream=None, # where progress goes (sys.stderr when None)
+              ) -> Run:
     "Run the bench suites `names` (all when None) at `size`; write JSON, markdown and PNGs under `out`."
     suites, unavailable = load_suites()
     names = list(names or suites)
@@ -376,20 +514,24 @@ def run_suites(names:Iterable[str]|None=None, *, size:str='default', out='result
     if bad := [n for n in names if n not in suites]:
         raise ValueError(f'unknown suite(s) {", ".join(bad)}: available are {", ".join(suites) or "none"}'
                          + (f'; unavailable: {unavailable}' if unavailable else ''))
-    from tqdm.auto import tqdm
     hw, out = hw or detect(), Path(out)
     rid = run_id(hw)
     meta = dict(id=rid, started_at=_now(), host=socket.gethostname(), argv=sys.argv, size=size, suites=names,
                 hardware=report(hw), unavailable=unavailable, errors={})
     res_by, pngs, jpath = {}, [], out / f'{rid}.json'
-    for name in names:
+    for i, name in enumerate(names, 1):
         s, got = suites[name], []
+        bar = Progress(f'[{i}/{len(names)}] {name}', suite_total(s, hw, size), stream) if progress else None
         try:
-            for r in tqdm(s.fn(hw, size), desc=name, unit='result', disable=not progress, leave=False): got.append(r)
+            for r in s.fn(hw, size):
+                got.append(r)
+                if bar: bar.update(f'{r.name} {_params(r.params)}'.strip())
         except Exception: meta['errors'][name] = traceback.format_exc(); log.error(f'suite {name} failed:\n{meta["errors"][name]}')
+        finally:
+            if bar: bar.close()
         if got: res_by[name] = got; pngs += _suite_pngs(s, got, out, rid)
         meta['finished_at'] = _now()
         save_results([r for rs in res_by.values() for r in rs], jpath, run=meta)
     mpath = out / f'{rid}.md'
-    atomic_write(mpath, _markdown_report(rid, hw, res_by, meta['errors'], size))
-    return Run(rid, jpath, mpath, pngs, [r for rs in res_by.values() for r in rs], meta['errors'])
+    atomic_write(mpath, _markdown_report(rid, hw, res_by, meta['errors'], size, suites))
+    return Run(rid, jpath, mpath, pngs, [r for rs in res_by.values() for r in rs], meta['errors'], res_by)

@@ -4,15 +4,12 @@
 
 # %% ../nbs/95_cli.ipynb #03ae5f38
 from __future__ import annotations
-import argparse, json, os, sys
+import argparse, json, os, sys, platform, traceback, importlib.metadata
 from pathlib import Path
 
-# before torch loads: keep the torch profiler's start/stop lines (bench's memory pass) out of the command's output
-os.environ.setdefault('KINETO_LOG_LEVEL', '5')
-
 # %% auto #0
-__all__ = ['COMMANDS', 'command', 'parser', 'main', 'UsageError', 'devices_cmd', 'tables', 'bench_cmd', 'report_cmd', 'check_cmd',
-           'transcribe_cmd']
+__all__ = ['COMMANDS', 'command', 'UsageError', 'CommandError', 'parser', 'main', 'devices_cmd', 'bench_cmd', 'report_cmd',
+           'check_cmd', 'transcribe_cmd']
 
 # %% ../nbs/95_cli.ipynb #be4977b9
 COMMANDS = {}
@@ -22,43 +19,68 @@ def command(name:str, help:str, args:list=()):
     def deco(fn): COMMANDS[name] = (fn, help, list(args)); return fn
     return deco
 
+class UsageError(ValueError): "A bad argument found after parsing (an unknown suite, a missing file): usage and exit 2."
+class CommandError(RuntimeError): "The command could not do its work (a file that cannot be decoded, weights that cannot be fetched): exit 1."
+
+class _ArgError(Exception):
+    def __init__(self, parser, message): super().__init__(message); self.parser = parser
+
+class _Parser(argparse.ArgumentParser):
+    "argparse's parser, except that an error goes back to `main` (which prints it as text or JSON) instead of exiting."
+    def error(self, message): raise _ArgError(self, message)
+
+def _version() -> str:
+    from model_lab import __version__
+    try: tv = importlib.metadata.version('torch')
+    except importlib.metadata.PackageNotFoundError: tv = 'not installed'
+    return f'model-lab {__version__} (python {platform.python_version()}, torch {tv})'
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='model-lab', description='Check that sequence models run correctly and fast on this hardware.')
-    sub = p.add_subparsers(dest='command', metavar='COMMAND', required=True)
+    p = _Parser(prog='model-lab', description='Check that sequence models run correctly and fast on this hardware.')
+    p.add_argument('--version', action='version', version=_version())
+    sub = p.add_subparsers(dest='command', metavar='COMMAND', required=True)  # subcommands are _Parsers too
     for name, (fn, help, args) in COMMANDS.items():
         sp = sub.add_parser(name, help=help, description=help)
         for flags, kw in args: sp.add_argument(*flags, **kw)
         sp.set_defaults(_fn=fn, _parser=sp)
     return p
 
+def _fail(parser, command:str|None, message:str, code:int, kind:str, as_json:bool) -> int:
+    "Report an error: JSON on stdout with --json; else the usage (exit 2 only) and the error on stderr. Returns `code`."
+    if as_json: print(json.dumps(dict(error=message, kind=kind, command=command, exit_code=code)))
+    else:
+        if code == 2: parser.print_usage(sys.stderr)
+        print(f'{parser.prog}: error: {message}', file=sys.stderr)
+    return code
+
 def main(argv:list|None=None) -> int:
     "Entry point of `model-lab`: parse `argv` (sys.argv[1:] when None), run the subcommand, return its exit code."
-    ns = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    as_json, cmd = '--json' in argv, next((a for a in argv if a in COMMANDS), None)
+    try: ns = parser().parse_args(argv)
+    except _ArgError as e: return _fail(e.parser, cmd, str(e), 2, 'usage', as_json)
+    except SystemExit as e: return e.code if isinstance(e.code, int) else 0  # --help, --version
     try: return ns._fn(ns) or 0
-    except UsageError as e: ns._parser.print_usage(sys.stderr); print(f'model-lab {ns.command}: error: {e}', file=sys.stderr); return 2
-
-class UsageError(ValueError): "A bad argument found after parsing (an unknown suite, a missing file): usage and exit 2."
+    except UsageError as e: return _fail(ns._parser, ns.command, str(e), 2, 'usage', as_json)
+    except CommandError as e: return _fail(ns._parser, ns.command, str(e), 1, 'failed', as_json)
+    except KeyboardInterrupt: print(f'model-lab {ns.command}: interrupted', file=sys.stderr); return 130
+    except Exception as e:
+        if not as_json: raise
+        traceback.print_exc()
+        return _fail(ns._parser, ns.command, f'{type(e).__name__}: {e}', 1, 'crashed', as_json)
 
 # %% ../nbs/95_cli.ipynb #6164dbbb
 @command('devices', 'Report the hardware: kind, devices, memory, dtype, torch_xla and JAX.',
          [(('--json',), dict(action='store_true', help='print the report as JSON'))])
 def devices_cmd(ns) -> int:
     from model_lab.devices import detect, report, report_markdown
+    from model_lab.bench import cpu_bf16_speedup
     hw = detect()
-    print(json.dumps(report(hw), indent=1) if ns.json else report_markdown(hw))
+    sp = cpu_bf16_speedup(hw)  # the dtype choice weighs it, as `model-lab check` does
+    print(json.dumps(report(hw, sp), indent=1) if ns.json else report_markdown(hw, sp))
     return 0
 
 # %% ../nbs/95_cli.ipynb #ab996397
-def tables(results, suites:dict) -> str:
-    "Each suite's results as its module's `headline(results)` table where it has one (audio), else the generic table."
-    from model_lab.bench import table
-    out = []
-    for name in dict.fromkeys(r.suite for r in results):
-        rs, s = [r for r in results if r.suite == name], suites.get(name)
-        head = getattr(sys.modules.get(s.fn.__module__), 'headline', None) if s else None
-        out.append(head(rs) if head else table(rs))
-    return '\n\n'.join(out)
-
 @command('bench', 'Run benchmark suites; write results/<run-id>.json, a markdown table and PNG plots.', [
     (('suites',), dict(nargs='*', metavar='SUITE', help='suites to run (default: all available); see --list')),
     (('--out',), dict(default='results', help='output folder (default: results/)')),
@@ -71,7 +93,7 @@ def tables(results, suites:dict) -> str:
     (('--limit',), dict(type=int, default=100, help='dataset rows to score (default 100)')),
 ])
 def bench_cmd(ns) -> int:
-    from model_lab.bench import load_suites, run_suites, table
+    from model_lab.bench import load_suites, run_suites, suite_table
     if ns.quick and ns.full: raise UsageError('--quick and --full exclude each other')
     if ns.dataset:
         if ns.suites not in ([], ['audio']): raise UsageError(f'--dataset scores the audio suite only, got suites {" ".join(ns.suites)}')
@@ -89,8 +111,8 @@ def bench_cmd(ns) -> int:
         return 0
     try: run = run_suites(ns.suites or None, size='quick' if ns.quick else 'full' if ns.full else 'default', out=ns.out)
     except ValueError as e: raise UsageError(str(e)) from None
-    print(tables(run.results, suites))
-    print(f'\nwrote {run.json_path}, {run.md_path}' + ''.join(f', {p}' for p in run.pngs))
+    for name, rs in run.by_suite.items(): print(f'## {name}\n\n{suite_table(suites[name], rs)}\n')
+    print(f'wrote {run.json_path}, {run.md_path}' + ''.join(f', {p}' for p in run.pngs))
     for name in run.errors: print(f'suite {name} FAILED (see {run.md_path})', file=sys.stderr)
     return 1 if run.errors else 0
 

@@ -14,18 +14,19 @@ from packaging.version import Version, InvalidVersion
 from packaging.utils import canonicalize_name
 import torch, psutil
 from .devices import Hardware, detect, best_dtype, package_version
-from .bench import fmt_bytes
+from .bench import fmt_bytes, cpu_bf16_speedup
 
 # %% auto #0
 __all__ = ['STATUSES', 'GiB', 'ENV_VARS', 'MODULES', 'DRIVE', 'OPTIONAL', 'STACK', 'XLA_PAIR', 'MENU', 'TPU_HBM', 'DTYPE_NAME',
-           'MIN_FREE', 'WANT_FREE', 'BREAKS_IMPORT', 'DIR_MODE', 'CACHE_MODE', 'HYBRID_SHAPES', 'WHISPER', 'DTYPES',
+           'MIN_FREE', 'WANT_FREE', 'BREAKS_IMPORT', 'DIR_MODE', 'CACHE_MODE', 'WHISPER', 'MIN_PRESET_PARAMS', 'DTYPES',
            'INFER_W', 'TRAIN_WGO', 'ACT', 'INFER_VALUES', 'TRAIN_VALUES', 'USABLE', 'CHECKS', 'Action', 'Finding',
            'Report', 'PathInfo', 'Facts', 'probe_path', 'wandb_key_source', 'model_lab_requirements', 'default_dirs',
            'asset_facts', 'gather_facts', 'Runtime', 'runtime_of', 'check_runtime', 'check_python', 'tpu_marker',
            'colab_gpu_runtime', 'tpu_memory', 'check_accelerator', 'check_precision', 'check_ram', 'check_disk',
            'check_dependencies', 'check_extras', 'check_optional', 'check_conflicts', 'check_dirs', 'check_caches',
-           'check_drive', 'check_tracking', 'check_assets', 'ModelSize', 'qwen2_params', 'presets', 'Estimate',
-           'estimate', 'usable_memory', 'fit_training', 'fit_advice', 'check_fit', 'run_checks', 'apply_fixes']
+           'check_drive', 'check_tracking', 'check_assets', 'ModelSize', 'qwen2_params', 'module_presets', 'presets',
+           'Estimate', 'estimate', 'usable_memory', 'fit_training', 'fit_advice', 'check_fit', 'run_checks',
+           'apply_fixes']
 
 # %% ../nbs/90_colab_check.ipynb #cce2dcfe
 STATUSES = ('ok', 'warn', 'fail')
@@ -114,6 +115,7 @@ class Facts:
     modules: dict = field(default_factory=dict)   # module name -> importable (found on the path)
     shell: str|None = None                        # class name of the IPython shell; None outside IPython
     hw: Hardware = field(default_factory=Hardware)
+    bf16_speedup: float|None = None               # CPUs: bf16 / fp32 matmul speed measured here (model_lab.bench.bf16_speedup)
     hw_error: str = ''                            # why detect() refused (a bad MODEL_LAB_DEVICE), '' when it did not
     torch_build: str = 'cpu'                      # 'cuda 12.8', 'rocm 6.4' or 'cpu'
     dev_files: dict = field(default_factory=dict) # {'nvidia': /dev/nvidia0 exists, 'accel': number of /dev/accel* (TPU chips)}
@@ -256,6 +258,7 @@ def gather_facts(environ:dict|None=None, # the environment to read (os.environ w
     try: hw, hw_error = detect(), ''
     except ValueError as e: hw, hw_error = Hardware(name=platform.processor()), str(e)
     return Facts(env=env, modules=modules, shell=shell, hw=hw, hw_error=hw_error, torch_build=_torch_build(),
+                 bf16_speedup=None if hw_error else cpu_bf16_speedup(hw),
                  dev_files=dict(nvidia=os.path.exists('/dev/nvidia0'), accel=len(glob.glob('/dev/accel*'))),
                  ram_total=vm.total, ram_available=vm.available, requires_python=py_req, requirements=reqs,
                  requirements_source=src, versions=versions,
@@ -358,12 +361,11 @@ def check_accelerator(f:Facts) -> Finding:
 DTYPE_NAME = {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}
 
 def check_precision(f:Facts) -> Finding:
-    dt, why = best_dtype(f.hw)
+    dt, why = best_dtype(f.hw, f.bf16_speedup)
     name, dev = DTYPE_NAME[dt], {'rocm': 'cuda', 'tpu': 'xla'}.get(f.hw.kind, f.hw.kind)
     fix = {'bf16': f"with torch.autocast('{dev}', dtype=torch.bfloat16): ... (JAX: compute in jnp.bfloat16)",
            'fp16': "with torch.autocast('cuda', dtype=torch.float16): ... and scale the loss with torch.amp.GradScaler('cuda')",
-           'fp32': 'keep fp32' + ('; this CPU has native bf16 (AMX/AVX512-BF16): torch.autocast("cpu", dtype=torch.bfloat16) may pay off'
-                                  if f.hw.kind == 'cpu' and f.hw.bf16 else '')}[name]
+           'fp32': 'keep fp32'}[name]
     return Finding('precision', 'ok', f'{name}: {why}', fix)
 
 # %% ../nbs/90_colab_check.ipynb #833eba6b
@@ -538,7 +540,7 @@ def check_assets(f:Facts) -> Finding:
 # %% ../nbs/90_colab_check.ipynb #c4ff6c32
 @dataclass
 class ModelSize:
-    "A model the project knows, with the sizes the memory estimate needs."
+    "A model the project has, with the sizes the memory estimate needs."
     name: str; family: str   # 'hybrid-1.3B', 'hybrid'
     params: int
     d_model: int; n_layers: int; vocab: int
@@ -547,7 +549,7 @@ class ModelSize:
     batch: int               # the effective training batch to aim for (samples)
     train: bool              # training this model is a goal of model_lab (else inference only)
     source: str = ''
-    estimator: Callable|None = field(default=None, repr=False)  # model_lab.hybrid's estimate_memory, when it has one
+    estimator: Callable|None = field(default=None, repr=False)  # (dtype, training, batch, checkpointing) -> Estimate | None: the module's own
 
 def qwen2_params(d=3584, layers=28, heads=28, kv_heads=4, ffn=18944, vocab=152064, tied=False) -> int:
     "Parameters of a Qwen2-layout decoder: q/k/v with biases, o without, SwiGLU, two RMSNorms per layer, final norm."
@@ -555,30 +557,59 @@ def qwen2_params(d=3584, layers=28, heads=28, kv_heads=4, ffn=18944, vocab=15206
     attn = d * d + d + 2 * (d * kv_heads * hd + kv_heads * hd) + d * d
     return layers * (attn + 3 * d * ffn + 2 * d) + vocab * d * (1 if tied else 2) + d
 
-HYBRID_SHAPES = {'350M': (350e6, 1024, 24), '1.3B': (1.3e9, 2048, 24), '7B': (7e9, 4096, 32)}
 WHISPER = {'tiny': (39e6, 384, 4), 'base': (74e6, 512, 6), 'small': (244e6, 768, 12), 'medium': (769e6, 1024, 24), 'large': (1550e6, 1280, 32)}
+MIN_PRESET_PARAMS = 50e6  # smaller presets are test sizes
+_PLAN = dict(hybrid=(2048, 2048, 32, True), diffucoder=(1024, 1024, 8, False))  # tokens per sample, logit positions, batch, trained
 
-def _hybrid_presets(mod) -> list|None:
-    "The hybrid presets from `mod` (model_lab.hybrid) if it offers PRESETS and param_count; None otherwise."
-    ps, count = getattr(mod, 'PRESETS', None), getattr(mod, 'param_count', None)
-    if not isinstance(ps, dict) or not callable(count): return None
-    est = getattr(mod, 'estimate_memory', None)
-    try: return [ModelSize(f'hybrid-{k}', 'hybrid', int(count(c)), c.d_model, c.n_layers, c.vocab_size, 2048, 2048, 32, True,
-                           'model_lab.hybrid', (lambda c=c, **kw: est(c, **kw)) if callable(est) else None) for k, c in ps.items()]
-    except (AttributeError, TypeError): return None
+def _attr(cfg, *names) -> int:
+    "The first of `names` that `cfg` has (HybridConfig's `d_model` or a HF config's `hidden_size`), 0 when none."
+    return int(next((v for n in names if (v := getattr(cfg, n, None)) is not None), 0))
 
-def presets(hybrid=None) -> list:
-    "The models to judge: hybrid (from `hybrid`, else model_lab.hybrid if it imports, else built in), DiffuCoder, Whisper."
-    if hybrid is None and importlib.util.find_spec('model_lab.hybrid'):
-        try: hybrid = importlib.import_module('model_lab.hybrid')
-        except Exception: hybrid = None
-    hy = (_hybrid_presets(hybrid) if hybrid is not None else None) or [
-        ModelSize(f'hybrid-{k}', 'hybrid', int(p), d, L, 50304, 2048, 2048, 32, True, 'nominal size, GPT-like shape (no model_lab.hybrid here)')
-        for k, (p, d, L) in HYBRID_SHAPES.items()]
-    dc = ModelSize('diffucoder-7.6B', 'diffucoder', qwen2_params(), 3584, 28, 152064, 1024, 1024, 8, False, 'Qwen2.5-7B layout (FINDINGS)')
-    wh = [ModelSize(f'whisper-{k}', 'whisper', int(p), d, 2 * L, 51865, 1500, 448, 16, False, 'Whisper paper; 30 s = 1500 encoder frames, 448 tokens')
-          for k, (p, d, L) in WHISPER.items()]
-    return hy + [dc] + wh
+def _module(name:str, given):
+    "`given`, else model_lab.`name` when it imports, else None."
+    if given is not None or importlib.util.find_spec(f'model_lab.{name}') is None: return given
+    try: return importlib.import_module(f'model_lab.{name}')
+    except Exception: return None
+
+def _module_estimator(est:Callable, cfg, family:str, seq:int) -> Callable:
+    "Our estimator signature over the module's `estimate_memory`; None (use the formula) for activation checkpointing."
+    def run(dtype, training, batch, checkpointing):
+        if checkpointing: return None
+        if family == 'hybrid':
+            prec, opt = ('bf16', 'adamw8bit') if training and dtype == 'int8' else (dtype, 'adamw')
+            d = est(cfg, prec, optimizer=opt, batch=batch, seq_len=seq, training=training)
+        else: d = est(cfg, dtype, batch=batch, seq_len=seq, training=training)
+        parts = [int(d.get(k) or 0) for k in ('weights', 'gradients', 'optimizer', 'activations')]
+        return Estimate(*parts, int(d.get('total') or sum(parts)) - sum(parts))
+    return run
+
+def module_presets(mod, family:str) -> list:
+    "The `ModelSize`s of module `mod`'s PRESETS (through its param_count and estimate_memory); [] when it has none."
+    ps, count, est = getattr(mod, 'PRESETS', None), getattr(mod, 'param_count', None), getattr(mod, 'estimate_memory', None)
+    if not isinstance(ps, dict) or not callable(count): return []
+    seq, out_seq, batch, train = _PLAN[family]
+    out = []
+    for k, c in ps.items():
+        try: n = int(count(c))
+        except Exception: continue
+        if n < MIN_PRESET_PARAMS: continue
+        name = k if str(k).lower().startswith(family) else f'{family}-{k}'
+        out.append(ModelSize(name, family, n, _attr(c, 'd_model', 'hidden_size'), _attr(c, 'n_layers', 'num_hidden_layers', 'num_layers'),
+                             _attr(c, 'vocab', 'vocab_size'), seq, out_seq, batch, train, getattr(mod, '__name__', f'model_lab.{family}'),
+                             _module_estimator(est, c, family, seq) if callable(est) else None))
+    return out
+
+def presets(hybrid=None, # a module with PRESETS, param_count (and estimate_memory); model_lab.hybrid when None
+            diffucoder=None, # the same for DiffuCoder; model_lab.diffucoder when None
+            whisper:bool|None=None, # judge Whisper's sizes; when None: if model_lab.audio exists
+           ) -> list:
+    "The models to judge: those of the project's modules that exist, and nothing it does not have."
+    mods = {fam: _module(fam, given) for fam, given in (('hybrid', hybrid), ('diffucoder', diffucoder))}
+    out = [m for fam, mod in mods.items() if mod is not None for m in module_presets(mod, fam)]
+    if whisper if whisper is not None else importlib.util.find_spec('model_lab.audio') is not None:
+        out += [ModelSize(f'whisper-{k}', 'whisper', int(p), d, 2 * L, 51865, 1500, 448, 16, False, 'Whisper paper; 30 s = 1500 encoder frames, 448 tokens')
+                for k, (p, d, L) in WHISPER.items()]
+    return out
 
 # %% ../nbs/90_colab_check.ipynb #5510f765
 DTYPES = ('fp32', 'bf16', 'fp16', 'int8')
@@ -589,17 +620,17 @@ INFER_VALUES, TRAIN_VALUES, USABLE = 24, 17, 0.9
 
 class Estimate(NamedTuple):
     weights: int; grads: int; optimizer: int; activations: int
+    other: int = 0  # what a module's own estimate counts beyond the four (its total minus their sum)
     @property
-    def total(self) -> int: return self.weights + self.grads + self.optimizer + self.activations
+    def total(self) -> int: return self.weights + self.grads + self.optimizer + self.activations + self.other
 
 def estimate(m:ModelSize, dtype:str, training:bool, batch:int=1, checkpointing:bool=False) -> Estimate:
     "Bytes model `m` needs at `dtype` for inference or one training step of `batch` samples (see the table above)."
     if dtype not in DTYPES: raise ValueError(f'dtype must be one of {DTYPES}, got {dtype!r}')
     if m.estimator is not None:
         try:
-            t = int(m.estimator(batch=batch, seq=m.seq, dtype=dtype, training=training))
-            return Estimate(t, 0, 0, 0)
-        except Exception: pass  # an estimator with another signature: use ours
+            if (e := m.estimator(dtype, training, batch, checkpointing)) is not None: return e
+        except Exception: pass  # a case the module's estimator does not answer: the formula, with the module's shapes
     a, P, tok = ACT[dtype], m.params, batch * m.seq
     if not training: return Estimate(P * INFER_W[dtype], 0, 0, tok * m.d_model * INFER_VALUES * a + batch * m.out_seq * m.vocab * 4)
     w, g, o = TRAIN_WGO[dtype]

@@ -12,7 +12,7 @@ import math
 from typing import NamedTuple
 import torch
 import torch.nn.functional as F
-from ..devices import (Hardware, detect, torch_device, best_dtype, peak_specs, triton_interpreter_if_no_gpu,
+from ..devices import (Hardware, detect, torch_device, best_dtype, peak_specs, triton_kernel, triton_interpreted,
                                triton_available, triton_usable, with_fallback)
 from ..bench import suite, measure, record
 
@@ -287,7 +287,7 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
     return (y, last) if return_last_state else y
 
 # %% ../../nbs/10_kernels_scan.ipynb #ef9ca32b
-INTERPRET = triton_interpreter_if_no_gpu()  # no GPU: the kernels below run in Triton's interpreter (must precede @triton.jit)
+INTERPRET = triton_interpreted()  # no GPU: the kernels below (`triton_kernel`) run in Triton's interpreter
 
 class _NoTriton:
     "Stands in for `triton` and `triton.language` when triton is not installed: the kernels are defined, never launched."
@@ -304,7 +304,7 @@ def _next_pow2(n:int) -> int: return 1 << max(0, (n - 1).bit_length())
 def _cdiv(a:int, b:int) -> int: return -(-a // b)
 
 # %% ../../nbs/10_kernels_scan.ipynb #4f268251
-@triton.jit
+@triton_kernel
 def _program_data(DIM, L, DG, G, GB, GC, N: tl.constexpr, BLOCK_D: tl.constexpr):
     "This program's channels (grid: batch, group, channel block) and where its sequences start."
     pid_b, pid_g, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -320,7 +320,7 @@ def _program_data(DIM, L, DG, G, GB, GC, N: tl.constexpr, BLOCK_D: tl.constexpr)
     bcC = (b64 * GC + pid_g // (G // GC)) * N * L + n * L        # ... and in C
     return pid, j, md, d, n, dn, b64, row, bcB, bcC
 
-@triton.jit
+@triton_kernel
 def _program_params(A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, d, dn, B_FIXED: tl.constexpr, C_FIXED: tl.constexpr,
                     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
     "A, a fixed B and C (BLOCK_D, N), D and delta_bias (BLOCK_D,) of this program's channels, in float32 (0 when absent)."
@@ -332,7 +332,7 @@ def _program_params(A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, d, dn, B_FIXED: tl.con
     return A, Bf, Cf, Dv, bias
 
 # %% ../../nbs/10_kernels_scan.ipynb #b81e8212
-@triton.jit
+@triton_kernel
 def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, y_ptr, hs_ptr, scr_ptr,
                      L, DIM, DG, G, GB, GC, NC,
                      N: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -379,7 +379,7 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
     tl.store(hs + NC * N, h, mask=md[:, None])                   # the last state
 
 # %% ../../nbs/10_kernels_scan.ipynb #b9d744ea
-@triton.jit
+@triton_kernel
 def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, hs_ptr, gy_ptr, glast_ptr, scr_ptr,
                      gu_ptr, gdelta_ptr, gz_ptr, gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr, gh0_ptr,
                      L, DIM, DG, G, GB, GC, NC,
@@ -669,7 +669,7 @@ def _state_update_torch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     return y.to(x.dtype)
 
 # %% ../../nbs/10_kernels_scan.ipynb #079284af
-@triton.jit
+@triton_kernel
 def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
                          s_b, s_d, s_n, DIM, N, DGB, GB, DGC, GC,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
