@@ -354,7 +354,7 @@ def _cpu_lib():
     errors = []
     for build in _CPU_BUILDS:
         try: return _cpu_build(*build)
-        except Exception as e: errors.append(f'{type(e).__name__}: {str(e).strip()[-400:]}')
+        except Exception as e: errors.append(f"{type(e).__name__}: ...{' '.join(str(e).split())[-300:]}")   # one line: the end says why
     _CPU_ERROR.append(errors[0])
     warnings.warn(f'selective_scan: the compiled CPU scan could not be built ({errors[0]}); using the chunked PyTorch path. '
                   'It needs a C++ compiler (g++ or clang++, $CXX) and ninja (pip install ninja).', RuntimeWarning, stacklevel=3)
@@ -727,12 +727,14 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
     on_torch = lambda: selective_scan_torch(*args)
-    if backend == 'auto': backend = auto_backend(u, A)
+    if backend == 'auto':
+        backend = auto_backend(u, A)
+        if backend == 'triton':  # on a GPU: fall back to PyTorch if the kernels cannot run here
+            return with_fallback('selective_scan', 'triton', lambda: _scan_triton(*args, chunk=None, may_fall_back=True),
+                                 'torch', on_torch)
     if backend == 'ref': return selective_scan_ref(*args)
     if backend == 'torch': return on_torch()
     if backend == 'cpu': return selective_scan_cpu(*args)
-    if triton_usable(u):  # auto on a GPU: fall back to PyTorch if the kernels cannot run here
-        return with_fallback('selective_scan', 'triton', lambda: _scan_triton(*args, chunk=None, may_fall_back=True), 'torch', on_torch)
     return _scan_triton(*args, chunk=None, may_fall_back=False)
 
 # %% ../../nbs/10_kernels_scan.ipynb #5bf7b5a7
@@ -892,7 +894,7 @@ def bench_scan(hw:Hardware, size:str='default'):
         for l in cfg['lengths']:
             kw = scan_inputs(2, d, 16, l, dtype=dtype, device=dev, seed=l)
             kw.pop('initial_state')
-            y_ref = selective_scan_ref(**as64(_first_channels(kw, 8)), delta_softplus=True)
+            y_ref = selective_scan_ref(**{k: v.double() for k, v in _first_channels(kw, 8).items()}, delta_softplus=True)
             base = {}
             for be, fn in _scan_backends(hw).items():
                 if be == 'seq' and 2 * d * l * 16 * 4 > 2**30: continue   # the baseline's (L, B, D, N) float32 tensors

@@ -80,7 +80,7 @@ template <typename T, int NVT> struct Scan {
 
   void forward() const {
     const int64_t sB = a.b_fixed ? 0 : NP, sC = a.c_fixed ? 0 : NP;
-#pragma omp parallel for num_threads(a.threads) schedule(static)
+#pragma omp parallel for num_threads(a.threads) schedule(dynamic, 4)
     for (int64_t bd = 0; bd < a.batch * D; ++bd) {
       const int64_t b = bd / D, d = bd % D;
       V h[NVMAX], Av[NVMAX];
