@@ -4,18 +4,18 @@
 
 # %% ../nbs/00_devices.ipynb #d0c9495f
 from __future__ import annotations
-import os, re, sys, platform, functools, importlib, importlib.util, importlib.metadata, logging, resource, subprocess, tempfile
+import os, re, sys, platform, functools, contextlib, importlib, importlib.util, importlib.metadata, logging, resource, subprocess, tempfile
 from pathlib import Path
 from dataclasses import dataclass, field, asdict, replace
 from typing import NamedTuple
 import torch, psutil
 
 # %% auto #0
-__all__ = ['KINDS', 'log', 'T', 'probe_cpu', 'probe_cuda', 'probe_mps', 'package_version', 'probe_xla', 'probe_jax',
-           'choose_kind', 'Hardware', 'detect', 'torch_device', 'load_device', 'jax_devices', 'DtypeChoice',
-           'best_dtype', 'sync', 'Memory', 'memory', 'Peak', 'peak_specs', 'triton_interpreter_if_no_gpu',
-           'triton_available', 'triton_usable', 'with_fallback', 'failed_backends', 'triton_tool', 'KernelResources',
-           'compile_for_gpu', 'report', 'report_markdown']
+__all__ = ['KINDS', 'log', 'T', 'GPU_TARGETS', 'probe_cpu', 'probe_cuda', 'probe_mps', 'package_version', 'probe_xla',
+           'probe_jax', 'choose_kind', 'Hardware', 'detect', 'torch_device', 'load_device', 'jax_devices',
+           'DtypeChoice', 'best_dtype', 'sync', 'Memory', 'memory', 'Peak', 'peak_specs', 'triton_available',
+           'triton_interpreted', 'triton_usable', 'triton_kernel', 'backend_unavailable', 'with_fallback',
+           'failed_backends', 'triton_tool', 'KernelResources', 'compile_for_gpu', 'report', 'report_markdown']
 
 # %% ../nbs/00_devices.ipynb #4875356e
 KINDS = ('cuda', 'rocm', 'tpu', 'mps', 'cpu')  # the order in which `detect` looks
@@ -306,28 +306,6 @@ def peak_specs(hw:Hardware|None=None) -> Peak:
     return Peak({}, None, f'unknown for {hw.name!r}')
 
 # %% ../nbs/00_devices.ipynb #d95d9c95
-def _triton_loaded_compiled() -> bool:
-    "triton is imported in compiled mode: its own @jit helpers (tl.sum, tl.max) are not interpreter functions."
-    tl = sys.modules.get('triton.language')
-    if tl is None: return False
-    try: from triton.runtime.interpreter import InterpretedFunction
-    except Exception: return False
-    return not isinstance(getattr(tl, 'sum', None), InterpretedFunction)
-
-def triton_interpreter_if_no_gpu() -> bool:
-    "Set TRITON_INTERPRET=1 when no CUDA/ROCm GPU is visible and the variable is unset; True when interpreter mode is on."
-    if 'TRITON_INTERPRET' not in os.environ and not torch.cuda.is_available():
-        os.environ['TRITON_INTERPRET'] = '1'
-        log.info('no GPU: Triton kernels run in the Triton interpreter (TRITON_INTERPRET=1)')
-    interpret = os.environ.get('TRITON_INTERPRET') == '1'
-    if interpret and _triton_loaded_compiled():
-        # something imported triton before interpreter mode was on: drop its Python modules so that the next
-        # `import triton` builds interpreter-mode ones (its C extension stays loaded: it cannot be imported twice)
-        for m in [m for m in sys.modules if (m == 'triton' or m.startswith('triton.')) and not m.startswith('triton._C')]:
-            del sys.modules[m]
-        log.info('triton was imported before TRITON_INTERPRET=1: its Python modules are re-imported in interpreter mode')
-    return interpret
-
 @functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
     "triton is installed and imports."
@@ -335,64 +313,164 @@ def triton_available() -> bool:
     try: import triton; return True
     except Exception: return False
 
+def triton_interpreted() -> bool:
+    "model_lab's Triton kernels run in triton's interpreter here: no CUDA/ROCm GPU driver, or the user set `TRITON_INTERPRET=1`."
+    return not torch.cuda.is_available() or os.environ.get('TRITON_INTERPRET') == '1'
+
 def triton_usable(t:torch.Tensor) -> bool:
     "The compiled Triton path applies to tensor `t`: it is on a CUDA/ROCm device and triton imports."
     return t.is_cuda and triton_available()
 
-_FAILED = {}  # (op, backend) -> the error that made it fall back
+_MISSING = object()
+
+def _language_namespaces() -> list:
+    "The imported triton.language modules and the tensor classes that triton's interpreter patches while a kernel runs."
+    import triton.language as tl
+    mods = [m for n, m in list(sys.modules.items()) if n == 'triton.language' or n.startswith('triton.language.')]
+    return mods + [c for c in (tl.tensor, getattr(tl.core, 'tensor_descriptor_base', None)) if c is not None]
+
+def _restore(ns, before:dict):
+    "Put `ns` back to the attributes `before` (a submodule imported since stays)."
+    now = dict(vars(ns))
+    for name, v in now.items():
+        if name not in before and getattr(v, '__name__', None) != f'{getattr(ns, "__name__", "")}.{name}': delattr(ns, name)
+    for name, v in before.items():
+        if now.get(name, _MISSING) is not v: setattr(ns, name, v)
+
+# %% ../nbs/00_devices.ipynb #7a1c2e01
+_INTERPRETED = {}  # id of a compiled-mode triton library function -> (it, its interpreter function object)
+
+def _interpretable(f, member:bool):
+    "triton's own @jit library function `f` (tl.sum, tl.max, ...) as an interpreter function (a plain function for tensor methods)."
+    from triton.runtime.interpreter import InterpretedFunction
+    if id(f) not in _INTERPRETED: _INTERPRETED[id(f)] = f, InterpretedFunction(f.fn)  # by id: hashing a @jit function parses it
+    g = _INTERPRETED[id(f)][1]
+    return (lambda *a, g=g, **k: g(*a, **k)) if member else g
+
+@contextlib.contextmanager
+def _interpreter_scope():
+    """While one of our kernels runs interpreted, triton's public @jit library functions are callable by the interpreter; after it every
+    triton.language namespace is as before (the interpreter leaves patches and its own globals behind after device-function calls)."""
+    from triton.runtime.jit import JITFunction
+    from triton.runtime.interpreter import InterpretedFunction
+    try: importlib.import_module('triton.experimental.gluon')  # triton imports it lazily on a launch; it checks the functions we swap
+    except Exception: pass
+    saved = [(ns, dict(vars(ns))) for ns in _language_namespaces()]
+    try:
+        for ns, before in saved:
+            for name, f in before.items():
+                if isinstance(f, JITFunction) and not name.startswith('_'):
+                    setattr(ns, name, _interpretable(f, member=isinstance(ns, type)))
+        yield
+    finally:
+        for ns, before in saved: _restore(ns, before)
+        for f, _ in _INTERPRETED.values(): InterpretedFunction.rewritten_fn.pop(f.fn, None)  # rewritten against globals now gone
+
+@functools.cache
+def _InterpretedKernel():
+    "The class of `triton_kernel`'s interpreted kernels (built on first use: it needs triton)."
+    from triton.runtime.jit import JITFunction
+    from triton.runtime.interpreter import InterpretedFunction
+    class InterpretedKernel(JITFunction):
+        "A @jit function (it compiles ahead of time, and calls from compiled code see a @jit function) launched in triton's interpreter."
+        def __init__(self, fn):
+            super().__init__(fn)
+            self.interpreted = InterpretedFunction(fn)
+        def run(self, *args, grid, warmup, **kwargs):
+            with _interpreter_scope(): return self.interpreted.run(*args, grid=grid, warmup=warmup, **kwargs)
+        def __call__(self, *args, **kwargs):  # a helper called from a kernel that runs interpreted
+            return self.interpreted(*args, **kwargs)
+    return InterpretedKernel
+
+def triton_kernel(fn):
+    """What model_lab's kernels use instead of `@triton.jit`: `triton.jit(fn)` with a GPU driver; without one a kernel that runs in
+    triton's interpreter on CPU tensors, leaving the process's triton (and `TRITON_INTERPRET`) alone. Without triton: `fn` itself."""
+    if not triton_available(): return fn
+    import triton
+    return _InterpretedKernel()(fn) if triton_interpreted() else triton.jit(fn)
+
+# %% ../nbs/00_devices.ipynb #7a1c2e02
+_FAILED = {}  # (op, backend, dtype, device) -> the error that made it fall back
+_CANNOT_RUN = re.compile(r'active drivers|no kernel image|invalid device function|PTX|driver|not supported on this (gpu|device)'
+                         r'|unsupported (gpu|architecture|hardware)|out of resources|too many resources', re.I)
+
+def backend_unavailable(e:BaseException) -> bool:
+    "`e` says the fast backend cannot run here (a compile error, a GPU it does not support, no driver), not that the call was wrong."
+    if isinstance(e, (torch.OutOfMemoryError, ValueError, TypeError)): return False   # the caller's problem: propagate
+    if isinstance(e, ImportError): return True
+    if triton_available():
+        import triton, triton.runtime.errors as te
+        if isinstance(e, (triton.CompilationError, triton.OutOfResources, te.PTXASError)): return True
+    return isinstance(e, RuntimeError) and bool(_CANNOT_RUN.search(str(e)))
 
 def with_fallback(op:str, # the operation, e.g. 'selective_scan'
                   backend:str, fn, # the fast backend's name and a no-argument callable running it
                   fallback:str, fallback_fn, # the portable backend's name and callable
+                  *, dtype=None, device=None, # what the failure is remembered for, with (op, backend)
                  ):
-    "Run `fn()`; if it raises, warn once, remember the failure for this process and run `fallback_fn()` (now and from then on)."
+    """Run `fn()`; if the backend cannot run here (`backend_unavailable`), warn, remember it for (op, backend, dtype, device) and run
+    `fallback_fn()`, now and for the rest of the process. Out-of-memory and bad-input errors propagate."""
     import warnings
-    if (op, backend) not in _FAILED:
+    key = (op, backend, None if dtype is None else str(dtype).replace('torch.', ''), None if device is None else str(device))
+    if key not in _FAILED:
         try: return fn()
         except Exception as e:
-            _FAILED[(op, backend)] = f'{type(e).__name__}: {e}'
-            warnings.warn(f'{op}: the {backend} backend failed ({_FAILED[(op, backend)][:300]}); '
-                          f'using {fallback} for the rest of this process', RuntimeWarning, stacklevel=2)
+            if not backend_unavailable(e): raise
+            _FAILED[key] = f'{type(e).__name__}: {e}'
+            warnings.warn(f'{op}: the {backend} backend cannot run here (dtype={key[2]}, device={key[3]}): {_FAILED[key][:300]}; '
+                          f'using {fallback} for these from now on', RuntimeWarning, stacklevel=2)
     return fallback_fn()
 
 def failed_backends() -> dict:
-    "The (op, backend) pairs that failed in this process, with their errors."
+    "The (op, backend, dtype, device) keys that fell back in this process, with their errors."
     return dict(_FAILED)
 
 # %% ../nbs/00_devices.ipynb #15f8a2d4
 def triton_tool(name:str):
-    "Path of a CUDA tool bundled with triton's NVIDIA backend ('ptxas', 'cuobjdump'), or None (no triton, or not bundled)."
+    """Path of a CUDA tool triton uses ('ptxas', 'cuobjdump'): `$TRITON_<NAME>_PATH` when set, else the one bundled with triton's
+    NVIDIA backend; None when that file does not exist."""
+    if p := os.environ.get(f'TRITON_{name.upper()}_PATH'): return Path(p) if Path(p).is_file() else None
     spec = importlib.util.find_spec('triton')
     if spec is None or not spec.submodule_search_locations: return None
     p = Path(list(spec.submodule_search_locations)[0]) / 'backends' / 'nvidia' / 'bin' / name
     return p if p.exists() else None
 
+def _need_tool(name:str) -> Path:
+    if (p := triton_tool(name)) is None:
+        raise FileNotFoundError(f"compile_for_gpu needs {name}, found neither $TRITON_{name.upper()}_PATH nor triton's bundled copy: "
+                                f"install triton's NVIDIA build (pip install triton, Linux x86_64/aarch64) or set TRITON_{name.upper()}_PATH "
+                                f"to a CUDA toolkit's {name}")
+    return p
+
 class KernelResources(NamedTuple):
-    regs: int    # registers per thread (-1: no cuobjdump)
+    regs: int    # registers per thread
     stack: int   # stack bytes per thread: above 0 the kernel spills registers
     shared: int  # shared memory per block, bytes
 
 def _res_usage(cubin:bytes) -> tuple:
-    tool = triton_tool('cuobjdump')
-    if tool is None: return -1, -1
+    "(registers, stack bytes) per thread of a cubin, read with cuobjdump."
     with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
         f.write(cubin); f.flush()
-        out = subprocess.run([str(tool), '-res-usage', f.name], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run([str(_need_tool('cuobjdump')), '-res-usage', f.name], capture_output=True, text=True, check=True).stdout
     return tuple(int(x) for x in re.search(r'REG:(\d+) STACK:(\d+)', out).groups())
 
-def compile_for_gpu(fn, # a @triton.jit kernel
+GPU_TARGETS = {75: 'T4 (Turing)', 80: 'A100 (Ampere)', 86: 'RTX 30xx/A10 (Ampere)', 89: 'L4/RTX 40xx (Ada)', 90: 'H100/H200 (Hopper)'}
+
+def compile_for_gpu(fn, # a kernel from `triton_kernel` (or `triton.jit`)
                     signature:dict, # argument name -> '*fp32', '*bf16', 'i32', 'fp32', ... or 'constexpr'
                     constexprs:dict, # argument name -> value, for the constexpr arguments
-                    capability:int, # NVIDIA compute capability: 75 (T4), 80 (A100), 90 (H100)
+                    capability:int, # NVIDIA compute capability, a key of GPU_TARGETS: 75 (T4), 80 (A100), 90 (H100)
                     num_warps:int=4,
                     aligned:tuple=(), # arguments a launch sees 16-aligned (pointers, sizes divisible by 16)
                    ) -> KernelResources:
     "Compile `fn` for sm_<capability> without a GPU; its registers, stack and shared memory per thread/block."
-    if os.environ.get('TRITON_INTERPRET') == '1':
-        raise RuntimeError('compile_for_gpu needs compiled-mode triton: call it in a process started with TRITON_INTERPRET=0')
-    import triton
+    if capability not in GPU_TARGETS: raise ValueError(f'capability must be one of {sorted(GPU_TARGETS)}, got {capability!r}')
+    for tool in ('ptxas', 'cuobjdump'): _need_tool(tool)
+    import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    if not isinstance(tl.sum, triton.runtime.jit.JITFunction):
+        raise RuntimeError('compile_for_gpu needs compiled-mode triton, but this process imported triton with TRITON_INTERPRET=1')
     attrs = {(fn.arg_names.index(a),): [['tt.divisibility', 16]] for a in aligned}
     k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget('cuda', capability, 32),
                        options=dict(num_warps=num_warps))

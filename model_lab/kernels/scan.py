@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 import torch
 import torch.nn.functional as F
-from ..devices import (Hardware, detect, torch_device, best_dtype, peak_specs, triton_interpreter_if_no_gpu,
+from ..devices import (Hardware, detect, torch_device, best_dtype, peak_specs, triton_kernel, triton_interpreted,
                                triton_available, triton_usable, with_fallback)
 from ..bench import suite, measure, record, fmt_time
 
@@ -444,7 +444,7 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     return (y.to(u.dtype), last) if return_last_state else y.to(u.dtype)
 
 # %% ../../nbs/10_kernels_scan.ipynb #ef9ca32b
-INTERPRET = triton_interpreter_if_no_gpu()  # no GPU: the kernels below run in Triton's interpreter (must precede @triton.jit)
+INTERPRET = triton_interpreted()  # no GPU driver: the kernels below (`triton_kernel`) run in Triton's interpreter
 
 class _NoTriton:
     "Stands in for `triton` and `triton.language` when triton is not installed: the kernels are defined, never launched."
@@ -457,22 +457,22 @@ if triton_available():
 else: triton = tl = _NoTriton()
 
 # %% ../../nbs/10_kernels_scan.ipynb #4f268251
-@triton.jit
+@triton_kernel
 def _add(a, b): return a + b
 
-@triton.jit
+@triton_kernel
 def _then(a1, b1, a2, b2):
     "The affine map x -> a1 x + b1 followed by x -> a2 x + b2."
     return a1 * a2, a2 * b1 + b2
 
-@triton.jit
+@triton_kernel
 def _softplus(x): return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
 
-@triton.jit
+@triton_kernel
 def _first(x, s, k): return tl.reduce(tl.where(s[None, :] == k, x, 0.0), 1, _add)
 
 # %% ../../nbs/10_kernels_scan.ipynb #b81e8212
-@triton.jit
+@triton_kernel
 def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, y_ptr, hs_ptr,
                      L, DIM, N, GB, GC, NC,
                      NP: tl.constexpr, CHUNK: tl.constexpr, B_FIXED: tl.constexpr, C_FIXED: tl.constexpr,
@@ -520,7 +520,7 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
     tl.store(hs + NC * NP, h)
 
 # %% ../../nbs/10_kernels_scan.ipynb #b9d744ea
-@triton.jit
+@triton_kernel
 def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, hs_ptr, gy_ptr, glast_ptr,
                      gu_ptr, gdelta_ptr, gz_ptr, gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr, gh0_ptr,
                      L, DIM, N, GB, GC, NC,
@@ -683,7 +683,8 @@ class _TritonScan(torch.autograd.Function):
         (b, d, _), n = inputs[0].shape, inputs[2].shape[1]
         states = hs[:, :-1, :n].reshape(b, d, -1, n).permute(2, 0, 1, 3).to(_compute_dtype(inputs[0]))  # (L/chunk, B, D, N)
         on_torch = lambda: _torch_scan_bwd(*inputs, states, ctx.chunk, ctx.softplus, gout, glast)
-        return with_fallback('selective_scan backward', 'triton', run, 'torch', on_torch) + (None,) * 3
+        return with_fallback('selective_scan backward', 'triton', run, 'torch', on_torch, dtype=inputs[0].dtype,
+                             device=inputs[0].device) + (None,) * 3
 
 def _triton_ready(t):
     "Raise unless the Triton kernels can run on tensor t: triton installed, and a GPU or the interpreter."
@@ -731,7 +732,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         backend = auto_backend(u, A)
         if backend == 'triton':  # on a GPU: fall back to PyTorch if the kernels cannot run here
             return with_fallback('selective_scan', 'triton', lambda: _scan_triton(*args, chunk=None, may_fall_back=True),
-                                 'torch', on_torch)
+                                 'torch', on_torch, dtype=u.dtype, device=u.device)
     if backend == 'ref': return selective_scan_ref(*args)
     if backend == 'torch': return on_torch()
     if backend == 'cpu': return selective_scan_cpu(*args)
@@ -778,7 +779,7 @@ def _state_update_torch(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
     return y.to(x.dtype)
 
 # %% ../../nbs/10_kernels_scan.ipynb #079284af
-@triton.jit
+@triton_kernel
 def _state_update_kernel(state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
                          s_b, s_d, s_n, DIM, N, DGB, GB, DGC, GC,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
@@ -831,7 +832,7 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     if backend == 'triton': return _state_update_triton(*args)
     if not triton_usable(state): return _state_update_torch(*args)
     return with_fallback('selective_state_update', 'triton', lambda: _state_update_triton(*args),
-                         'torch', lambda: _state_update_torch(*args))
+                         'torch', lambda: _state_update_torch(*args), dtype=x.dtype, device=x.device)
 
 # %% ../../nbs/10_kernels_scan.ipynb #cc56ba24
 _SCAN_SIZES = dict(quick=dict(dims=(64,), lengths=(128, 256), repeat=2),

@@ -7,11 +7,10 @@ from __future__ import annotations
 import os, math, logging
 from typing import NamedTuple
 import torch, torch.nn.functional as F
-from ..devices import (Hardware, triton_interpreter_if_no_gpu, triton_usable, with_fallback, torch_device,
+from ..devices import (Hardware, triton_kernel, triton_interpreted, triton_usable, with_fallback, torch_device,
                                best_dtype, peak_specs)
 from ..bench import measure, record, suite
 
-_INTERPRET = triton_interpreter_if_no_gpu()  # no GPU: Triton kernels run in its interpreter; must happen before `import triton`
 try:
     import triton, triton.language as tl
 except ImportError:  # the PyTorch paths work without triton
@@ -253,64 +252,60 @@ def _chunkwise(q, k, v, i, f, state:MLSTMState|None, L:int, variant:str, eps:flo
     return h[:, :, :S].to(out_dtype), MLSTMState(C, n, gl.m_last)
 
 # %% ../../nbs/11_kernels_tfla.ipynb #e3369954
-def _jit(fn):
-    "triton.jit when triton is installed, else the plain function (the module still imports; the kernels cannot run)."
-    return triton.jit(fn) if triton is not None else fn
-
-@_jit
-def _dot(a, b, DT: tl.constexpr, LOWP: tl.constexpr):
-    "a @ b with fp32 accumulation: operands cast to the input dtype DT when LOWP, else exact fp32."
-    if LOWP:
+@triton_kernel
+def _dot(a, b, DT: tl.constexpr, PREC: tl.constexpr):
+    "a @ b with fp32 accumulation; PREC 'lowp': operands in the input dtype DT (fp16/bf16), else fp32 operands as 'tf32' or 'ieee'."
+    if PREC == "lowp":
         r = tl.dot(a.to(DT), b.to(DT))
     else:
-        r = tl.dot(a, b, input_precision="ieee")
+        r = tl.dot(a, b, input_precision=PREC)
     return r
 
-@_jit
+@triton_kernel
 def _tile_ids(pid, NC, NT: tl.constexpr):
     "program id -> (batch*head (int64), chunk, tile within the chunk)."
     t = pid % NT
     c = (pid // NT) % NC
     return (pid // (NT * NC)).to(tl.int64), c, t
 
-@_jit
+@triton_kernel
 def _tile(P, rows, o, D):
     "P[rows, o] of a row-major (S, D) matrix, as float32; 0 where o >= D."
     return tl.load(P + rows[:, None] * D + o[None, :], mask=(o < D)[None, :], other=0.).to(tl.float32)
 
-@_jit
+@triton_kernel
 def _block(P, o1, o2, D1, D2):
     "P[o1, o2] of a row-major (D1, D2) state matrix, as float32; 0 outside."
     return tl.load(P + o1[:, None] * D2 + o2[None, :], mask=(o1 < D1)[:, None] & (o2 < D2)[None, :], other=0.).to(tl.float32)
 
-@_jit
-def _abt(A, B, rows, cols, D, BD: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr, LOWP: tl.constexpr):
+@triton_kernel
+def _abt(A, B, rows, cols, D, BD: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     "A[rows] @ B[cols]^T (BT, BT) over all D columns, block by block (q k^T, dnum v^T)."
     s = tl.zeros((BT, BT), dtype=tl.float32)
     for d0 in range(0, D, BD):
         od = d0 + tl.arange(0, BD)
-        s += _dot(_tile(A, rows, od, D), tl.trans(_tile(B, cols, od, D)), DT, LOWP)
+        s += _dot(_tile(A, rows, od, D), tl.trans(_tile(B, cols, od, D)), DT, PREC)
     return s
 
-@_jit
-def _times_state(A, rows, M, ov, Dk, Dv, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, LOWP: tl.constexpr):
+@triton_kernel
+def _times_state(A, rows, M, ov, Dk, Dv, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     "A[rows] (BT, Dk) @ M[:, ov] (Dk, BV) for a (Dk, Dv) state M."
     acc = tl.zeros((BT, BV), dtype=tl.float32)
     for d0 in range(0, Dk, BK):
         od = d0 + tl.arange(0, BK)
-        acc += _dot(_tile(A, rows, od, Dk), _block(M, od, ov, Dk, Dv), DT, LOWP)
+        acc += _dot(_tile(A, rows, od, Dk), _block(M, od, ov, Dk, Dv), DT, PREC)
     return acc
 
-@_jit
-def _times_state_t(A, rows, M, ok, Dk, Dv, BV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, LOWP: tl.constexpr):
+@triton_kernel
+def _times_state_t(A, rows, M, ok, Dk, Dv, BV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     "A[rows] (BT, Dv) @ M[ok, :]^T (Dv, BK) for a (Dk, Dv) state M."
     acc = tl.zeros((BT, BK), dtype=tl.float32)
     for e0 in range(0, Dv, BV):
         oe = e0 + tl.arange(0, BV)
-        acc += _dot(_tile(A, rows, oe, Dv), tl.trans(_block(M, ok, oe, Dk, Dv)), DT, LOWP)
+        acc += _dot(_tile(A, rows, oe, Dv), tl.trans(_block(M, ok, oe, Dk, Dv)), DT, PREC)
     return acc
 
-@_jit
+@triton_kernel
 def _decay(U, MU, rows, cols, FLOOR: tl.constexpr):
     "E (BT, BT): exp(u_s - mu_t) for s <= t, else 0; exponents clamped to [FLOOR, 0]."
     x = tl.load(U + cols)[None, :] - tl.load(MU + rows)[:, None]
@@ -318,9 +313,9 @@ def _decay(U, MU, rows, cols, FLOOR: tl.constexpr):
     return tl.where(rows[:, None] >= cols[None, :], tl.exp(x), 0.)
 
 # %% ../../nbs/11_kernels_tfla.ipynb #74d7e96e
-@_jit
+@triton_kernel
 def _fw_states_kernel(K, V, LA, LGAM, C0, N0, CS, NS, NC, Dk, Dv,
-                      L: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr):
+                      L: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     "Inter-chunk recurrence: CS[bh, c] = state entering chunk c (c = 0..NC); C <- exp(lgam_c) C + sum_s exp(la_s) k_s v_s^T."
     bh, pk, pv = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     ok, ov = pk * BK + tl.arange(0, BK), pv * BV + tl.arange(0, BV)
@@ -339,16 +334,16 @@ def _fw_states_kernel(K, V, LA, LGAM, C0, N0, CS, NS, NC, Dk, Dv,
         for l0 in range(0, L, BL):
             rows = c * L + l0 + tl.arange(0, BL)
             kt = _tile(K, rows, ok, Dk) * tl.exp(tl.load(LA + rows))[:, None]
-            C += _dot(tl.trans(kt), _tile(V, rows, ov, Dv), K.dtype.element_ty, LOWP)
+            C += _dot(tl.trans(kt), _tile(V, rows, ov, Dv), K.dtype.element_ty, PREC)
             n += tl.sum(kt, 0)
     tl.store(CS + NC * Dk * Dv + off, C, mask=mkv)
     if pv == 0:
         tl.store(NS + NC * Dk + ok, n, mask=mk)
 
-@_jit
+@triton_kernel
 def _fw_out_kernel(Q, K, V, U, MU, LW, LB, CS, NS, H, DEN, NN, scale, eps, NC, Dk, Dv,
                    L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   FLOOR: tl.constexpr, LOWP: tl.constexpr):
+                   FLOOR: tl.constexpr, PREC: tl.constexpr):
     "h for BT rows x BV columns: causal key tiles of the chunk (FlashAttention-style loop), then the incoming state."
     bh, c, t = _tile_ids(tl.program_id(0), NC, L // BT)
     pv = tl.program_id(1)
@@ -362,12 +357,12 @@ def _fw_out_kernel(Q, K, V, U, MU, LW, LB, CS, NS, H, DEN, NN, scale, eps, NC, D
     den = tl.zeros((BT,), dtype=tl.float32)
     for j in range(0, t + 1):
         cols = c * L + j * BT + tl.arange(0, BT)
-        ct = _abt(Q, K, rows, cols, Dk, BK, BT, DT, LOWP) * scale * _decay(U, MU, rows, cols, FLOOR)
-        num += _dot(ct, _tile(V, cols, ov, Dv), DT, LOWP)
+        ct = _abt(Q, K, rows, cols, Dk, BK, BT, DT, PREC) * scale * _decay(U, MU, rows, cols, FLOOR)
+        num += _dot(ct, _tile(V, cols, ov, Dv), DT, PREC)
         den += tl.sum(ct, 1)
     w = tl.exp(tl.load(LW + rows)) * scale                              # weight of the incoming state in each row
     CS, NS = CS + (bh * (NC + 1) + c) * Dk * Dv, NS + (bh * (NC + 1) + c) * Dk
-    num += _times_state(Q, rows, CS, ov, Dk, Dv, BK, BT, BV, DT, LOWP) * w[:, None]
+    num += _times_state(Q, rows, CS, ov, Dk, Dv, BK, BT, BV, DT, PREC) * w[:, None]
     for d0 in range(0, Dk, BK):
         od = d0 + tl.arange(0, BK)
         den += tl.sum(_tile(Q, rows, od, Dk) * tl.load(NS + od, mask=od < Dk, other=0.)[None, :], 1) * w
@@ -378,9 +373,9 @@ def _fw_out_kernel(Q, K, V, U, MU, LW, LB, CS, NS, H, DEN, NN, scale, eps, NC, D
         tl.store(NN + bh * S + rows, n)
 
 # %% ../../nbs/11_kernels_tfla.ipynb #a28f83e1
-@_jit
+@triton_kernel
 def _bw_states_kernel(Q, DNUM, DDEN, LW, LGAM, DCL, DNL, DCS, DNS, scale, NC, Dk, Dv,
-                      L: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOWP: tl.constexpr):
+                      L: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     "Reverse recurrence: DCS[bh, c] = gradient w.r.t. the state entering chunk c (c = NC..0)."
     bh, pk, pv = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     ok, ov = pk * BK + tl.arange(0, BK), pv * BV + tl.arange(0, BV)
@@ -400,17 +395,18 @@ def _bw_states_kernel(Q, DNUM, DDEN, LW, LGAM, DCL, DNL, DCS, DNS, scale, NC, Dk
         for l0 in range(0, L, BL):
             rows = c * L + l0 + tl.arange(0, BL)
             qt = _tile(Q, rows, ok, Dk) * (tl.exp(tl.load(LW + rows)) * scale)[:, None]
-            dC += _dot(tl.trans(qt), _tile(DNUM, rows, ov, Dv), Q.dtype.element_ty, LOWP)
+            dC += _dot(tl.trans(qt), _tile(DNUM, rows, ov, Dv), Q.dtype.element_ty, PREC)
             dn += tl.sum(qt * tl.load(DDEN + rows)[:, None], 0)
     tl.store(DCS + off, dC, mask=mkv)
     if pv == 0:
         tl.store(DNS + ok, dn, mask=mk)
 
-@_jit
+@triton_kernel
 def _bw_dq_kernel(Q, K, V, U, MU, LW, CS, NS, DNUM, DDEN, DQ, DMU, DLW, scale, NBH, NC, Dk, Dv,
                   L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  FLOOR: tl.constexpr, LOWP: tl.constexpr):
-    "dq for BT rows x BK columns; row sums of d log E (-> d mu) and partial sums of d lw per Dqk block."
+                  FLOOR: tl.constexpr, PREC: tl.constexpr):
+    """dq for BT rows x BK columns, and this Dqk block's share of the row sums behind d mu and d lw. Two matmuls per key tile
+    (dnum v^T, then ds k): the row sums of ds * (q k^T) are q . (ds k), read off the dq accumulator after the loop."""
     bh, c, t = _tile_ids(tl.program_id(0), NC, L // BT)
     pk = tl.program_id(1)
     ok = pk * BK + tl.arange(0, BK)
@@ -419,27 +415,27 @@ def _bw_dq_kernel(Q, K, V, U, MU, LW, CS, NS, DNUM, DDEN, DQ, DMU, DLW, scale, N
     U, MU, LW, DDEN = U + bh * S, MU + bh * S, LW + bh * S, DDEN + bh * S
     DT: tl.constexpr = Q.dtype.element_ty
     rows = c * L + t * BT + tl.arange(0, BT)
+    dd = tl.load(DDEN + rows)
     dq = tl.zeros((BT, BK), dtype=tl.float32)
-    rs = tl.zeros((BT,), dtype=tl.float32)
     for j in range(0, t + 1):                                            # key tiles left of and on the diagonal
         cols = c * L + j * BT + tl.arange(0, BT)
-        ds = (_abt(DNUM, V, rows, cols, Dv, BV, BT, DT, LOWP) + tl.load(DDEN + rows)[:, None]) * _decay(U, MU, rows, cols, FLOOR)
-        rs += tl.sum(ds * _abt(Q, K, rows, cols, Dk, BK, BT, DT, LOWP), 1)
-        dq += _dot(ds, _tile(K, cols, ok, Dk), DT, LOWP)
+        ds = (_abt(DNUM, V, rows, cols, Dv, BV, BT, DT, PREC) + dd[:, None]) * _decay(U, MU, rows, cols, FLOOR)
+        dq += _dot(ds, _tile(K, cols, ok, Dk), DT, PREC)                  # (BT, BK): sum_s ds_ts k_s
     CS, NS = CS + (bh * (NC + 1) + c) * Dk * Dv, NS + (bh * (NC + 1) + c) * Dk
-    dqi = _times_state_t(DNUM, rows, CS, ok, Dk, Dv, BV, BT, BK, DT, LOWP)   # d(q w) from the incoming state
-    dqi += tl.load(DDEN + rows)[:, None] * tl.load(NS + ok, mask=ok < Dk, other=0.)[None, :]
+    dqi = _times_state_t(DNUM, rows, CS, ok, Dk, Dv, BV, BT, BK, DT, PREC)   # d(q w) from the incoming state
+    dqi += dd[:, None] * tl.load(NS + ok, mask=ok < Dk, other=0.)[None, :]
     w = tl.exp(tl.load(LW + rows)) * scale
+    qt = _tile(Q, rows, ok, Dk)
     tl.store(DQ + bh * S * Dk + rows[:, None] * Dk + ok[None, :], dq * scale + dqi * w[:, None], mask=(ok < Dk)[None, :])
-    tl.store(DLW + (pk * NBH + bh) * S + rows, tl.sum(dqi * _tile(Q, rows, ok, Dk), 1) * w)
-    if pk == 0:
-        tl.store(DMU + bh * S + rows, -rs * scale)
+    tl.store(DLW + (pk * NBH + bh) * S + rows, tl.sum(dqi * qt, 1) * w)
+    tl.store(DMU + (pk * NBH + bh) * S + rows, -tl.sum(qt * dq, 1) * scale)
 
-@_jit
+@triton_kernel
 def _bw_dk_kernel(Q, K, V, U, MU, LA, DCS, DNS, DNUM, DDEN, DK, DU, DLA, scale, NBH, NC, Dk, Dv,
                   L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  FLOOR: tl.constexpr, LOWP: tl.constexpr):
-    "dk for BT keys x BK columns; column sums of d log E (-> du) and partial sums of d la per Dqk block."
+                  FLOOR: tl.constexpr, PREC: tl.constexpr):
+    """dk for BT keys x BK columns, and this Dqk block's share of the column sums behind du and d la. Two matmuls per query
+    tile (dnum v^T, then ds^T q): the column sums of ds * (q k^T) are k . (ds^T q), read off the dk accumulator."""
     bh, c, j = _tile_ids(tl.program_id(0), NC, L // BT)
     pk = tl.program_id(1)
     ok = pk * BK + tl.arange(0, BK)
@@ -449,25 +445,23 @@ def _bw_dk_kernel(Q, K, V, U, MU, LA, DCS, DNS, DNUM, DDEN, DK, DU, DLA, scale, 
     DT: tl.constexpr = Q.dtype.element_ty
     cols = c * L + j * BT + tl.arange(0, BT)
     dk = tl.zeros((BT, BK), dtype=tl.float32)
-    cs = tl.zeros((BT,), dtype=tl.float32)
     for t in range(j, L // BT):                                          # query tiles on and below the diagonal
         rows = c * L + t * BT + tl.arange(0, BT)
-        ds = (_abt(DNUM, V, rows, cols, Dv, BV, BT, DT, LOWP) + tl.load(DDEN + rows)[:, None]) * _decay(U, MU, rows, cols, FLOOR)
-        cs += tl.sum(ds * _abt(Q, K, rows, cols, Dk, BK, BT, DT, LOWP), 0)
-        dk += _dot(tl.trans(ds), _tile(Q, rows, ok, Dk), DT, LOWP)
+        ds = (_abt(DNUM, V, rows, cols, Dv, BV, BT, DT, PREC) + tl.load(DDEN + rows)[:, None]) * _decay(U, MU, rows, cols, FLOOR)
+        dk += _dot(tl.trans(ds), _tile(Q, rows, ok, Dk), DT, PREC)        # (BT, BK): sum_t ds_ts q_t
     DCS, DNS = DCS + (bh * (NC + 1) + c + 1) * Dk * Dv, DNS + (bh * (NC + 1) + c + 1) * Dk
-    dkw = _times_state_t(V, cols, DCS, ok, Dk, Dv, BV, BT, BK, DT, LOWP)     # d(k exp(la)) from the state after the chunk
+    dkw = _times_state_t(V, cols, DCS, ok, Dk, Dv, BV, BT, BK, DT, PREC)     # d(k exp(la)) from the state after the chunk
     dkw += tl.load(DNS + ok, mask=ok < Dk, other=0.)[None, :]
     wk = tl.exp(tl.load(LA + cols))
     tl.store(DK + bh * S * Dk + cols[:, None] * Dk + ok[None, :], dk * scale + dkw * wk[:, None], mask=(ok < Dk)[None, :])
-    tl.store(DLA + (pk * NBH + bh) * S + cols, tl.sum(dkw * _tile(K, cols, ok, Dk), 1) * wk)
-    if pk == 0:
-        tl.store(DU + bh * S + cols, cs * scale)
+    kt = _tile(K, cols, ok, Dk)
+    tl.store(DLA + (pk * NBH + bh) * S + cols, tl.sum(dkw * kt, 1) * wk)
+    tl.store(DU + (pk * NBH + bh) * S + cols, tl.sum(kt * dk, 1) * scale)
 
-@_jit
+@triton_kernel
 def _bw_dv_kernel(Q, K, U, MU, LA, DCS, DNUM, DV, scale, NC, Dk, Dv,
                   L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  FLOOR: tl.constexpr, LOWP: tl.constexpr):
+                  FLOOR: tl.constexpr, PREC: tl.constexpr):
     "dv for BT keys x BV columns: C~^T dnum within the chunk plus exp(la) k^T dC of the state after the chunk."
     bh, c, j = _tile_ids(tl.program_id(0), NC, L // BT)
     pv = tl.program_id(1)
@@ -480,22 +474,22 @@ def _bw_dv_kernel(Q, K, U, MU, LA, DCS, DNUM, DV, scale, NC, Dk, Dv,
     dv = tl.zeros((BT, BV), dtype=tl.float32)
     for t in range(j, L // BT):
         rows = c * L + t * BT + tl.arange(0, BT)
-        ct = _abt(Q, K, rows, cols, Dk, BK, BT, DT, LOWP) * scale * _decay(U, MU, rows, cols, FLOOR)
-        dv += _dot(tl.trans(ct), _tile(DNUM, rows, ov, Dv), DT, LOWP)
+        ct = _abt(Q, K, rows, cols, Dk, BK, BT, DT, PREC) * scale * _decay(U, MU, rows, cols, FLOOR)
+        dv += _dot(tl.trans(ct), _tile(DNUM, rows, ov, Dv), DT, PREC)
     DCS = DCS + (bh * (NC + 1) + c + 1) * Dk * Dv
-    dv += _times_state(K, cols, DCS, ov, Dk, Dv, BK, BT, BV, DT, LOWP) * tl.exp(tl.load(LA + cols))[:, None]
+    dv += _times_state(K, cols, DCS, ov, Dk, Dv, BK, BT, BV, DT, PREC) * tl.exp(tl.load(LA + cols))[:, None]
     tl.store(DV + bh * S * Dv + cols[:, None] * Dv + ov[None, :], dv, mask=(ov < Dv)[None, :])
 
 # %% ../../nbs/11_kernels_tfla.ipynb #5b8dc1d1
 TILE_MAX = 64   # largest query/key tile (rows) and head-dimension block in the interpreter and on ROCm
 
-def _launch_config(lowp:bool, # tl.dot in fp16/bf16 (else exact fp32)
+def _launch_config(prec:str, # how tl.dot multiplies: 'lowp' (fp16/bf16 operands), 'tf32' or 'ieee' (fp32 operands)
                    capability:tuple|None, # the CUDA GPU's compute capability; None: interpreter or ROCm
                   ) -> tuple:
     "(largest row tile, largest head-dimension block, warps per program) of the chunkwise kernels (see the table)."
     if capability is None: return TILE_MAX, TILE_MAX, 4
     if tuple(capability) < (8, 0): return 32, 32, 4
-    return (64, 64, 4) if lowp else (32, 64, 8)
+    return (32, 64, 8) if prec == 'ieee' else (64, 64, 4)
 
 def _capability(x:torch.Tensor) -> tuple|None:
     "The compute capability of x's CUDA GPU; None on a CPU (interpreter) or ROCm."
@@ -507,9 +501,13 @@ def _tiles(L:int, Dk:int, Dv:int, cfg:tuple) -> tuple:
     p2 = triton.next_power_of_2
     return min(L, tmax), max(16, min(p2(Dk), dmax)), max(16, min(p2(Dv), dmax)), warps
 
-def _lowp(x:torch.Tensor) -> bool:
-    "tl.dot in the input dtype (fp16/bf16 on a GPU); fp32 products otherwise."
-    return x.dtype in (torch.float16, torch.bfloat16) and os.environ.get('TRITON_INTERPRET') != '1'
+def _precision(x:torch.Tensor) -> str:
+    """How the kernels' tl.dot multiplies inputs like `x`: 'lowp' (fp16/bf16 operands: tensor cores), 'tf32' (fp32 inputs on
+    an sm_80+ GPU while `torch.backends.cuda.matmul.allow_tf32` is on, as for torch's own fp32 matmuls), else 'ieee'."""
+    if triton_interpreted() or not x.is_cuda: return 'ieee'          # the interpreter multiplies in fp32 (and mishandles bf16)
+    if x.dtype in (torch.float16, torch.bfloat16): return 'lowp'
+    cap = _capability(x)
+    return 'tf32' if cap is not None and cap >= (8, 0) and torch.backends.cuda.matmul.allow_tf32 else 'ieee'
 
 def _f32(*xs): return [x.float().contiguous() for x in xs]
 
@@ -521,22 +519,22 @@ class _TritonCore(torch.autograd.Function):
         q, k, v = (x.reshape(BH, Sp, -1).contiguous() for x in (q, k, v))
         u, mu, la, lw, lb = _f32(*(x.reshape(BH, Sp) for x in (u, mu, la, lw, lb)))
         lgam, C0, n0 = _f32(lgam.reshape(BH, NC), C0.reshape(BH, Dk, Dv), n0.reshape(BH, Dk))
-        lp = _lowp(q); BT, BK, BV, W = _tiles(L, Dk, Dv, _launch_config(lp, _capability(q)))
+        prec = _precision(q); BT, BK, BV, W = _tiles(L, Dk, Dv, _launch_config(prec, _capability(q)))
         f32 = dict(device=q.device, dtype=torch.float32)
         CS, NS = torch.empty(BH, NC + 1, Dk, Dv, **f32), torch.empty(BH, NC + 1, Dk, **f32)
         _fw_states_kernel[(BH, triton.cdiv(Dk, BK), triton.cdiv(Dv, BV))](
-            k, v, la, lgam, C0, n0, CS, NS, NC, Dk, Dv, L, BT, BK, BV, lp, num_warps=W)
+            k, v, la, lgam, C0, n0, CS, NS, NC, Dk, Dv, L, BT, BK, BV, prec, num_warps=W)
         h, den, n = torch.empty(BH, Sp, Dv, **f32), torch.empty(BH, Sp, **f32), torch.empty(BH, Sp, **f32)
         _fw_out_kernel[(BH * NC * (L // BT), triton.cdiv(Dv, BV))](
-            q, k, v, u, mu, lw, lb, CS, NS, h, den, n, scale, eps, NC, Dk, Dv, L, BT, BK, BV, FLOOR, lp, num_warps=W)
+            q, k, v, u, mu, lw, lb, CS, NS, h, den, n, scale, eps, NC, Dk, Dv, L, BT, BK, BV, FLOOR, prec, num_warps=W)
         ctx.save_for_backward(q, k, v, u, mu, la, lgam, lw, lb, CS, NS, h, den, n)
-        ctx.cfg = (B, H, L, scale, eps, lp, (BT, BK, BV, W))
+        ctx.cfg = (B, H, L, scale, eps, prec, (BT, BK, BV, W))
         return h.view(B, H, Sp, Dv), CS[:, -1].view(B, H, Dk, Dv), NS[:, -1].view(B, H, Dk)
 
     @staticmethod
     def backward(ctx, dh, dC_last, dn_last):
         q, k, v, u, mu, la, lgam, lw, lb, CS, NS, h, den, n = ctx.saved_tensors
-        B, H, L, scale, eps, lp, (BT, BK, BV, W) = ctx.cfg
+        B, H, L, scale, eps, prec, (BT, BK, BV, W) = ctx.cfg
         BH, Sp, Dk = q.shape; Dv, NC = v.shape[-1], Sp // L
         nK = triton.cdiv(Dk, BK)
         dnum, dden, dlb = _norm_grads(dh.reshape(BH, Sp, Dv).float(), h, den, n, lb.exp(), eps)
@@ -544,27 +542,27 @@ class _TritonCore(torch.autograd.Function):
         dCl = torch.zeros_like(CS[:, 0]) if dC_last is None else dC_last.reshape(BH, Dk, Dv).float().contiguous()
         dnl = torch.zeros_like(NS[:, 0]) if dn_last is None else dn_last.reshape(BH, Dk).float().contiguous()
         DCS, DNS = torch.empty_like(CS), torch.empty_like(NS)
-        _bw_states_kernel[(BH, nK, triton.cdiv(Dv, BV))](q, dnum, dden, lw, lgam, dCl, dnl, DCS, DNS, scale, NC, Dk, Dv, L, BT, BK, BV, lp, num_warps=W)
+        _bw_states_kernel[(BH, nK, triton.cdiv(Dv, BV))](q, dnum, dden, lw, lgam, dCl, dnl, DCS, DNS, scale, NC, Dk, Dv, L, BT, BK, BV, prec, num_warps=W)
         f32 = dict(device=q.device, dtype=torch.float32)
         grid = (BH * NC * (L // BT),)
-        dq, dmu, dlw = torch.empty(BH, Sp, Dk, **f32), torch.empty(BH, Sp, **f32), torch.empty(nK, BH, Sp, **f32)
-        _bw_dq_kernel[grid + (nK,)](q, k, v, u, mu, lw, CS, NS, dnum, dden, dq, dmu, dlw, scale, BH, NC, Dk, Dv, L, BT, BK, BV, FLOOR, lp, num_warps=W)
-        dk, du, dla = torch.empty(BH, Sp, Dk, **f32), torch.empty(BH, Sp, **f32), torch.empty(nK, BH, Sp, **f32)
-        _bw_dk_kernel[grid + (nK,)](q, k, v, u, mu, la, DCS, DNS, dnum, dden, dk, du, dla, scale, BH, NC, Dk, Dv, L, BT, BK, BV, FLOOR, lp, num_warps=W)
+        dq, dmu, dlw = torch.empty(BH, Sp, Dk, **f32), torch.empty(nK, BH, Sp, **f32), torch.empty(nK, BH, Sp, **f32)
+        _bw_dq_kernel[grid + (nK,)](q, k, v, u, mu, lw, CS, NS, dnum, dden, dq, dmu, dlw, scale, BH, NC, Dk, Dv, L, BT, BK, BV, FLOOR, prec, num_warps=W)
+        dk, du, dla = torch.empty(BH, Sp, Dk, **f32), torch.empty(nK, BH, Sp, **f32), torch.empty(nK, BH, Sp, **f32)
+        _bw_dk_kernel[grid + (nK,)](q, k, v, u, mu, la, DCS, DNS, dnum, dden, dk, du, dla, scale, BH, NC, Dk, Dv, L, BT, BK, BV, FLOOR, prec, num_warps=W)
         dv = torch.empty(BH, Sp, Dv, **f32)
-        _bw_dv_kernel[grid + (triton.cdiv(Dv, BV),)](q, k, u, mu, la, DCS, dnum, dv, scale, NC, Dk, Dv, L, BT, BK, BV, FLOOR, lp, num_warps=W)
+        _bw_dv_kernel[grid + (triton.cdiv(Dv, BV),)](q, k, u, mu, la, DCS, dnum, dv, scale, NC, Dk, Dv, L, BT, BK, BV, FLOOR, prec, num_warps=W)
         dlgam = ((DCS[:, 1:] * CS[:, :-1]).sum((-1, -2)) + (DNS[:, 1:] * NS[:, :-1]).sum(-1)) * lgam.exp()
         r = lambda x, *d: x.reshape(B, H, *d)
-        return (r(dq, Sp, Dk).to(q.dtype), r(dk, Sp, Dk).to(k.dtype), r(dv, Sp, Dv).to(v.dtype), r(du, Sp), r(dmu, Sp),
+        return (r(dq, Sp, Dk).to(q.dtype), r(dk, Sp, Dk).to(k.dtype), r(dv, Sp, Dv).to(v.dtype), r(du.sum(0), Sp), r(dmu.sum(0), Sp),
                 r(dla.sum(0), Sp), r(dlgam, NC), r(dlw.sum(0), Sp), r(dlb, Sp), r(DCS[:, 0], Dk, Dv), r(DNS[:, 0], Dk),
                 None, None, None)
 
 # %% ../../nbs/11_kernels_tfla.ipynb #635b852d
-@_jit
+@triton_kernel
 def _logsigmoid(x):
     return tl.minimum(x, 0.) - tl.log(1. + tl.exp(-tl.abs(x)))
 
-@_jit
+@triton_kernel
 def _step_kernel(Q, K, V, I, Fg, C, N, M, H, C2, N2, M2, scale, eps, Dk, Dv,
                  BK: tl.constexpr, BV: tl.constexpr, SIG: tl.constexpr):
     "One mLSTM step for one (batch*head, Dv block): new C, n, m and h."
@@ -652,13 +650,10 @@ def _check_options(backend, variant, chunk_size):
 def _triton_ready(q, L:int):
     "Raise unless the Triton path can run these inputs here."
     if triton is None: raise RuntimeError("backend='triton' needs triton: pip install 'model_lab[kernels]'")
-    if os.environ.get('TRITON_INTERPRET') == '1' and not isinstance(tl.sum, triton.runtime.interpreter.InterpretedFunction):
-        raise RuntimeError('triton was imported before TRITON_INTERPRET=1 was set, so its interpreter cannot run kernels in this '
-                           'process: set TRITON_INTERPRET=1 in the environment, or import model_lab.kernels first')
     if q.dtype == torch.float64: raise ValueError("backend='triton' supports float32, float16 and bfloat16 inputs; use backend='torch' for float64")
     if L < 16 or L & (L - 1): raise ValueError(f"backend='triton' needs chunk_size a power of two >= 16, got {L}")
-    if not (q.is_cuda or os.environ.get('TRITON_INTERPRET') == '1'):
-        raise RuntimeError(f"backend='triton' needs a CUDA/ROCm GPU (the tensors are on {q.device}) or TRITON_INTERPRET=1")
+    if not (q.is_cuda or triton_interpreted()):
+        raise RuntimeError(f"backend='triton' needs CUDA/ROCm tensors on a machine with a GPU (got tensors on {q.device})")
 
 def _triton_fits(q, L:int) -> bool:
     "auto picks Triton: the tensors are on a GPU with triton, the dtype and chunk size suit the kernels."
@@ -683,7 +678,7 @@ def mlstm(q, k, v, i, f, # q, k (B, H, S, Dqk); v (B, H, S, Dv); i, f (B, H, S) 
     run = lambda core: _chunkwise(q, k, v, i, f, state, chunk_size, variant, eps, core)
     if backend == 'triton': _triton_ready(q, chunk_size); h, st = run('triton')
     elif backend == 'auto' and _triton_fits(q, chunk_size):
-        h, st = with_fallback('mlstm', 'triton', lambda: run('triton'), 'torch', lambda: run('torch'))
+        h, st = with_fallback('mlstm', 'triton', lambda: run('triton'), 'torch', lambda: run('torch'), dtype=q.dtype, device=q.device)
     else: h, st = run('torch')
     return (h, st) if return_last_state else h
 
@@ -699,7 +694,7 @@ def mlstm_step(q, k, v, i, f, # q, k (B, H, Dqk); v (B, H, Dv); i, f (B, H)
     if backend == 'triton': _triton_ready(q, 16); return _step_triton(q, k, v, i, f, state, variant, eps)
     if backend == 'auto' and _triton_fits(q, 16):
         return with_fallback('mlstm_step', 'triton', lambda: _step_triton(q, k, v, i, f, state, variant, eps),
-                             'torch', lambda: _step_torch(q, k, v, i, f, state, variant, eps))
+                             'torch', lambda: _step_torch(q, k, v, i, f, state, variant, eps), dtype=q.dtype, device=q.device)
     return _step_torch(q, k, v, i, f, state, variant, eps)
 
 # %% ../../nbs/11_kernels_tfla.ipynb #4a2589b2
