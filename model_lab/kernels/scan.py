@@ -9,7 +9,7 @@ __all__ = ['LAYOUTS', 'INTERPRET', 'SCAN_WARPS', 'BACKENDS', 'scan_inputs', 'Sca
            'bench_scan', 'scan_table', 'scan_conditions']
 
 # %% ../../nbs/10_kernels_scan.ipynb #a0c5445c
-import ctypes, functools, math, warnings
+import contextlib, ctypes, functools, importlib.util, math, os, shutil, warnings
 from pathlib import Path
 from typing import NamedTuple
 import torch
@@ -340,9 +340,22 @@ def _cpu_source() -> Path:
     import model_lab.kernels
     return Path(model_lab.kernels.__file__).with_name('scan_cpu.cpp')
 
+@contextlib.contextmanager
+def _ninja_on_path():
+    "torch's extension builder runs `ninja` from PATH: while it builds, add the pip package's copy if PATH has none."
+    saved = os.environ.get('PATH', '')
+    try:
+        if shutil.which('ninja') is None and importlib.util.find_spec('ninja') is not None:
+            import ninja
+            os.environ['PATH'] = ninja.BIN_DIR + os.pathsep + saved
+        yield
+    finally: os.environ['PATH'] = saved
+
 def _cpu_build(name, cflags, ldflags):
     from torch.utils.cpp_extension import load
-    lib = ctypes.CDLL(load(name, [str(_cpu_source())], extra_cflags=cflags, extra_ldflags=ldflags, is_python_module=False))
+    with _ninja_on_path():
+        path = load(name, [str(_cpu_source())], extra_cflags=cflags, extra_ldflags=ldflags, is_python_module=False)
+    lib = ctypes.CDLL(path)
     lib.model_lab_scan_abi.restype = ctypes.c_int64
     if lib.model_lab_scan_abi() != ctypes.sizeof(_ScanArgs): raise RuntimeError(f'{name}: the build does not match this module')
     for f in ('fwd_f32', 'fwd_f64', 'bwd_f32', 'bwd_f64'): getattr(lib, f'model_lab_scan_{f}').argtypes = [ctypes.POINTER(_ScanArgs)]
@@ -447,14 +460,11 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 INTERPRET = triton_interpreted()  # no GPU driver: the kernels below (`triton_kernel`) run in Triton's interpreter
 
 class _NoTriton:
-    "Stands in for `triton` and `triton.language` when triton is not installed: the kernels are defined, never launched."
+    "Stands in for `triton.language` when triton is not installed: the kernels (plain functions then) are defined, never launched."
     constexpr = None
-    def jit(self, fn): return fn
 
-if triton_available():
-    import triton
-    import triton.language as tl
-else: triton = tl = _NoTriton()
+if triton_available(): import triton.language as tl
+else: tl = _NoTriton()
 
 # %% ../../nbs/10_kernels_scan.ipynb #4f268251
 @triton_kernel
