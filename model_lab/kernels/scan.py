@@ -631,8 +631,8 @@ def _kernel_flags(B, C, D, z, delta_bias, softplus) -> dict:
                 HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus))
 
 def _scan_chunk(n2:int) -> int:
-    "Steps per chunk: a (N2, CHUNK) tile of 1024 elements, 16 to 64 steps."
-    return max(16, min(64, 1024 // n2))
+    "Steps per chunk: a (N2, CHUNK) tile of 512 elements, 16 to 32 steps."
+    return max(16, min(32, 512 // n2))
 
 def _ptr(t, default):
     "A contiguous tensor for the kernel; `default` (never read) stands in for an absent one."
@@ -711,7 +711,7 @@ def _scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_st
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                           initial_state=None, return_last_state=False,
-                          chunk:int|None=None, # steps per chunk, a power of two (default: by N, 16..64)
+                          chunk:int|None=None, # steps per chunk, a power of two (default: by N, 16..32)
                          ):
     "`selective_scan_ref`'s result from the Triton kernels (on a GPU, or in Triton's interpreter)."
     check_scan_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
