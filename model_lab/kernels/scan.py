@@ -332,8 +332,8 @@ class _ScanArgs(ctypes.Structure):
                 + [(k, ctypes.c_void_p) for k in ('u', 'dt', 'A', 'B', 'C', 'h0', 'y', 'hs', 'gy', 'glast',
                                                  'gu', 'gdt', 'gA', 'gB', 'gC', 'gh0')])
 
-_CPU_BUILDS = (('model_lab_scan_cpu', ['-O3', '-std=c++17', '-march=native', '-fopenmp'], ['-fopenmp']),
-               ('model_lab_scan_cpu_serial', ['-O3', '-std=c++17'], []))   # no OpenMP (e.g. Apple clang): one thread
+_CPU_BUILDS = (('model_lab_scan_cpu', ['-O3', '-std=c++17', '-march=native', '-pthread'], ['-pthread']),
+               ('model_lab_scan_cpu_portable', ['-O3', '-std=c++17', '-pthread'], ['-pthread']))  # a compiler without -march=native
 _CPU_ERROR = []
 
 def _cpu_source() -> Path:
@@ -427,7 +427,7 @@ class _CpuScan(torch.autograd.Function):
         (gb, gc), (u, dt, A, B, C, h0), cdt = ctx.groups, ctx.like, u_.dtype
         (b, d, l), npad, n = u_.shape, A_.shape[1], A.shape[1]
         G = max(gb or 1, gc or 1)                                   # a unit's channels share one group of B and of C
-        P = max(1, min(d // G, _cdiv(2 * torch.get_num_threads(), b * G)))   # parts per (batch row, group)
+        P = max(1, min(d // G, _cdiv(8 * torch.get_num_threads(), b * G)))   # parts per (batch row, group): 8 units a thread
         part = lambda fixed: torch.empty(b, d, npad, dtype=cdt) if fixed else torch.zeros(b, G, P, l, npad, dtype=cdt)
         gu, gdt, gA, gh0, gBk, gCk = (torch.empty_like(u_), torch.empty_like(u_), torch.empty(b, d, npad, dtype=cdt),
                                       torch.empty(b, d, npad, dtype=cdt), part(gb is None), part(gc is None))

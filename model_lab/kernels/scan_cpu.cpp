@@ -9,13 +9,17 @@
 //   B, C: fixed (D, NP), or time-major (B, G, L, NP) with G groups of D/G channels
 //   h0, glast, gh0, gA: (B, D, NP)           hs: (B, D, NC + 1, NP): the state entering each chunk, then the last
 // The forward pass is one pass over L per channel, the N lanes in SIMD registers (GCC/Clang vector extensions),
-// channels in parallel (OpenMP). The backward pass walks the chunks in reverse, recomputes each chunk's states from
-// the one stored at its start into an L1-sized buffer, and runs the adjoint state lam backwards. Gradients of a
+// channels in parallel on `threads` std::threads that claim work items from an atomic counter (no spinning, no
+// OpenMP runtime next to torch's: a thread that the OS does not schedule simply claims fewer items). The backward
+// pass walks the chunks in reverse, recomputes each chunk's states from the one stored at its start into an L1-sized buffer, and runs the adjoint state lam backwards. Gradients of a
 // selective/grouped B or C are summed over the channels that share them inside a work unit (b, group, part), into
 // that unit's own (L, NP) buffer: no atomics, no races.
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 #include <vector>
 
 struct ScanArgs {
@@ -32,6 +36,20 @@ template <typename T> struct Vec {
   typedef T V __attribute__((vector_size(64)));
   typedef int32_t I __attribute__((vector_size(64)));
 };
+
+// body(item) for item in [0, n) on `threads` threads (the caller's included); make() builds each thread's state
+template <typename Make, typename Body> static void parallel_for(int64_t n, int64_t threads, Make make, Body body) {
+  std::atomic<int64_t> next{0};
+  auto work = [&] {
+    auto state = make();
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) body(i, state);
+  };
+  std::vector<std::thread> pool;
+  for (int64_t k = 1; k < std::min(threads, n); ++k) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+}
+struct NoState {};
 
 template <typename V> static inline V load(const void* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
 template <typename V> static inline void store(void* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
@@ -80,8 +98,7 @@ template <typename T, int NVT> struct Scan {
 
   void forward() const {
     const int64_t sB = a.b_fixed ? 0 : NP, sC = a.c_fixed ? 0 : NP;
-#pragma omp parallel for num_threads(a.threads) schedule(dynamic, 4)
-    for (int64_t bd = 0; bd < a.batch * D; ++bd) {
+    parallel_for(a.batch * D, a.threads, [] { return NoState{}; }, [&](int64_t bd, NoState&) {
       const int64_t b = bd / D, d = bd % D;
       V h[NVMAX], Av[NVMAX];
       for (int64_t j = 0; j < NV; ++j) {
@@ -105,17 +122,15 @@ template <typename T, int NVT> struct Scan {
         }
       }
       for (int64_t j = 0; j < NV; ++j) store(hr + NC * NP + j * W, h[j]);  // the last state
-    }
+    });
   }
 
   void backward() const {
     const int64_t G = a.groups, P = a.parts, DG = D / G, units = a.batch * G * P;
     const int64_t sB = a.b_fixed ? 0 : NP, sC = a.c_fixed ? 0 : NP;
-#pragma omp parallel num_threads(a.threads)
-    {
-      std::vector<V> hbuf((K + 1) * NV), abuf(K * NV);     // one chunk's states (after 0..K steps) and exp(dt A)
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t unit = 0; unit < units; ++unit) {
+    struct Buffers { std::vector<V> h, a; };               // one chunk's states (after 0..K steps) and exp(dt A)
+    auto make = [&] { return Buffers{std::vector<V>((K + 1) * NV), std::vector<V>(K * NV)}; };
+    parallel_for(units, a.threads, make, [&](int64_t unit, Buffers& buf) {
         const int64_t b = unit / (G * P), g = (unit / P) % G, p = unit % P;
         T *uB = a.b_fixed ? nullptr : out(a.gB) + unit * L * NP, *uC = a.c_fixed ? nullptr : out(a.gC) + unit * L * NP;
         for (int64_t d = g * DG + p * DG / P; d < g * DG + (p + 1) * DG / P; ++d) {
@@ -131,7 +146,7 @@ template <typename T, int NVT> struct Scan {
           T *gur = out(a.gu) + bd * L, *gdr = out(a.gdt) + bd * L;
           for (int64_t c = NC - 1; c >= 0; --c) {
             const int64_t t0 = c * K, t1 = t0 + K < L ? t0 + K : L;
-            V *hb = hbuf.data(), *ab = abuf.data();
+            V *hb = buf.h.data(), *ab = buf.a.data();
             for (int64_t j = 0; j < NV; ++j) hb[j] = load<V>(hr + c * NP + j * W);
             const T* Bt = bc(a.B, a.b_fixed, a.groups_b, b, d, t0);
             for (int64_t t = t0; t < t1; ++t, Bt += sB) {     // the chunk's states again
@@ -171,8 +186,7 @@ template <typename T, int NVT> struct Scan {
             if (a.c_fixed) store(out(a.gC) + bd * NP + j * W, gCf[j]);
           }
         }
-      }
-    }
+    });
   }
 };
 
