@@ -462,6 +462,7 @@ def compile_for_gpu(fn, # a kernel from `triton_kernel` (or `triton.jit`)
                     capability:int, # NVIDIA compute capability, a key of GPU_TARGETS: 75 (T4), 80 (A100), 90 (H100)
                     num_warps:int=4,
                     aligned:tuple=(), # arguments a launch sees 16-aligned (pointers, sizes divisible by 16)
+                    maxnreg:int|None=None, # the register limit per thread a launch passes (`maxnreg=`), if any
                    ) -> KernelResources:
     "Compile `fn` for sm_<capability> without a GPU; its registers, stack and shared memory per thread/block."
     if capability not in GPU_TARGETS: raise ValueError(f'capability must be one of {sorted(GPU_TARGETS)}, got {capability!r}')
@@ -473,7 +474,7 @@ def compile_for_gpu(fn, # a kernel from `triton_kernel` (or `triton.jit`)
         raise RuntimeError('compile_for_gpu needs compiled-mode triton, but this process imported triton with TRITON_INTERPRET=1')
     attrs = {(fn.arg_names.index(a),): [['tt.divisibility', 16]] for a in aligned}
     k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget('cuda', capability, 32),
-                       options=dict(num_warps=num_warps))
+                       options=dict(num_warps=num_warps, **({'maxnreg': maxnreg} if maxnreg else {})))
     return KernelResources(*_res_usage(k.asm['cubin']), k.metadata.shared)
 
 # %% ../nbs/00_devices.ipynb #08bffe8e

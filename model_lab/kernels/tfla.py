@@ -18,8 +18,9 @@ except ImportError:  # the PyTorch paths work without triton
     logging.getLogger('model_lab').info("triton is not installed: mlstm runs its PyTorch paths (pip install 'model_lab[kernels]')")
 
 # %% auto #0
-__all__ = ['FLOOR', 'TILE_MAX', 'BACKENDS', 'VARIANTS', 'mlstm_inputs', 'mlstm_parallel', 'MLSTMState', 'mlstm_recurrent',
-           'mlstm', 'mlstm_step', 'mlstm_flops', 'bench_tfla']
+__all__ = ['FLOOR', 'TILE_MAX', 'MAXNREG', 'BACKENDS', 'VARIANTS', 'PEERS', 'mlstm_inputs', 'mlstm_parallel', 'MLSTMState',
+           'mlstm_recurrent', 'default_chunk_size', 'mlstm', 'mlstm_step', 'mlstm_flops', 'bench_tfla',
+           'bench_tfla_peers']
 
 # %% ../../nbs/11_kernels_tfla.ipynb #bfd67d1b
 def mlstm_inputs(B:int=1, H:int=4, S:int=256, Dqk:int=64, Dv:int|None=None, *,
@@ -489,7 +490,8 @@ def _launch_config(prec:str, # how tl.dot multiplies: 'lowp' (fp16/bf16 operands
     "(largest row tile, largest head-dimension block, warps per program) of the chunkwise kernels (see the table)."
     if capability is None: return TILE_MAX, TILE_MAX, 4
     if tuple(capability) < (8, 0): return 32, 32, 4
-    return (32, 64, 8) if prec == 'ieee' else (64, 64, 4)
+    if prec == 'ieee': return 32, 64, 8
+    return (64, 64, 8) if tuple(capability) >= (9, 0) else (64, 64, 4)
 
 def _capability(x:torch.Tensor) -> tuple|None:
     "The compute capability of x's CUDA GPU; None on a CPU (interpreter) or ROCm."
@@ -509,6 +511,12 @@ def _precision(x:torch.Tensor) -> str:
     cap = _capability(x)
     return 'tf32' if cap is not None and cap >= (8, 0) and torch.backends.cuda.matmul.allow_tf32 else 'ieee'
 
+MAXNREG = 255  # registers per thread the CUDA kernels may use: ptxas otherwise caps some at 128 (or 80-96) and spills
+
+def _launch_opts(warps:int, capability:tuple|None) -> dict:
+    "Launch options: the warps, and on CUDA the register limit (without it ptxas trades spills for occupancy, see below)."
+    return dict(num_warps=warps, **({'maxnreg': MAXNREG} if capability is not None else {}))
+
 def _f32(*xs): return [x.float().contiguous() for x in xs]
 
 class _TritonCore(torch.autograd.Function):
@@ -519,22 +527,24 @@ class _TritonCore(torch.autograd.Function):
         q, k, v = (x.reshape(BH, Sp, -1).contiguous() for x in (q, k, v))
         u, mu, la, lw, lb = _f32(*(x.reshape(BH, Sp) for x in (u, mu, la, lw, lb)))
         lgam, C0, n0 = _f32(lgam.reshape(BH, NC), C0.reshape(BH, Dk, Dv), n0.reshape(BH, Dk))
-        prec = _precision(q); BT, BK, BV, W = _tiles(L, Dk, Dv, _launch_config(prec, _capability(q)))
+        prec, cap = _precision(q), _capability(q)
+        BT, BK, BV, W = _tiles(L, Dk, Dv, _launch_config(prec, cap))
+        opts = _launch_opts(W, cap)
         f32 = dict(device=q.device, dtype=torch.float32)
         CS, NS = torch.empty(BH, NC + 1, Dk, Dv, **f32), torch.empty(BH, NC + 1, Dk, **f32)
         _fw_states_kernel[(BH, triton.cdiv(Dk, BK), triton.cdiv(Dv, BV))](
-            k, v, la, lgam, C0, n0, CS, NS, NC, Dk, Dv, L, BT, BK, BV, prec, num_warps=W)
+            k, v, la, lgam, C0, n0, CS, NS, NC, Dk, Dv, L, BT, BK, BV, prec, **opts)
         h, den, n = torch.empty(BH, Sp, Dv, **f32), torch.empty(BH, Sp, **f32), torch.empty(BH, Sp, **f32)
         _fw_out_kernel[(BH * NC * (L // BT), triton.cdiv(Dv, BV))](
-            q, k, v, u, mu, lw, lb, CS, NS, h, den, n, scale, eps, NC, Dk, Dv, L, BT, BK, BV, FLOOR, prec, num_warps=W)
+            q, k, v, u, mu, lw, lb, CS, NS, h, den, n, scale, eps, NC, Dk, Dv, L, BT, BK, BV, FLOOR, prec, **opts)
         ctx.save_for_backward(q, k, v, u, mu, la, lgam, lw, lb, CS, NS, h, den, n)
-        ctx.cfg = (B, H, L, scale, eps, prec, (BT, BK, BV, W))
+        ctx.cfg = (B, H, L, scale, eps, prec, (BT, BK, BV), opts)
         return h.view(B, H, Sp, Dv), CS[:, -1].view(B, H, Dk, Dv), NS[:, -1].view(B, H, Dk)
 
     @staticmethod
     def backward(ctx, dh, dC_last, dn_last):
         q, k, v, u, mu, la, lgam, lw, lb, CS, NS, h, den, n = ctx.saved_tensors
-        B, H, L, scale, eps, prec, (BT, BK, BV, W) = ctx.cfg
+        B, H, L, scale, eps, prec, (BT, BK, BV), opts = ctx.cfg
         BH, Sp, Dk = q.shape; Dv, NC = v.shape[-1], Sp // L
         nK = triton.cdiv(Dk, BK)
         dnum, dden, dlb = _norm_grads(dh.reshape(BH, Sp, Dv).float(), h, den, n, lb.exp(), eps)
@@ -542,15 +552,15 @@ class _TritonCore(torch.autograd.Function):
         dCl = torch.zeros_like(CS[:, 0]) if dC_last is None else dC_last.reshape(BH, Dk, Dv).float().contiguous()
         dnl = torch.zeros_like(NS[:, 0]) if dn_last is None else dn_last.reshape(BH, Dk).float().contiguous()
         DCS, DNS = torch.empty_like(CS), torch.empty_like(NS)
-        _bw_states_kernel[(BH, nK, triton.cdiv(Dv, BV))](q, dnum, dden, lw, lgam, dCl, dnl, DCS, DNS, scale, NC, Dk, Dv, L, BT, BK, BV, prec, num_warps=W)
+        _bw_states_kernel[(BH, nK, triton.cdiv(Dv, BV))](q, dnum, dden, lw, lgam, dCl, dnl, DCS, DNS, scale, NC, Dk, Dv, L, BT, BK, BV, prec, **opts)
         f32 = dict(device=q.device, dtype=torch.float32)
         grid = (BH * NC * (L // BT),)
         dq, dmu, dlw = torch.empty(BH, Sp, Dk, **f32), torch.empty(nK, BH, Sp, **f32), torch.empty(nK, BH, Sp, **f32)
-        _bw_dq_kernel[grid + (nK,)](q, k, v, u, mu, lw, CS, NS, dnum, dden, dq, dmu, dlw, scale, BH, NC, Dk, Dv, L, BT, BK, BV, FLOOR, prec, num_warps=W)
+        _bw_dq_kernel[grid + (nK,)](q, k, v, u, mu, lw, CS, NS, dnum, dden, dq, dmu, dlw, scale, BH, NC, Dk, Dv, L, BT, BK, BV, FLOOR, prec, **opts)
         dk, du, dla = torch.empty(BH, Sp, Dk, **f32), torch.empty(nK, BH, Sp, **f32), torch.empty(nK, BH, Sp, **f32)
-        _bw_dk_kernel[grid + (nK,)](q, k, v, u, mu, la, DCS, DNS, dnum, dden, dk, du, dla, scale, BH, NC, Dk, Dv, L, BT, BK, BV, FLOOR, prec, num_warps=W)
+        _bw_dk_kernel[grid + (nK,)](q, k, v, u, mu, la, DCS, DNS, dnum, dden, dk, du, dla, scale, BH, NC, Dk, Dv, L, BT, BK, BV, FLOOR, prec, **opts)
         dv = torch.empty(BH, Sp, Dv, **f32)
-        _bw_dv_kernel[grid + (triton.cdiv(Dv, BV),)](q, k, u, mu, la, DCS, dnum, dv, scale, NC, Dk, Dv, L, BT, BK, BV, FLOOR, prec, num_warps=W)
+        _bw_dv_kernel[grid + (triton.cdiv(Dv, BV),)](q, k, u, mu, la, DCS, dnum, dv, scale, NC, Dk, Dv, L, BT, BK, BV, FLOOR, prec, **opts)
         dlgam = ((DCS[:, 1:] * CS[:, :-1]).sum((-1, -2)) + (DNS[:, 1:] * NS[:, :-1]).sum(-1)) * lgam.exp()
         r = lambda x, *d: x.reshape(B, H, *d)
         return (r(dq, Sp, Dk).to(q.dtype), r(dk, Sp, Dk).to(k.dtype), r(dv, Sp, Dv).to(v.dtype), r(du.sum(0), Sp), r(dmu.sum(0), Sp),
@@ -631,20 +641,31 @@ def _check_inputs(q, k, v, i, f, state=None, step:bool=False):
     if not step and q.shape[2] == 0: raise ValueError('the sequence is empty: S must be at least 1')
     for name, x in (('q', q), ('k', k), ('v', v), ('i', i), ('f', f)):
         if not x.is_floating_point(): raise ValueError(f'{name} must be a floating-point tensor, got {x.dtype}')
-        if x.device != q.device: raise ValueError(f'{name} is on {x.device} but q is on {q.device}: put all inputs on one device')
-    if state is not None: _check_state(state, *q.shape[:2], Dk, Dv)
+        if x.device != q.device: raise ValueError(f'{name} must be on the device of q ({q.device}), got {x.device}')
+    for name, x in (('k', k), ('v', v)):
+        if x.dtype != q.dtype: raise ValueError(f'{name} must have the dtype of q ({q.dtype}), got {x.dtype}')
+    if state is not None: _check_state(state, q, v, step)
 
-def _check_state(state, B, H, Dk, Dv):
+def _check_state(state, q, v, step:bool):
+    "Raise ValueError unless the state (C, n, m) fits q, v: shapes, floating point, q's device."
+    what = 'state' if step else 'initial_state'
     if not isinstance(state, (tuple, list)) or len(state) != 3:
-        raise ValueError(f'the state must be a tuple (C, n, m) with C (B, H, Dqk, Dv), n (B, H, Dqk), m (B, H), got {type(state).__name__}')
-    for name, x, want, dims in (('C', state[0], '(B, H, Dqk, Dv)', (B, H, Dk, Dv)), ('n', state[1], '(B, H, Dqk)', (B, H, Dk)),
+        raise ValueError(f'{what} must be a tuple (C, n, m) with C (B, H, Dqk, Dv), n (B, H, Dqk), m (B, H), got {type(state).__name__}')
+    (B, H), Dk, Dv = q.shape[:2], q.shape[-1], v.shape[-1]
+    C = state[0]
+    if step and torch.is_tensor(C) and C.dim() == 4 and tuple(C.shape[:3]) == (B, H, Dk) and C.shape[3] != Dv:  # the carried state knows Dv
+        raise ValueError(f'v must be (B, H, Dv) with Dv={C.shape[3]} like state C {tuple(C.shape)}, got {tuple(v.shape)}')
+    for name, x, want, dims in (('C', C, '(B, H, Dqk, Dv)', (B, H, Dk, Dv)), ('n', state[1], '(B, H, Dqk)', (B, H, Dk)),
                                 ('m', state[2], '(B, H)', (B, H))):
-        if not torch.is_tensor(x) or tuple(x.shape) != dims: raise _shape_error(f'initial_state {name}', want, dims, x)
+        if not torch.is_tensor(x) or tuple(x.shape) != dims: raise _shape_error(f'{what} {name}', want, dims, x)
+        if not x.is_floating_point(): raise ValueError(f'{what} {name} must be a floating-point tensor, got {x.dtype}')
+        if x.device != q.device: raise ValueError(f'{what} {name} must be on the device of q ({q.device}), got {x.device}')
 
 def _check_options(backend, variant, chunk_size):
     if backend not in BACKENDS: raise ValueError(f'backend must be one of {", ".join(BACKENDS)}, got {backend!r}')
     if variant not in VARIANTS: raise ValueError(f'variant must be one of {", ".join(VARIANTS)}, got {variant!r}')
-    if not isinstance(chunk_size, int) or chunk_size < 1: raise ValueError(f'chunk_size must be a positive int, got {chunk_size!r}')
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f'chunk_size must be a positive int or None (chosen per device), got {chunk_size!r}')
 
 # %% ../../nbs/11_kernels_tfla.ipynb #e74311a3
 def _triton_ready(q, L:int):
@@ -655,6 +676,12 @@ def _triton_ready(q, L:int):
     if not (q.is_cuda or triton_interpreted()):
         raise RuntimeError(f"backend='triton' needs CUDA/ROCm tensors on a machine with a GPU (got tensors on {q.device})")
 
+def default_chunk_size(q:torch.Tensor) -> int:
+    """Steps per chunk when `mlstm` is not told: 128 on a CUDA/ROCm GPU (the Triton kernels tile a chunk into 64-row tiles, so
+    a larger chunk only means fewer stored states; mlstm_kernels' TFLA kernels default to 128 too), 64 elsewhere (the
+    PyTorch path's L x L products per chunk; 64 was the fastest of 32-256 on this CPU, see the benchmark)."""
+    return 128 if q.is_cuda else 64
+
 def _triton_fits(q, L:int) -> bool:
     "auto picks Triton: the tensors are on a GPU with triton, the dtype and chunk size suit the kernels."
     return triton_usable(q) and q.dtype != torch.float64 and L >= 16 and not L & (L - 1)
@@ -662,7 +689,7 @@ def _triton_fits(q, L:int) -> bool:
 def mlstm(q, k, v, i, f, # q, k (B, H, S, Dqk); v (B, H, S, Dv); i, f (B, H, S) gate pre-activations
           *, initial_state:tuple|None=None, # (C (B, H, Dqk, Dv), n (B, H, Dqk), m (B, H)) to start from
           return_last_state:bool=False, # also return the state after the last step
-          chunk_size:int=64, # steps per chunk (torch, triton)
+          chunk_size:int|None=None, # steps per chunk (torch, triton); None: `default_chunk_size`
           variant:str='exp', # 'exp' (exponential input gate, max state) or 'sig' (sigmoid input gate)
           backend:str='auto', # auto | torch | triton | parallel | recurrent
           eps:float=1e-6):
@@ -670,6 +697,7 @@ def mlstm(q, k, v, i, f, # q, k (B, H, S, Dqk); v (B, H, S, Dv); i, f (B, H, S) 
     _check_options(backend, variant, chunk_size)
     _check_inputs(q, k, v, i, f, initial_state)
     state = MLSTMState(*initial_state) if initial_state is not None else None
+    chunk_size = chunk_size or default_chunk_size(q)
     if backend == 'parallel':
         if state is not None or return_last_state:
             raise ValueError("backend='parallel' has no state: drop initial_state/return_last_state or use backend='torch'")
@@ -703,6 +731,9 @@ _BENCH_SIZES = dict(quick=dict(S=(64, 128), D=(64,)), default=dict(S=(256, 1024,
 # the largest S each slow reference runs at: (forward, forward+backward), per device kind
 _REF_LIMITS = dict(cpu=dict(parallel=(4096, 2048), recurrent=(1024, 256)),
                    gpu=dict(parallel=(8192, 4096), recurrent=(2048, 1024)))
+# mlstm_kernels' chunkwise implementations, by their own registry names, with the chunk size each runs at;
+# the native (PyTorch) ones run anywhere, the Triton ones (TFLA: triton_xl_chunk) only on a GPU
+PEERS = dict(native_autograd=64, native_custbw=64, triton_xl_chunk=128, triton_limit_chunk=64)
 
 def mlstm_flops(B, H, S, Dqk, Dv, chunk_size:int=64, backward:bool=False) -> float:
     "FLOPs of the chunkwise mLSTM (causal half of the intra-chunk products, state products); x3 with the backward."
@@ -710,22 +741,22 @@ def mlstm_flops(B, H, S, Dqk, Dv, chunk_size:int=64, backward:bool=False) -> flo
     fw = 2 * B * H * nc * (L * L * (Dqk + Dv) / 2 + 2 * L * Dqk * Dv)
     return fw * (3 if backward else 1)
 
-def _peer_chunkwise(backward:bool):
-    "mlstm_kernels' native chunkwise PyTorch function, or None when it is not installed."
-    try:
-        from mlstm_kernels.torch.chunkwise import mlstm_chunkwise__native_autograd, mlstm_chunkwise__native_custbw
-    except Exception: return None
-    return mlstm_chunkwise__native_custbw if backward else mlstm_chunkwise__native_autograd
+def _peers(gpu:bool) -> dict:
+    "'mlstm_kernels chunkwise--<name>' -> (its function, chunk size) for the installed peer implementations that can run here."
+    try: from mlstm_kernels.torch.chunkwise import registry
+    except Exception: return {}
+    return {f'mlstm_kernels chunkwise--{n}': (registry[n], L) for n, L in PEERS.items()
+            if n in registry and (gpu or n.startswith('native'))}
 
-def _implementations(hw:Hardware, S:int, backward:bool) -> dict:
-    "name -> fn(q, k, v, i, f) for the implementations that run at this size here."
+def _implementations(hw:Hardware, S:int, backward:bool, references:bool=True) -> dict:
+    "name -> (fn(q, k, v, i, f), chunk size) for the implementations that run at this size here."
     gpu = hw.kind in ('cuda', 'rocm')
-    lim = _REF_LIMITS['gpu' if gpu else 'cpu']
-    impl = {'chunkwise torch': lambda *x: mlstm(*x, backend='torch')}
-    if gpu and triton is not None: impl['triton tfla'] = lambda *x: mlstm(*x, backend='triton')
-    if (peer := _peer_chunkwise(backward)) is not None: impl['mlstm_kernels chunkwise'] = lambda *x: peer(*x, chunk_size=64)
-    if S <= lim['parallel'][backward]: impl['parallel'] = lambda *x: mlstm(*x, backend='parallel')
-    if S <= lim['recurrent'][backward]: impl['recurrent'] = lambda *x: mlstm(*x, backend='recurrent')
+    lim, L = _REF_LIMITS['gpu' if gpu else 'cpu'], 128 if gpu else 64   # default_chunk_size of the device
+    impl = {'chunkwise torch': (lambda *x: mlstm(*x, backend='torch', chunk_size=L), L)}
+    if gpu and triton is not None: impl['triton tfla'] = (lambda *x: mlstm(*x, backend='triton', chunk_size=L), L)
+    for name, (fn, Lp) in _peers(gpu).items(): impl[name] = (lambda *x, fn=fn, Lp=Lp: fn(*x, chunk_size=Lp), Lp)
+    if references and S <= lim['parallel'][backward]: impl['parallel'] = (lambda *x: mlstm(*x, backend='parallel'), None)
+    if references and S <= lim['recurrent'][backward]: impl['recurrent'] = (lambda *x: mlstm(*x, backend='recurrent'), None)
     return impl
 
 # %% ../../nbs/11_kernels_tfla.ipynb #14ab7a04
@@ -738,26 +769,39 @@ def _timed_call(fn, x, backward:bool):
     gy = torch.ones_like(x[2])
     return lambda: torch.autograd.grad(fn(*x), x, grad_outputs=gy)
 
-def _bench_one(hw, name, fn, x, backward, S, D, dtype):
-    "Time one implementation at one size and make its Result."
+def _bench_one(hw, name, fn, chunk, x, backward, S, D, dtype):
+    "Time one implementation at one size and make its Result; throughput counts the FLOPs at the device's chunk size."
     slow = name in ('parallel', 'recurrent')  # references: fewer repeats; the recurrent loop's memory is not profiled
     t = measure(_timed_call(fn, x, backward), warmup=0 if slow else 1, repeat=3 if slow else 5, track_memory=name != 'recurrent')
-    work = mlstm_flops(1, 4, S, D, D, 64, backward) / 1e12
+    work = mlstm_flops(1, 4, S, D, D, 128 if hw.kind in ('cuda', 'rocm') else 64, backward) / 1e12
     pk = peak_specs(hw).flops.get({torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[dtype])
-    q = dict(fraction_of_peak=round(work / t.median / (pk / 1e12), 5)) if pk else {}
+    cond = dict(threads=torch.get_num_threads(), load_avg=round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None,
+                peak_tflops=pk / 1e12 if pk else None, fraction_of_peak=round(work / t.median / (pk / 1e12), 5) if pk else None)
     return record('tfla', f'{name} {"fwd+bwd" if backward else "fwd"} D={D}', t, hw=hw, dtype=dtype, work=work, unit='TFLOP/s',
-                  params=dict(S=S, B=1, H=4, D=D, chunk=64, mode='fwd+bwd' if backward else 'fwd'), quality=q,
-                  pkgs=('triton', 'mlstm_kernels'))
+                  params=dict(S=S, B=1, H=4, D=D, chunk=chunk, mode='fwd+bwd' if backward else 'fwd'),
+                  pkgs=('triton', 'mlstm_kernels'), conditions=cond)
+
+def _bench_sizes(hw, sizes:dict, references:bool=True):
+    "Every implementation at every (D, S), forward and forward+backward; a peer that fails here is logged and skipped."
+    dev = torch_device(hw)
+    dtype = best_dtype(hw).dtype if hw.kind in ('cuda', 'rocm') else torch.float32
+    for D in sizes['D']:
+        for S in sizes['S']:
+            for backward in (False, True):
+                x = mlstm_inputs(1, 4, S, D, dtype=dtype, device=dev, requires_grad=backward)
+                for name, (fn, chunk) in _implementations(hw, S, backward, references).items():
+                    try: yield _bench_one(hw, name, fn, chunk, x, backward, S, D, dtype)
+                    except Exception as e:
+                        if not name.startswith('mlstm_kernels'): raise
+                        logging.getLogger('model_lab').warning(f'tfla bench: {name} cannot run here ({type(e).__name__}: {str(e)[:200]})')
 
 @suite('tfla', plots=[dict(x='S', y='median', hue='name', logx=True, logy=True),
                       dict(x='S', y='peak_mem_bytes', hue='name', logx=True, logy=True)])
 def bench_tfla(hw:Hardware, size:str='default'):
-    "mLSTM: parallel vs recurrent vs chunkwise PyTorch vs Triton TFLA (vs mlstm_kernels), forward and forward+backward."
-    dev = torch_device(hw)
-    dtype = best_dtype(hw).dtype if hw.kind in ('cuda', 'rocm') else torch.float32
-    for D in _BENCH_SIZES[size]['D']:
-        for S in _BENCH_SIZES[size]['S']:
-            for backward in (False, True):
-                x = mlstm_inputs(1, 4, S, D, dtype=dtype, device=dev, requires_grad=backward)
-                for name, fn in _implementations(hw, S, backward).items():
-                    yield _bench_one(hw, name, fn, x, backward, S, D, dtype)
+    """mLSTM: parallel vs recurrent vs chunkwise PyTorch vs Triton TFLA vs mlstm_kernels' chunkwise implementations (native
+    autograd and custom backward; on a GPU also its Triton TFLA kernels), forward and forward+backward."""
+    yield from _bench_sizes(hw, _BENCH_SIZES[size])
+
+def bench_tfla_peers(hw:Hardware, S:tuple=(1024, 4096), D:int=64) -> list:
+    "Ours against mlstm_kernels' chunkwise implementations only (no O(S^2) or O(S) references), at the given S."
+    return list(_bench_sizes(hw, dict(S=S, D=(D,)), references=False))
