@@ -15,9 +15,12 @@ from .kernels.tfla import mlstm, mlstm_step
 
 # %% auto #0
 __all__ = ['BLOCK_LETTERS', 'DTYPES', 'BLOCKS', 'WEIGHTS_NAME', 'CONFIG_NAME', 'hybrid_350m', 'hybrid_1_3b', 'hybrid_7b',
-           'PRESETS', 'NOMINAL', 'HybridConfig', 'RMSNorm', 'SwiGLU', 'soft_cap', 'head_rms_norm', 'HybridBlock',
-           'MambaBlock', 'mLSTMBlock', 'slstm_cell', 'sLSTMBlock', 'rope', 'AttentionBlock', 'check_ids', 'HybridLM',
-           'filter_logits', 'sample_next', 'check_state', 'meta_model', 'param_count']
+           'PRESETS', 'NOMINAL', 'PRECISIONS', 'OPTIMIZERS', 'DEVICE_MEMORY', 'USABLE', 'RUNTIME_DEVICES',
+           'HybridConfig', 'RMSNorm', 'SwiGLU', 'soft_cap', 'head_rms_norm', 'HybridBlock', 'MambaBlock', 'mLSTMBlock',
+           'slstm_cell', 'sLSTMBlock', 'rope', 'AttentionBlock', 'check_ids', 'HybridLM', 'filter_logits',
+           'sample_next', 'check_state', 'meta_model', 'param_count', 'activation_values', 'infer_values',
+           'state_values', 'estimate_memory', 'measured_train_peak', 'measured_infer_peak', 'per_device_bytes',
+           'fit_table', 'matmul_params', 'flops_per_token', 'device_peak', 'runtime_estimates', 'measure_utilisation']
 
 # %% ../nbs/20_hybrid_model.ipynb #b637af16
 BLOCK_LETTERS = {'M': 'mamba', 'm': 'mlstm', 's': 'slstm', 'A': 'attention'}
@@ -339,8 +342,8 @@ class sLSTMBlock(HybridBlock):
         wx = self.W(xn).to(ct).view(B, L, self.H, 4, self.dh)
         state = state or self.empty_state(B, xn.device, ct)
         hs = []
-        for t in range(L):
-            h, state = self._recur(wx[:, t], state)
+        for w in wx.unbind(1):                     # unbind: one stacked gradient (indexing would cost O(L²) in backward)
+            h, state = self._recur(w, state)
             hs.append(h)
         return self._out(torch.stack(hs, 1), xn.dtype), state              # (B, L, d)
 
@@ -564,6 +567,196 @@ def meta_model(cfg:HybridConfig) -> HybridLM:
     "The model built on the meta device: shapes only, no memory."
     with torch.device('meta'): return HybridLM(cfg)
 
+_COUNTS = {}
+
+def _key(cfg:HybridConfig) -> str: return json.dumps(cfg.to_dict(), sort_keys=True)
+
 def param_count(cfg:HybridConfig) -> int:
-    "Number of parameters of `HybridLM(cfg)` (tied weights once), counted on the meta device."
-    return sum(p.numel() for p in meta_model(cfg).parameters())
+    "Number of parameters of `HybridLM(cfg)` (tied weights once), counted on the meta device (cached per config)."
+    k = _key(cfg)
+    if k not in _COUNTS: _COUNTS[k] = sum(p.numel() for p in meta_model(cfg).parameters())
+    return _COUNTS[k]
+
+# %% ../nbs/20_hybrid_model.ipynb #e96fe909
+PRECISIONS = ('fp32', 'bf16', 'fp16', 'int8')
+OPTIMIZERS = {'adamw': 2, 'adam': 2, 'sgd': 1, 'none': 0}        # states per parameter
+_TRAIN_BYTES = dict(fp32=(4, 4, 4), bf16=(6, 4, 4), fp16=(6, 4, 4), int8=(2, 2, 1))   # weights, grads, bytes per optimizer state
+_ACT_BYTES = dict(fp32=4, bf16=2, fp16=2, int8=2)
+
+def _ffn_values(d:int, h:int) -> int: return 2 * d + 4 * h          # norm in/out; gate, up, silu(gate), their product
+
+def _scan_chunk(b:int, di:int, n:int) -> int:
+    "Steps per chunk of the PyTorch selective scan (its saved chunk states are di·N every chunk)."
+    return int(min(256, max(16, 2 ** round(math.log2(max(1, 2**19 // (b * di * n)))))))
+
+def activation_values(cfg:HybridConfig, letter:str, batch:int=1) -> float:
+    "Values one layer of type `letter` keeps for the backward, per token."
+    d, di, N, R = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.mamba_dt_rank
+    if letter == 'M': return 4 * d + 6 * di + R + 2 * N + di * N / _scan_chunk(batch, di, N)
+    if letter == 'm': return 12.5 * d + 2 * cfg.n_mlstm_heads * cfg.chunk_size + _ffn_values(d, cfg.ffn_dim)
+    if letter == 's': return 22 * d + _ffn_values(d, cfg.slstm_ffn_dim)  # 4d gate pre-activations, ~14d saved per step, norms
+    if letter == 'A': return 12 * d + _ffn_values(d, cfg.ffn_dim)        # qkv, fp32 RoPE copies, SDPA out (+ logsumexp)
+    raise ValueError(f"letter must be one of {''.join(BLOCK_LETTERS)}, got {letter!r}")
+
+def infer_values(cfg:HybridConfig, letter:str) -> float:
+    "Values a forward without autograd holds at once per token inside one layer of type `letter` (its input and output included)."
+    d, di, H = cfg.d_model, cfg.d_inner, cfg.n_mlstm_heads
+    mixer = dict(M=13 * di, m=12 * d + 2 * H * cfg.chunk_size, s=8 * d, A=12 * d)[letter]
+    ffn = 0 if letter == 'M' else 4 * (cfg.slstm_ffn_dim if letter == 's' else cfg.ffn_dim) + d
+    return 2 * d + max(mixer, ffn)
+
+def state_values(cfg:HybridConfig, letter:str, seq_len:int) -> int:
+    "Values of one layer's decoding state per sequence (the KV cache after `seq_len` tokens for attention)."
+    d, di, N = cfg.d_model, cfg.d_inner, cfg.d_state
+    H = cfg.n_mlstm_heads
+    return dict(M=di * N + di * (cfg.d_conv - 1), m=H * (cfg.qk_dim // H) * (d // H) + cfg.qk_dim + H,
+                s=4 * d, A=2 * seq_len * d)[letter]
+
+# %% ../nbs/20_hybrid_model.ipynb #71612e9a
+_INT8 = {}
+
+def _int8_weight_bytes(cfg:HybridConfig) -> int:
+    "Bytes of the weights after int8 weight-only quantization of every linear layer but a tied LM head (rest bf16)."
+    if (k := _key(cfg)) not in _INT8: _INT8[k] = _count_int8(cfg)
+    return _INT8[k]
+
+def _count_int8(cfg:HybridConfig) -> int:
+    m, total, seen = meta_model(cfg), 0, set()
+    quantized = {id(mod.weight) for name, mod in m.named_modules() if isinstance(mod, nn.Linear)
+                 and not (name == 'lm_head' and cfg.tie_embeddings)}
+    for p in m.parameters():
+        if id(p) in seen: continue
+        seen.add(id(p))
+        total += p.numel() + 4 * p.shape[0] if id(p) in quantized else 2 * p.numel()
+    return total
+
+def _check_estimate_args(precision, optimizer, batch, seq_len):
+    if precision not in PRECISIONS: raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
+    if optimizer not in OPTIMIZERS: raise ValueError(f'optimizer must be one of {", ".join(OPTIMIZERS)}, got {optimizer!r}')
+    for name, v in (('batch', batch), ('seq_len', seq_len)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1: raise ValueError(f'{name} must be a positive int, got {v!r}')
+
+def estimate_memory(cfg:HybridConfig, precision:str, # 'fp32' | 'bf16' | 'fp16' | 'int8'
+                    optimizer:str='adamw', # 'adamw' | 'adam' | 'sgd' (momentum) | 'none'
+                    batch:int=1, seq_len:int=2048, training:bool=True) -> dict:
+    "Bytes for weights, gradients, optimizer state, activations and the peak `total` of a training step or a forward."
+    _check_estimate_args(precision, optimizer, batch, seq_len)
+    P, tok, d, V = param_count(cfg), batch * seq_len, cfg.d_model, cfg.vocab
+    if not training:
+        w = _int8_weight_bytes(cfg) if precision == 'int8' else P * {'fp32': 4}.get(precision, 2)
+        a = _ACT_BYTES[precision]
+        widest = max(infer_values(cfg, c) for c in set(cfg.layers))
+        states = sum(state_values(cfg, c, seq_len) for c in cfg.layers) * batch * 4
+        scan_tmp = 2 * 2**19 * 4 if 'M' in cfg.layers else 0       # the PyTorch scan's chunk of states and decays
+        act = tok * (widest * a + 2 * V * 4) + states + scan_tmp   # the widest block, fp32 logits and a soft-cap temporary
+        return dict(weights=w, gradients=0, optimizer=0, activations=act, total=w + act)
+    wb, gb, ob = _TRAIN_BYTES[precision]
+    w, g, o = P * wb, P * gb, P * ob * OPTIMIZERS[optimizer]
+    a = _ACT_BYTES[precision]
+    layers = sum(activation_values(cfg, c, batch) for c in cfg.layers) * tok * a
+    act = layers + tok * (3 * d * a + 4 * V * 4)           # final norm + LM head input; logits, log-softmax, their grads
+    head_grad = V * d * gb
+    step_tmp = P * gb if OPTIMIZERS[optimizer] else 0     # the optimizer step's temporaries (foreach kernels: one per parameter)
+    # the PyTorch scan's backward recomputes a chunk of states: ~4 tensors of (T, B, Di, N) fp32 while the logits are gone
+    di, N = cfg.d_inner, cfg.d_state
+    scan_ws = 4 * _scan_chunk(batch, di, N) * batch * di * N * 4 if 'M' in cfg.layers else 0
+    peak = max(act + head_grad, layers + scan_ws + head_grad, g + step_tmp)
+    return dict(weights=w, gradients=g, optimizer=o, activations=act, total=w + o + peak)
+
+# %% ../nbs/20_hybrid_model.ipynb #9eb785fa
+def measured_train_peak(cfg:HybridConfig, batch:int, seq_len:int, steps:int=2, seed:int=0) -> int:
+    "Peak bytes the allocator reports for building HybridLM(cfg) + AdamW and `steps` training steps on random tokens."
+    def run():
+        torch.manual_seed(seed)
+        m = HybridLM(cfg)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        ids = torch.randint(0, cfg.vocab, (batch, seq_len + 1))
+        for _ in range(steps):
+            loss = F.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+            loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        return loss
+    return peak_memory(run, 'cpu')
+
+def measured_infer_peak(cfg:HybridConfig, batch:int, seq_len:int, seed:int=0) -> int:
+    "Peak bytes for building HybridLM(cfg) and one forward over `seq_len` tokens without autograd."
+    def run():
+        torch.manual_seed(seed)
+        m = HybridLM(cfg)
+        with torch.no_grad(): return m(torch.randint(0, cfg.vocab, (batch, seq_len)))[:, -1]
+    return peak_memory(run, 'cpu')
+
+# %% ../nbs/20_hybrid_model.ipynb #1957df55
+DEVICE_MEMORY = {'T4 16 GB': (16e9, 1), 'A100 40 GB': (40e9, 1), 'A100 80 GB': (80e9, 1),
+                 'TPU v2-8': (8 * 2**30, 8), 'TPU v5e-8': (16 * 2**30, 8)}   # bytes per device, devices (datasheets)
+USABLE = 0.9
+
+def per_device_bytes(est:dict, devices:int) -> int:
+    "Bytes one device needs when weights, gradients and optimizer states are sharded over `devices` (activations are not)."
+    state = est['weights'] + est['gradients'] + est['optimizer']
+    return int(est['total'] - state + state / devices)
+
+def fit_table(presets:dict|None=None, precisions=('fp32', 'bf16', 'int8'), seq_len:int=2048) -> str:
+    "Markdown: GB needed per preset and precision, and ✓ / ✗ (inference / training) per device in DEVICE_MEMORY."
+    presets = presets or PRESETS
+    head = '| preset | precision | inference | training | ' + ' | '.join(DEVICE_MEMORY) + ' |\n|' + '---|' * (4 + len(DEVICE_MEMORY))
+    rows = []
+    for name, cfg in presets.items():
+        for pr in precisions:
+            inf, tr = estimate_memory(cfg, pr, seq_len=seq_len, training=False), estimate_memory(cfg, pr, seq_len=seq_len)
+            mark = lambda e, mem, n: '✓' if per_device_bytes(e, n) <= USABLE * mem else '✗'
+            cells = [f'{mark(inf, mem, n)} / {mark(tr, mem, n)}' for mem, n in DEVICE_MEMORY.values()]
+            rows.append(f'| {name} | {pr} | {inf["total"] / 1e9:.1f} GB | {tr["total"] / 1e9:.1f} GB | ' + ' | '.join(cells) + ' |')
+    return '\n'.join([head, *rows])
+
+# %% ../nbs/20_hybrid_model.ipynb #c7c2da1d
+from .kernels.tfla import mlstm_flops
+
+_MATMUL = {}
+
+def matmul_params(cfg:HybridConfig) -> int:
+    "Weights that multiply activations (linear and conv layers, the LM head included; not the embedding lookup)."
+    if (k := _key(cfg)) not in _MATMUL:
+        _MATMUL[k] = sum(mod.weight.numel() for mod in meta_model(cfg).modules() if isinstance(mod, (nn.Linear, nn.Conv1d)))
+    return _MATMUL[k]
+
+def flops_per_token(cfg:HybridConfig, seq_len:int=2048, training:bool=True) -> float:
+    "Model FLOPs per token (forward, x3 with the backward) at context `seq_len`."
+    matmul = matmul_params(cfg)
+    d, H = cfg.d_model, cfg.n_mlstm_heads
+    mix = dict(M=9 * cfg.d_inner * cfg.d_state, A=2 * seq_len * d,
+               m=mlstm_flops(1, H, seq_len, cfg.qk_dim // H, d // H, cfg.chunk_size) / seq_len,
+               s=4 * d * (d // cfg.slstm_heads) * 2 + 20 * d)
+    fwd = 2 * matmul + sum(mix[c] for c in cfg.layers)
+    return fwd * (3 if training else 1)
+
+RUNTIME_DEVICES = {'T4': 'Tesla T4', 'V100': 'Tesla V100-SXM2-16GB', 'A100': 'NVIDIA A100-SXM4-40GB', 'TPU v5e': 'TPU v5 lite'}
+
+def device_peak(label:str) -> tuple[float, str]:
+    "(dense 16-bit peak FLOP/s, dtype) of one device from `model_lab.devices.peak_specs` (bf16 where it has it, else fp16)."
+    name = RUNTIME_DEVICES[label]
+    fl = peak_specs(Hardware(kind='tpu' if 'TPU' in name else 'cuda', name=name)).flops
+    return (fl['bf16'], 'bf16') if 'bf16' in fl else (fl['fp16'], 'fp16')
+
+def runtime_estimates(utilisation:float, presets:dict|None=None, steps:int=1000, batch:int=8, seq_len:int=2048) -> dict:
+    "{preset: {device: seconds}} for `steps` training steps of batch x seq_len tokens at `utilisation` of each peak."
+    presets = presets or PRESETS
+    return {k: {dev: steps * batch * seq_len * flops_per_token(c, seq_len) / (device_peak(dev)[0] * utilisation)
+                for dev in RUNTIME_DEVICES} for k, c in presets.items()}
+
+# %% ../nbs/20_hybrid_model.ipynb #7eea1acc
+def measure_utilisation(cfg:HybridConfig|None=None, batch:int=4, seq_len:int=256, repeat:int=3) -> dict:
+    "Achieved FLOP/s of a real fp32 training step of `cfg` on this machine and its fraction of the fp32 peak."
+    cfg = cfg or HybridConfig(vocab=2048, d_model=256, n_layers=6, pattern='MmMmMA')
+    torch.manual_seed(0)
+    m, dev = HybridLM(cfg), torch.device('cpu')
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    ids = torch.randint(0, cfg.vocab, (batch, seq_len + 1))
+    def step():
+        loss = F.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        return loss
+    t = measure(step, warmup=1, repeat=repeat, device=dev, track_memory=False)
+    achieved = batch * seq_len * flops_per_token(cfg, seq_len) / t.median
+    pk = peak_specs(detect()).flops.get('fp32')
+    return dict(flops_per_s=achieved, peak=pk, utilisation=achieved / pk if pk else None, step_s=t.median,
+                threads=torch.get_num_threads(), pattern=cfg.pattern, d_model=cfg.d_model, batch=batch, seq_len=seq_len)
