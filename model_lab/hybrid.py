@@ -9,18 +9,21 @@ from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from .devices import Hardware, detect, torch_device, peak_specs
-from .bench import suite, measure, record, atomic_write, peak_memory
+from .bench import suite, measure, record, atomic_write, peak_memory, Timing
 from .kernels.scan import selective_scan, selective_state_update
 from .kernels.tfla import mlstm, mlstm_step
 
 # %% auto #0
 __all__ = ['BLOCK_LETTERS', 'DTYPES', 'BLOCKS', 'WEIGHTS_NAME', 'CONFIG_NAME', 'hybrid_350m', 'hybrid_1_3b', 'hybrid_7b',
-           'PRESETS', 'NOMINAL', 'PRECISIONS', 'OPTIMIZERS', 'DEVICE_MEMORY', 'USABLE', 'RUNTIME_DEVICES',
-           'HybridConfig', 'RMSNorm', 'SwiGLU', 'soft_cap', 'head_rms_norm', 'HybridBlock', 'MambaBlock', 'mLSTMBlock',
-           'slstm_cell', 'sLSTMBlock', 'rope', 'AttentionBlock', 'check_ids', 'HybridLM', 'filter_logits',
-           'sample_next', 'check_state', 'meta_model', 'param_count', 'activation_values', 'infer_values',
-           'state_values', 'estimate_memory', 'measured_train_peak', 'measured_infer_peak', 'per_device_bytes',
-           'fit_table', 'matmul_params', 'flops_per_token', 'device_peak', 'runtime_estimates', 'measure_utilisation']
+           'PRESETS', 'NOMINAL', 'PRECISIONS', 'OPTIMIZERS', 'DEVICE_MEMORY', 'USABLE', 'RUNTIME_DEVICES', 'UTIL_CFG',
+           'STDLIB_FILES', 'HELD_OUT', 'HybridConfig', 'RMSNorm', 'SwiGLU', 'soft_cap', 'head_rms_norm', 'HybridBlock',
+           'MambaBlock', 'mLSTMBlock', 'slstm_cell', 'sLSTMBlock', 'rope', 'AttentionBlock', 'check_ids', 'HybridLM',
+           'filter_logits', 'sample_next', 'check_state', 'meta_model', 'param_count', 'activation_values',
+           'infer_values', 'state_values', 'estimate_memory', 'measured_train_peak', 'measured_infer_peak',
+           'per_device_bytes', 'fit_table', 'matmul_params', 'flops_per_token', 'device_peak', 'runtime_estimates',
+           'measure_utilisation', 'stdlib_bytes', 'random_windows', 'lm_loss', 'train_briefly', 'perplexity',
+           'quantize_int8', 'weight_bytes', 'bench_hybrid', 'generation_table', 'blocks_table', 'int8_table',
+           'runtime_table']
 
 # %% ../nbs/20_hybrid_model.ipynb #b637af16
 BLOCK_LETTERS = {'M': 'mamba', 'm': 'mlstm', 's': 'slstm', 'A': 'attention'}
@@ -743,20 +746,215 @@ def runtime_estimates(utilisation:float, presets:dict|None=None, steps:int=1000,
     return {k: {dev: steps * batch * seq_len * flops_per_token(c, seq_len) / (device_peak(dev)[0] * utilisation)
                 for dev in RUNTIME_DEVICES} for k, c in presets.items()}
 
-# %% ../nbs/20_hybrid_model.ipynb #7eea1acc
-def measure_utilisation(cfg:HybridConfig|None=None, batch:int=4, seq_len:int=256, repeat:int=3) -> dict:
-    "Achieved FLOP/s of a real fp32 training step of `cfg` on this machine and its fraction of the fp32 peak."
-    cfg = cfg or HybridConfig(vocab=2048, d_model=256, n_layers=6, pattern='MmMmMA')
+# %% ../nbs/20_hybrid_model.ipynb #508a4af3
+UTIL_CFG = HybridConfig(vocab=2048, d_model=256, n_layers=6, pattern='MmMmMA', mlstm_heads=2)
+
+def measure_utilisation(cfg:HybridConfig|None=None, batch:int=4, seq_len:int=256, repeat:int=3, hw:Hardware|None=None) -> dict:
+    "Achieved FLOP/s of a real fp32 training step of `cfg` on `hw` (default: this machine) and its fraction of the fp32 peak."
+    cfg, hw = cfg or UTIL_CFG, hw or detect()
     torch.manual_seed(0)
-    m, dev = HybridLM(cfg), torch.device('cpu')
+    dev = torch_device(hw)
+    m = HybridLM(cfg).to(dev)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-    ids = torch.randint(0, cfg.vocab, (batch, seq_len + 1))
+    ids = torch.randint(0, cfg.vocab, (batch, seq_len + 1)).to(dev)
     def step():
         loss = F.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
         return loss
     t = measure(step, warmup=1, repeat=repeat, device=dev, track_memory=False)
     achieved = batch * seq_len * flops_per_token(cfg, seq_len) / t.median
-    pk = peak_specs(detect()).flops.get('fp32')
+    pk = peak_specs(hw).flops.get('fp32')
     return dict(flops_per_s=achieved, peak=pk, utilisation=achieved / pk if pk else None, step_s=t.median,
                 threads=torch.get_num_threads(), pattern=cfg.pattern, d_model=cfg.d_model, batch=batch, seq_len=seq_len)
+
+# %% ../nbs/20_hybrid_model.ipynb #0e68df26
+STDLIB_FILES = ('functools.py', 'dataclasses.py', 'textwrap.py', 'argparse.py', 'contextlib.py', 'fractions.py')
+HELD_OUT = 'inspect.py'
+
+def stdlib_bytes(names=STDLIB_FILES) -> torch.Tensor:
+    "The bytes of some of the standard library's .py files, as a uint8 tensor (byte-level tokens)."
+    root = Path(os.__file__).parent
+    data = b'\n'.join((root / n).read_bytes() for n in ((names,) if isinstance(names, str) else names))
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+def random_windows(data:torch.Tensor, batch:int, seq_len:int, generator:torch.Generator) -> torch.Tensor:
+    "batch windows of seq_len + 1 tokens at random offsets of `data`, as int64 (B, seq_len + 1)."
+    starts = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=generator)
+    return torch.stack([data[s:s + seq_len + 1] for s in starts.tolist()]).long()
+
+def lm_loss(model, ids): return F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+
+def train_briefly(cfg:HybridConfig, data:torch.Tensor, steps:int, batch:int=16, seq_len:int=128,
+                  lr:float=3e-3, seed:int=0) -> tuple[HybridLM, list]:
+    "A HybridLM(cfg) trained `steps` AdamW steps (cosine to 10%) on random windows of `data`: (model, losses)."
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = HybridLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
+    losses = []
+    for _ in range(steps):
+        loss = lm_loss(model, random_windows(data, batch, seq_len, g))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return model.eval(), losses
+
+@torch.no_grad()
+def perplexity(model, data:torch.Tensor, seq_len:int=256, max_windows:int=16) -> float:
+    "exp(mean next-token loss) over consecutive windows of `data`."
+    n = min(max_windows, (len(data) - 1) // seq_len)
+    if n < 1: raise ValueError(f'data must hold more than seq_len={seq_len} tokens, got {len(data)}')
+    ids = data[:n * seq_len + 1].long()
+    wins = torch.stack([ids[i * seq_len:(i + 1) * seq_len + 1] for i in range(n)])
+    return math.exp(lm_loss(model, wins).item())
+
+# %% ../nbs/20_hybrid_model.ipynb #6950bded
+def quantize_int8(model:HybridLM) -> HybridLM:
+    "torchao int8 weight-only quantization of the linear layers, in place (a tied LM head stays tied and unquantized)."
+    from torchao.quantization import quantize_, Int8WeightOnlyConfig
+    tied = model.cfg.tie_embeddings
+    keep = lambda mod, fqn: isinstance(mod, nn.Linear) and not (tied and fqn == 'lm_head')
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=keep)
+    return model
+
+def _tensor_bytes(t) -> int:
+    names = getattr(t, 'tensor_data_names', None)
+    if names: return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+def weight_bytes(model:nn.Module) -> int:
+    "Bytes of the model's parameters as stored (tied weights once; quantized tensors: their data and scales)."
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen: seen.add(id(p)); total += _tensor_bytes(p)
+    return total
+
+# %% ../nbs/20_hybrid_model.ipynb #8728511e
+_BENCH = dict(quick=dict(d=64, prompts=(16, 32), new=4, L=64, target=1, train_steps=3, util_L=32),
+              default=dict(d=256, prompts=(128, 256, 512), new=8, L=256, target=2, train_steps=30, util_L=128),
+              full=dict(d=256, prompts=(128, 256, 512, 1024, 2048), new=32, L=1024, target=6, train_steps=200, util_L=256))
+
+def _gen_model(d:int=256, pattern:str='MmMmMs') -> HybridLM:
+    torch.manual_seed(0)
+    return HybridLM(HybridConfig(vocab=512, d_model=d, n_layers=len(pattern), pattern=pattern, mlstm_heads=2)).eval()
+
+def _bench_generation(hw, sz, dev):
+    m = _gen_model(sz['d']).to(dev)
+    n = sz['new']
+    for P in sz['prompts']:
+        ids = torch.randint(0, 512, (1, P), generator=torch.Generator().manual_seed(P)).to(dev)
+        cached = lambda: m.generate(ids, n, temperature=0)
+        def reencode():
+            x = ids
+            with torch.no_grad():
+                for _ in range(n): x = torch.cat([x, m(x)[:, -1].argmax(-1, keepdim=True)], 1)
+            return x
+        same = torch.equal(cached(), reencode())
+        for name, fn in (('generate: state cache', cached), ('generate: re-encode prefix', reencode)):
+            t = measure(fn, warmup=1, repeat=2 if P >= 1024 else 3, device=dev, track_memory=False)
+            yield record('hybrid', name, t, hw=hw, work=n, unit='tokens/s', dtype=torch.float32,
+                         params=dict(prompt=P, new_tokens=n, d_model=sz['d'], pattern='MmMmMs'), quality=dict(same_tokens=same),
+                         conditions=dict(threads=torch.get_num_threads()))
+
+def _stack(letter:str, d:int, target:int):
+    "A stack of blocks of one type with about as many parameters as `target` attention layers (12·d² each)."
+    cfg = HybridConfig(vocab=256, d_model=d, n_layers=1, pattern=letter, mlstm_heads=2)
+    per = sum(p.numel() for p in BLOCKS[letter](cfg).parameters())
+    n = max(1, round(target * 12 * d * d / per))
+    return nn.Sequential(*(BLOCKS[letter](cfg) for _ in range(n))), n, n * per
+
+# %% ../nbs/20_hybrid_model.ipynb #47909018
+def _bench_blocks(hw, sz, dev, B:int=2):
+    L, d = sz['L'], sz['d']
+    x = torch.randn(B, L, d, device=dev)
+    for letter, name in BLOCK_LETTERS.items():
+        torch.manual_seed(0)
+        stack, n, P = _stack(letter, d, sz['target'])
+        stack = stack.to(dev)
+        fwd = lambda: stack(x)
+        def fwd_bwd():
+            xr = x.detach().requires_grad_()
+            stack(xr).sum().backward()
+            return xr.grad
+        for mode, fn in (('fwd', fwd), ('fwd+bwd', fwd_bwd)):
+            with torch.set_grad_enabled(mode != 'fwd'):
+                t = measure(fn, warmup=1, repeat=3, device=dev)
+            yield record('hybrid', f'{name} {mode}', t, hw=hw, work=B * L, unit='tokens/s', dtype=torch.float32,
+                         params=dict(block=name, mode=mode, d_model=d, layers=n, block_params=P, batch=B, L=L),
+                         conditions=dict(threads=torch.get_num_threads()))
+
+def _bench_int8(hw, sz, dev):
+    "int8 weight-only vs fp32 on a briefly trained byte-level model: generation tokens/s, weight bytes, perplexity."
+    cfg = HybridConfig(vocab=256, d_model=128, n_layers=4, pattern='MmMs', mlstm_heads=2, chunk_size=32)
+    model, losses = train_briefly(cfg, stdlib_bytes(), steps=sz['train_steps'], batch=8, seq_len=96)
+    held = stdlib_bytes(HELD_OUT)
+    import copy
+    models = {'fp32': model, 'int8': quantize_int8(copy.deepcopy(model))}
+    ppl = {k: perplexity(m, held, 128, 8) for k, m in models.items()}
+    prompt = held[:64].long()[None].to(dev)
+    for k, m in models.items():
+        m = m.to(dev)
+        t = measure(lambda: m.generate(prompt, sz['new'], temperature=0), warmup=1, repeat=3, device=dev)
+        yield record('hybrid', f'int8 vs fp32: {k}', t, hw=hw, work=sz['new'], unit='tokens/s', dtype=k,
+                     params=dict(weights=k, d_model=128, pattern='MmMs', prompt=64, new_tokens=sz['new'], train_steps=sz['train_steps']),
+                     quality=dict(perplexity=ppl[k], ppl_change=ppl[k] / ppl['fp32'] - 1, weight_bytes=weight_bytes(m),
+                                  final_loss=sum(losses[-5:]) / 5),
+                     conditions=dict(threads=torch.get_num_threads()))
+
+def _bench_utilisation(hw, sz, dev):
+    cfg = UTIL_CFG if sz['d'] >= 256 else dataclasses.replace(UTIL_CFG, d_model=sz['d'], vocab=256)
+    u = measure_utilisation(cfg, seq_len=sz['util_L'], repeat=2 if hw.kind == 'cpu' else 5, hw=hw)
+    t = Timing(u['step_s'], u['step_s'], u['step_s'], 1)
+    yield record('hybrid', 'train step utilisation', t, hw=hw, work=4 * sz['util_L'], unit='tokens/s', dtype=torch.float32,
+                 params=dict(pattern=u['pattern'], d_model=u['d_model'], batch=u['batch'], L=u['seq_len']),
+                 quality=dict(utilisation=u['utilisation'], achieved_tflops=u['flops_per_s'] / 1e12),
+                 conditions=dict(threads=u['threads'], peak_tflops=u['peak'] / 1e12 if u['peak'] else None))
+
+@suite('hybrid', plots=[dict(x='prompt', y='throughput', hue='name', logx=True, logy=True)])
+def bench_hybrid(hw:Hardware, size:str='default'):
+    "Hybrid LM: generation with state caching vs re-encoding, tokens/s per block type, int8 vs fp32, training utilisation."
+    sz, dev = _BENCH[size], torch_device(hw)
+    yield from _bench_generation(hw, sz, dev)
+    yield from _bench_blocks(hw, sz, dev)
+    yield from _bench_int8(hw, sz, torch.device('cpu'))      # torchao's int8 weight-only path, here on the CPU
+    yield from _bench_utilisation(hw, sz, dev)
+
+# %% ../nbs/20_hybrid_model.ipynb #7e5422f5
+def _row_table(rows:list, head:list) -> str:
+    return '\n'.join(['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head), *('| ' + ' | '.join(map(str, r)) + ' |' for r in rows)])
+
+def generation_table(results:list) -> str:
+    "Markdown: generation tokens/s with the state cache and by re-encoding, per prompt length, and their ratio."
+    by = {}
+    for r in results:
+        if r.name.startswith('generate'): by.setdefault(r.params['prompt'], {})[r.name.split(': ')[1]] = r.throughput['value']
+    rows = [(P, f"{v['state cache']:.1f}", f"{v['re-encode prefix']:.1f}", f"{v['state cache'] / v['re-encode prefix']:.1f}×")
+            for P, v in sorted(by.items())]
+    return _row_table(rows, ['prompt tokens', 'state cache tokens/s', 're-encode tokens/s', 'speed-up (vs re-encoding)'])
+
+def blocks_table(results:list) -> str:
+    "Markdown: forward and forward+backward tokens/s per block type (stacks of about equal parameter count)."
+    by = {}
+    for r in results:
+        if r.params.get('block'): by.setdefault(r.params['block'], {}).update({r.params['mode']: r.throughput['value'], 'P': r.params['block_params'], 'n': r.params['layers']})
+    att = by.get('attention', {})
+    rows = [(b, v['n'], f"{v['P'] / 1e6:.2f} M", f"{v['fwd']:.0f}", f"{v['fwd+bwd']:.0f}",
+             f"{v['fwd+bwd'] / att['fwd+bwd']:.2f}×" if att else '—') for b, v in by.items()]
+    return _row_table(rows, ['block', 'layers', 'parameters', 'fwd tokens/s', 'fwd+bwd tokens/s', 'fwd+bwd vs attention'])
+
+def int8_table(results:list) -> str:
+    "Markdown: int8 weight-only vs fp32: weight bytes, generation tokens/s, perplexity."
+    rows = [(r.params['weights'], fmt_bytes(r.quality['weight_bytes']), f"{r.throughput['value']:.1f}",
+             f"{r.quality['perplexity']:.3f}", f"{r.quality['ppl_change']:+.2%}") for r in results if r.name.startswith('int8')]
+    return _row_table(rows, ['weights', 'weight bytes', 'generation tokens/s', 'held-out perplexity', 'change vs fp32'])
+
+def runtime_table(results:list, steps:int=1000, batch:int=8, seq_len:int=2048) -> str:
+    "Markdown: estimated time of `steps` training steps of each preset per device, at the utilisation measured in `results`."
+    u = next(r.quality['utilisation'] for r in results if r.name == 'train step utilisation')
+    est = runtime_estimates(u, steps=steps, batch=batch, seq_len=seq_len)
+    rows = [(k, f'{flops_per_token(PRESETS[k], seq_len) / 1e9:.1f}', *(f'{s / 3600:.1f} h' if s >= 3600 else f'{s / 60:.0f} min' for s in v.values()))
+            for k, v in est.items()]
+    return (f'*Estimate*: {steps} steps × {batch} × {seq_len} tokens at the utilisation measured here ({u:.1%} of peak).\n\n'
+            + _row_table(rows, ['preset', 'training GFLOP/token', *(f'{d} ({device_peak(d)[1]} {device_peak(d)[0] / 1e12:.0f} TFLOP/s)' for d in RUNTIME_DEVICES)]))
