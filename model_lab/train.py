@@ -19,11 +19,12 @@ from .hybrid import HybridConfig, HybridLM, PRESETS, param_count
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'TrainConfig', 'DataConfig', 'stdlib_files', 'split_files', 'load_corpus', 'ByteTokenizer', 'HFTokenizer',
-           'get_tokenizer', 'pack_tokens', 'PackedBlocks', 'GlobalBatchSampler', 'StreamingBlocks', 'lr_factor',
-           'config_dict', 'build_model', 'LMModule', 'CheckpointError', 'save_checkpoint_file', 'load_checkpoint_file',
-           'AtomicCheckpointIO', 'resolve_precision', 'resolve_grad_accum', 'StepCheckpoints', 'TrainResult',
-           'packed_splits', 'LMData', 'train']
+__all__ = ['log', 'CONFIG_DIR', 'TrainConfig', 'DataConfig', 'stdlib_files', 'split_files', 'load_corpus', 'ByteTokenizer',
+           'HFTokenizer', 'get_tokenizer', 'pack_tokens', 'PackedBlocks', 'GlobalBatchSampler', 'StreamingBlocks',
+           'lr_factor', 'config_dict', 'build_model', 'LMModule', 'CheckpointError', 'save_checkpoint_file',
+           'load_checkpoint_file', 'AtomicCheckpointIO', 'resolve_precision', 'resolve_grad_accum', 'StepCheckpoints',
+           'TrainResult', 'packed_splits', 'LMData', 'train', 'structured', 'register_configs', 'config_groups',
+           'compose', 'train_from_overrides']
 
 # %% ../nbs/21_hybrid_train.ipynb #12b22a93
 @dataclass
@@ -59,6 +60,7 @@ class TrainConfig:
     strategy: str = 'auto'                # auto, ddp, fsdp (sharded, for models that do not fit one GPU), ...
     num_nodes: int = 1
     num_workers: int = 0                  # data-loader worker processes
+    threads: Optional[int] = None         # CPU threads for this call (torch.set_num_threads, restored after); None: torch's default
     progress_bar: bool = True
     quiet: bool = False                   # silence Lightning's info lines (tests)
     wandb: bool = False                   # log to Weights & Biases too, if installed and logged in (WANDB_API_KEY from the environment)
@@ -73,7 +75,7 @@ class DataConfig:
     "What to train on: a corpus (the stdlib's .py files, local text files, or a hub dataset) and a tokenizer."
     name: str = 'stdlib'                  # 'stdlib' (offline default), 'text' (local files in data_files), or a hub dataset id
     config_name: Optional[str] = None     # hub dataset configuration, e.g. 'wikitext-103-raw-v1'
-    data_files: Optional[list] = None     # for name='text': files or glob patterns
+    data_files: Any = None                # for name='text': files or glob patterns (a string or a list)
     root: Optional[str] = None            # for name='stdlib': the library folder (default: this interpreter's)
     max_files: Optional[int] = None       # a deterministic subset of the files (stdlib/text), for quick runs
     val_fraction: float = 0.05            # files (stdlib/text) held out for validation, chosen by a hash of their path
@@ -414,17 +416,19 @@ class TrainResult:
     grad_accum: int
     val_history: list = field(default_factory=list)   # (step, val_loss)
     notes: list = field(default_factory=list)         # what was switched off or fell back, and why
+    global_rank: int = 0                              # this process's rank (0 in a single process)
+    def to_dict(self) -> dict: return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
 # %% ../nbs/21_hybrid_train.ipynb #9b5fbbfe
 def _wandb_logger(cfg:TrainConfig, out:Path, notes:list):
     "A WandbLogger when `cfg.wandb` is on, wandb is installed and a login works; otherwise None and a note why."
     if not cfg.wandb: return None
     import importlib.util
-    if importlib.util.find_spec('wandb') is None: notes.append('W&B disabled: the wandb package is not installed (pip install wandb)'); return None
     key = os.environ.get('WANDB_API_KEY')
     netrc = Path(os.environ.get('NETRC', Path.home() / '.netrc'))
     if not key and not (netrc.is_file() and 'api.wandb.ai' in netrc.read_text(errors='replace')):
         notes.append('W&B disabled: not logged in (set WANDB_API_KEY in the environment, or run `wandb login`)'); return None
+    if importlib.util.find_spec('wandb') is None: notes.append('W&B disabled: the wandb package is not installed (pip install wandb)'); return None
     try:
         import wandb
         if not wandb.login(key=key, relogin=False, anonymous='never', verify=True): raise RuntimeError('login returned False')
@@ -512,6 +516,14 @@ def _resume_path(ckdir:Path, resume, notes:list):
     if isinstance(resume, (str, Path)): raise FileNotFoundError(f'resume checkpoint {p} does not exist')
     notes.append(f'resume: no checkpoint in {ckdir} yet, starting from step 0'); return None
 
+@contextlib.contextmanager
+def _threads(n:int|None):
+    "torch's CPU thread count set to `n` inside the block (restored after); nothing when None."
+    was = torch.get_num_threads()
+    if n: torch.set_num_threads(n)
+    try: yield
+    finally: torch.set_num_threads(was)
+
 def _trainer(cfg:TrainConfig, module, loggers, callbacks) -> pl.Trainer:
     return pl.Trainer(accelerator=cfg.accelerator, devices=cfg.devices, strategy=_strategy(cfg, module.model), num_nodes=cfg.num_nodes,
                       precision=resolve_precision(cfg.precision), max_steps=cfg.max_steps, max_epochs=-1, logger=loggers,
@@ -537,7 +549,7 @@ def train(model_cfg:HybridConfig, # the model (`model_lab.hybrid.HybridConfig`, 
     if tok.vocab_size > model_cfg.vocab:
         raise ValueError(f'model vocab={model_cfg.vocab} is smaller than the tokenizer {dcfg.tokenizer!r} ({tok.vocab_size} ids): set model.vocab >= {tok.vocab_size}')
     val_loader = torch.utils.data.DataLoader(_val_blocks(val, n_val), batch_size=cfg.batch_size)
-    with _quiet_lightning(cfg.quiet):
+    with _quiet_lightning(cfg.quiet), _threads(cfg.threads):
         module = LMModule(model_cfg, cfg)
         _maybe_compile(module, cfg, notes)
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -557,4 +569,78 @@ def train(model_cfg:HybridConfig, # the model (`model_lab.hybrid.HybridConfig`, 
     tps = n * accum * cfg.batch_size * trainer.world_size * cfg.seq_len / secs[-1] if n else float('nan')
     return TrainResult(module.step_losses, list(range(gs - n + 1, gs + 1)), secs, v, math.exp(min(v, 50)), tps, ckdir,
                        cb.last_saved, gs, sum(p.numel() for p in module.model.parameters()), trainer.precision,
-                       trainer.world_size, accum, vh, notes)
+                       trainer.world_size, accum, vh, notes, trainer.global_rank)
+
+# %% ../nbs/21_hybrid_train.ipynb #bfbca7c9
+import importlib.util
+CONFIG_DIR = Path(importlib.util.find_spec('model_lab').origin).parent / 'configs'   # packaged with model_lab
+_PRIMITIVE = (int, float, bool, str)
+
+def _omega_type(t):
+    "The annotation OmegaConf can check for `t`: primitives and Optional[primitive] as they are, anything else Any."
+    if t in _PRIMITIVE: return t
+    args = typing.get_args(t)
+    if typing.get_origin(t) in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        return Optional[inner] if inner in _PRIMITIVE else Any
+    return Any
+
+def structured(cls, name:str|None=None):
+    "A dataclass with `cls`'s fields and defaults and OmegaConf-checkable types: the Hydra schema of `cls`."
+    hints, out = typing.get_type_hints(cls), []
+    for f in fields(cls):
+        d = f.default if f.default is not MISSING else f.default_factory() if f.default_factory is not MISSING else MISSING
+        d = _plain(d)
+        out.append((f.name, _omega_type(hints.get(f.name, Any)), field(default_factory=lambda d=d: d) if isinstance(d, (list, dict)) else field(default=d)))
+    return make_dataclass(name or f'{cls.__name__}Schema', out)
+
+def register_configs():
+    "Register the structured configs (`base_config` and the group schemas) in Hydra's ConfigStore (idempotent)."
+    from hydra.core.config_store import ConfigStore
+    cs, Model = ConfigStore.instance(), structured(HybridConfig, 'HybridConfig')
+    Job = make_dataclass('TrainJob', [('model', Model, field(default_factory=Model)), ('trainer', TrainConfig, field(default_factory=TrainConfig)),
+                                      ('dataset', DataConfig, field(default_factory=DataConfig)), ('resume', bool, field(default=False))])
+    cs.store(name='base_config', node=Job)
+    for group, node in (('model', Model), ('trainer', TrainConfig), ('dataset', DataConfig)): cs.store(group=group, name=f'base_{group}', node=node)
+
+def config_groups() -> dict:
+    "{group: [options]} from the files under `CONFIG_DIR`."
+    return {g.name: sorted(p.stem for p in g.glob('*.yaml')) for g in sorted(CONFIG_DIR.iterdir()) if g.is_dir()}
+
+# %% ../nbs/21_hybrid_train.ipynb #647c0e7a
+def _compose_error(e:Exception) -> ValueError:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip() and not l.strip().startswith(('full_key', 'object_type', 'reference_type'))]
+    return ValueError('bad training config: ' + ' '.join(lines)[:600])
+
+def compose(overrides=(), return_yaml:bool=False):
+    "(HybridConfig, TrainConfig, DataConfig, resume) from `config.yaml` and Hydra `overrides` such as 'trainer.max_steps=200'."
+    from hydra import initialize_config_dir, compose as _compose
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    from hydra.errors import HydraException
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base='1.3', job_name='model_lab_train'):
+            cfg = _compose('config', overrides=list(overrides))
+        if return_yaml: return OmegaConf.to_yaml(cfg)
+        model = HybridConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+        return model, OmegaConf.to_object(cfg.trainer), OmegaConf.to_object(cfg.dataset), bool(cfg.resume)
+    except (HydraException, OmegaConfBaseException) as e: raise _compose_error(e) from None
+
+# %% ../nbs/21_hybrid_train.ipynb #6befc55b
+def train_from_overrides(overrides=(), resume:bool=False, out=sys.stdout) -> TrainResult:
+    "Compose the config from Hydra `overrides`, train, and (on rank 0) print a summary and write `output_dir/result.json`."
+    model_cfg, cfg, dcfg, res = compose(overrides)
+    r = train(model_cfg, cfg, dcfg, resume=resume or res)
+    if r.global_rank == 0:
+        bench.atomic_write(cfg.out_dir / 'result.json', json.dumps(r.to_dict(), indent=1))
+        for n in r.notes: print(f'note: {n}', file=out)
+        loss = f'loss {r.losses[0]:.4f} -> {r.losses[-1]:.4f}' if r.losses else 'no new steps'
+        print(f'step {r.global_step}: {loss}, val loss {r.val_loss:.4f} (ppl {r.val_ppl:.2f}), {r.tokens_per_s:.0f} tokens/s, '
+              f'{r.params:,} parameters, {r.precision}, {r.world_size} process(es) x {r.grad_accum} micro-batch(es); checkpoint {r.last_checkpoint}', file=out)
+    return r
+
+# %% ../nbs/21_hybrid_train.ipynb #27ebaf69
+#| eval: false
+if __name__ == '__main__':   # torchrun --nproc_per_node=2 -m model_lab.train trainer.devices=2 trainer.strategy=ddp ...
+    train_from_overrides(sys.argv[1:])
