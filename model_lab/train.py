@@ -331,9 +331,10 @@ def load_checkpoint_file(path, map_location='cpu') -> dict:
     if path.stat().st_size == 0: raise CheckpointError(f'checkpoint {path} is corrupt or truncated (empty); delete it and resume from an earlier one in {path.parent}')
     try: ck = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        if 'Weights only load failed' in str(e):
+        if 'Unsupported global' in str(e):       # a class or function outside torch's weights-only allow-list
             raise CheckpointError(f'checkpoint {path} holds objects other than tensors and plain containers; refusing to unpickle them (weights_only=True)') from None
-        first = (str(e).splitlines() or [''])[0][:200]
+        msg = str(e).split('WeightsUnpickler error:')[-1]
+        first = ([l.strip() for l in msg.splitlines() if l.strip()] or [''])[0][:200]
         raise CheckpointError(f'checkpoint {path} is corrupt or truncated ({type(e).__name__}: {first}); '
                               f'delete it and resume from an earlier one in {path.parent}') from None
     if not isinstance(ck, dict) or 'state_dict' not in ck: raise CheckpointError(f'{path} is not a Lightning checkpoint (no state_dict)')
@@ -627,10 +628,11 @@ def compose(overrides=(), return_yaml:bool=False):
         return model, OmegaConf.to_object(cfg.trainer), OmegaConf.to_object(cfg.dataset), bool(cfg.resume)
     except (HydraException, OmegaConfBaseException) as e: raise _compose_error(e) from None
 
-# %% ../nbs/21_hybrid_train.ipynb #6befc55b
-def train_from_overrides(overrides=(), resume:bool=False, out=sys.stdout) -> TrainResult:
+# %% ../nbs/21_hybrid_train.ipynb #b339e177
+def train_from_overrides(overrides=(), resume:bool=False, out=None) -> TrainResult:
     "Compose the config from Hydra `overrides`, train, and (on rank 0) print a summary and write `output_dir/result.json`."
     model_cfg, cfg, dcfg, res = compose(overrides)
+    out = out or sys.stdout
     r = train(model_cfg, cfg, dcfg, resume=resume or res)
     if r.global_rank == 0:
         bench.atomic_write(cfg.out_dir / 'result.json', json.dumps(r.to_dict(), indent=1))
