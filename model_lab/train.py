@@ -19,12 +19,13 @@ from .hybrid import HybridConfig, HybridLM, PRESETS, param_count
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CONFIG_DIR', 'TrainConfig', 'DataConfig', 'stdlib_files', 'split_files', 'load_corpus', 'ByteTokenizer',
-           'HFTokenizer', 'get_tokenizer', 'pack_tokens', 'PackedBlocks', 'GlobalBatchSampler', 'StreamingBlocks',
-           'lr_factor', 'config_dict', 'build_model', 'LMModule', 'CheckpointError', 'save_checkpoint_file',
-           'load_checkpoint_file', 'AtomicCheckpointIO', 'resolve_precision', 'resolve_grad_accum', 'StepCheckpoints',
-           'TrainResult', 'packed_splits', 'LMData', 'train', 'structured', 'register_configs', 'config_groups',
-           'compose', 'train_from_overrides']
+__all__ = ['log', 'CONFIG_DIR', 'RACE_PATTERNS', 'RACE_BUDGET_S', 'TrainConfig', 'DataConfig', 'stdlib_files', 'split_files',
+           'load_corpus', 'ByteTokenizer', 'HFTokenizer', 'get_tokenizer', 'pack_tokens', 'PackedBlocks',
+           'GlobalBatchSampler', 'StreamingBlocks', 'lr_factor', 'config_dict', 'build_model', 'LMModule',
+           'CheckpointError', 'save_checkpoint_file', 'load_checkpoint_file', 'AtomicCheckpointIO', 'resolve_precision',
+           'resolve_grad_accum', 'StepCheckpoints', 'TrainResult', 'packed_splits', 'LMData', 'train', 'structured',
+           'register_configs', 'config_groups', 'compose', 'train_from_overrides', 'race_configs', 'race',
+           'bench_train', 'race_table', 'plot_race', 'export_pretrained']
 
 # %% ../nbs/21_hybrid_train.ipynb #12b22a93
 @dataclass
@@ -267,6 +268,14 @@ class LMModule(pl.LightningModule):
         self.model = model if model is not None else build_model(model_cfg, cfg.seed)
         self.step_losses, self.step_times, self.val_history, self._micro, self._fwd = [], [], [], [], None
     def forward(self, ids): return (self._fwd or self.model)(ids)                  # (B, L) -> (B, L, vocab)
+    def configure_model(self):
+        "Under `strategy=fsdp` (ModelParallelStrategy): shard each block, then the rest, over the data-parallel mesh."
+        mesh = getattr(self.trainer.strategy, 'device_mesh', None) if self._trainer is not None else None
+        if mesh is None or getattr(self, '_sharded', False): return
+        from torch.distributed.fsdp import fully_shard
+        for b in self.model.blocks: fully_shard(b, mesh=mesh['data_parallel'])
+        fully_shard(self.model, mesh=mesh['data_parallel'])
+        self._sharded = True
     def loss(self, batch):
         x, y = batch[:, :-1], batch[:, 1:]                                          # (B, L) each
         logits = self(x)
@@ -502,13 +511,19 @@ class LMData(pl.LightningDataModule):
         s = GlobalBatchSampler(len(self.blocks), c.batch_size, self.num_batches, c.seed, t.global_rank, t.world_size)
         return StatefulDataLoader(self.blocks, batch_sampler=s, num_workers=c.num_workers)
 
-# %% ../nbs/21_hybrid_train.ipynb #a5f4566a
+# %% ../nbs/21_hybrid_train.ipynb #6f152a51
 def _strategy(cfg:TrainConfig, model):
-    "Lightning strategy: `fsdp` shards each mixer block (a wrap unit per block class) with full state dicts in checkpoints."
+    "Lightning strategy: `fsdp` is FSDP2 (`fully_shard` of every mixer block, then the whole model) through Lightning's ModelParallelStrategy."
     if cfg.strategy != 'fsdp': return cfg.strategy
-    from lightning.pytorch.strategies import FSDPStrategy
-    blocks = {type(m) for m in model.modules() if type(m).__name__.endswith('Block')}
-    return FSDPStrategy(auto_wrap_policy=blocks or None, state_dict_type='full')
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    return ModelParallelStrategy(data_parallel_size=_world_size(cfg), tensor_parallel_size=1, save_distributed_checkpoint=False)
+
+def _world_size(cfg:TrainConfig) -> int:
+    "The number of processes the job will have: torchrun's WORLD_SIZE, else devices x nodes."
+    if 'WORLD_SIZE' in os.environ: return int(os.environ['WORLD_SIZE'])
+    d = cfg.devices
+    n = d if isinstance(d, int) else len(d) if isinstance(d, (list, tuple)) else int(d) if str(d).isdigit() else max(1, torch.cuda.device_count())
+    return n * cfg.num_nodes
 
 def _resume_path(ckdir:Path, resume, notes:list):
     if not resume: return None
@@ -646,3 +661,88 @@ def train_from_overrides(overrides=(), resume:bool=False, out=None) -> TrainResu
 #| eval: false
 if __name__ == '__main__':   # torchrun --nproc_per_node=2 -m model_lab.train trainer.devices=2 trainer.strategy=ddp ...
     train_from_overrides(sys.argv[1:])
+
+# %% ../nbs/21_hybrid_train.ipynb #929f89b5
+RACE_PATTERNS = ('A', 'M', 'm', 's', 'MmMs', 'MMMA')
+RACE_BUDGET_S = dict(quick=8, default=30, full=120)   # seconds of training per arm for `model-lab bench train`
+
+def race_configs(target_params:int=250_000, patterns=RACE_PATTERNS, n_layers:int=4, vocab:int=256) -> dict:
+    "{pattern: HybridConfig} with the `d_model` (a multiple of 4) whose parameter count is closest to `target_params`."
+    out = {}
+    for pat in patterns:
+        best = None
+        for d in range(16, 1025, 4):
+            try: c = HybridConfig(vocab=vocab, d_model=d, n_layers=n_layers, pattern=pat)
+            except ValueError: continue
+            n = param_count(c)
+            if best is None or abs(n - target_params) < abs(param_count(best) - target_params): best = c
+            if n > 1.5 * target_params: break     # the count grows with d_model: nothing closer beyond
+        out[pat] = best
+    return out
+
+# %% ../nbs/21_hybrid_train.ipynb #e90f216a
+def _curve(r:TrainResult, n:int=120) -> dict:
+    "At most `n` evenly spaced (seconds, loss) points of a run, for the loss-vs-time plot."
+    idx = sorted({int(i) for i in np.linspace(0, len(r.losses) - 1, min(n, len(r.losses)))}) if r.losses else []
+    return dict(seconds=[round(r.seconds[i], 3) for i in idx], loss=[round(r.losses[i], 4) for i in idx])
+
+def race(budget_s:float=30, target_params:int=250_000, patterns=RACE_PATTERNS, batch_size:int=8, seq_len:int=128, lr:float=3e-3,
+         data_cfg:DataConfig|None=None, threads:int|None=1, output_dir=None, hw=None, val_batches:int=16) -> list:
+    "Train each pattern for `budget_s` seconds at equal parameter count; one `bench.Result` each (tokens/s, val loss/ppl, loss curve)."
+    hw, data_cfg = hw or detect(), data_cfg or DataConfig()
+    out = Path(output_dir or tempfile.mkdtemp(prefix='model_lab_race_'))
+    results = []
+    for pat, mc in race_configs(target_params, patterns).items():
+        tc = TrainConfig(experiment=f'race-{pat}', output_dir=str(out / pat), max_steps=10**6, max_time_s=budget_s, batch_size=batch_size,
+                         seq_len=seq_len, lr=lr, warmup_steps=20, val_every=0, val_batches=val_batches, checkpoint_every=10**6, keep_checkpoints=1,
+                         progress_bar=False, quiet=True, threads=threads if hw.kind == 'cpu' else None, seed=0)
+        box = {}
+        t = bench.measure(lambda: box.setdefault('r', train(mc, tc, data_cfg)), warmup=0, repeat=1, track_memory=False)
+        r = box['r']
+        res = bench.record('train', f'race {pat}', t, hw=hw, dtype=r.precision,
+                           params=dict(pattern=pat, d_model=mc.d_model, n_layers=mc.n_layers, n_params=r.params, budget_s=budget_s,
+                                       batch_size=batch_size, seq_len=seq_len, lr=lr, corpus=data_cfg.name),
+                           quality=dict(val_loss=r.val_loss, val_ppl=r.val_ppl, steps=r.global_step, final_train_loss=r.losses[-1]),
+                           conditions=dict(threads=tc.threads or torch.get_num_threads(), load_avg_1m=os.getloadavg()[0], curve=_curve(r)))
+        res.throughput = dict(value=r.tokens_per_s, unit='tokens/s')   # training tokens per second of training (setup excluded)
+        results.append(res)
+    return results
+
+@bench.suite('train', help='Architecture race: A, M, m, s and two mixes at equal parameter count, fixed wall-clock budget; val ppl, tokens/s')
+def bench_train(hw, size:str='default'):
+    "The architecture race at the budget for `size` (quick 8 s, default 30 s, full 120 s per arm)."
+    yield from race(RACE_BUDGET_S[size], hw=hw, threads=1 if hw.kind == 'cpu' else None)
+
+# %% ../nbs/21_hybrid_train.ipynb #ff8b3c27
+def race_table(results:list) -> str:
+    "Markdown table of race results, best validation perplexity first."
+    rs = sorted(results, key=lambda r: r.quality['val_ppl'])
+    rows = ['| pattern | d_model | parameters | steps | tokens trained | training tokens/s | val loss (nats/byte) | val ppl |', '|---|---|---|---|---|---|---|---|']
+    rows += [f"| `{r.params['pattern']}` | {r.params['d_model']} | {r.params['n_params']:,} | {r.quality['steps']} | "
+             f"{r.quality['steps'] * r.params['batch_size'] * r.params['seq_len']:,} | {r.throughput['value']:,.0f} | "
+             f"{r.quality['val_loss']:.3f} | {r.quality['val_ppl']:.2f} |" for r in rs]
+    return '\n'.join(rows)
+
+def plot_race(results:list, path=None):
+    "Training loss against seconds, one line per pattern."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        c = r.conditions['curve']; ax.plot(c['seconds'], c['loss'], label=f"{r.params['pattern']} (val ppl {r.quality['val_ppl']:.1f})")
+    ax.set_xlabel('seconds of training'); ax.set_ylabel('training loss (nats/byte)'); ax.legend(); ax.grid(alpha=0.3)
+    r0 = results[0]
+    ax.set_title(f"{r0.params['n_params'] // 1000}k parameters, {r0.device.get('name') or r0.device.get('kind')}, {r0.conditions['threads']} thread(s)")
+    if path: fig.savefig(path, dpi=110, bbox_inches='tight')
+    return fig
+
+# %% ../nbs/21_hybrid_train.ipynb #170a6bc7
+def export_pretrained(checkpoint, out_dir) -> Path:
+    "Write the model of a `train` checkpoint as `out_dir/config.json` + `model.safetensors` (`HybridLM.from_pretrained`)."
+    ck = load_checkpoint_file(checkpoint)
+    meta = ck.get('model_lab')
+    if not isinstance(meta, dict): raise CheckpointError(f'{checkpoint} was not written by model_lab.train (no "model_lab" entry)')
+    model = HybridLM(HybridConfig(**meta['model_config']))
+    sd = {k[len('model.'):]: v for k, v in ck['state_dict'].items() if k.startswith('model.')}
+    model.load_state_dict(sd)
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
