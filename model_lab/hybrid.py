@@ -9,15 +9,21 @@ from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from .devices import Hardware, detect, torch_device, peak_specs
-from .bench import suite, measure, record, atomic_write, peak_memory
+from .bench import suite, measure, record, atomic_write, peak_memory, Timing
 from .kernels.scan import selective_scan, selective_state_update
 from .kernels.tfla import mlstm, mlstm_step
 
 # %% auto #0
 __all__ = ['BLOCK_LETTERS', 'DTYPES', 'BLOCKS', 'WEIGHTS_NAME', 'CONFIG_NAME', 'hybrid_350m', 'hybrid_1_3b', 'hybrid_7b',
-           'PRESETS', 'NOMINAL', 'HybridConfig', 'RMSNorm', 'SwiGLU', 'soft_cap', 'head_rms_norm', 'HybridBlock',
+           'PRESETS', 'NOMINAL', 'PRECISIONS', 'OPTIMIZERS', 'DEVICE_MEMORY', 'USABLE', 'RUNTIME_DEVICES', 'UTIL_CFG',
+           'STDLIB_FILES', 'HELD_OUT', 'HybridConfig', 'RMSNorm', 'SwiGLU', 'soft_cap', 'head_rms_norm', 'HybridBlock',
            'MambaBlock', 'mLSTMBlock', 'slstm_cell', 'sLSTMBlock', 'rope', 'AttentionBlock', 'check_ids', 'HybridLM',
-           'filter_logits', 'sample_next', 'check_state', 'meta_model', 'param_count']
+           'filter_logits', 'sample_next', 'check_state', 'meta_model', 'param_count', 'activation_values',
+           'infer_values', 'state_values', 'estimate_memory', 'measured_train_peak', 'measured_infer_peak',
+           'per_device_bytes', 'fit_table', 'matmul_params', 'flops_per_token', 'device_peak', 'runtime_estimates',
+           'measure_utilisation', 'stdlib_bytes', 'random_windows', 'lm_loss', 'train_briefly', 'perplexity',
+           'quantize_int8', 'weight_bytes', 'bench_hybrid', 'generation_table', 'blocks_table', 'int8_table',
+           'runtime_table']
 
 # %% ../nbs/20_hybrid_model.ipynb #b637af16
 BLOCK_LETTERS = {'M': 'mamba', 'm': 'mlstm', 's': 'slstm', 'A': 'attention'}
@@ -339,8 +345,8 @@ class sLSTMBlock(HybridBlock):
         wx = self.W(xn).to(ct).view(B, L, self.H, 4, self.dh)
         state = state or self.empty_state(B, xn.device, ct)
         hs = []
-        for t in range(L):
-            h, state = self._recur(wx[:, t], state)
+        for w in wx.unbind(1):                     # unbind: one stacked gradient (indexing would cost O(L²) in backward)
+            h, state = self._recur(w, state)
             hs.append(h)
         return self._out(torch.stack(hs, 1), xn.dtype), state              # (B, L, d)
 
@@ -564,6 +570,391 @@ def meta_model(cfg:HybridConfig) -> HybridLM:
     "The model built on the meta device: shapes only, no memory."
     with torch.device('meta'): return HybridLM(cfg)
 
+_COUNTS = {}
+
+def _key(cfg:HybridConfig) -> str: return json.dumps(cfg.to_dict(), sort_keys=True)
+
 def param_count(cfg:HybridConfig) -> int:
-    "Number of parameters of `HybridLM(cfg)` (tied weights once), counted on the meta device."
-    return sum(p.numel() for p in meta_model(cfg).parameters())
+    "Number of parameters of `HybridLM(cfg)` (tied weights once), counted on the meta device (cached per config)."
+    k = _key(cfg)
+    if k not in _COUNTS: _COUNTS[k] = sum(p.numel() for p in meta_model(cfg).parameters())
+    return _COUNTS[k]
+
+# %% ../nbs/20_hybrid_model.ipynb #e96fe909
+PRECISIONS = ('fp32', 'bf16', 'fp16', 'int8')
+OPTIMIZERS = {'adamw': 2, 'adam': 2, 'sgd': 1, 'none': 0}        # states per parameter
+_TRAIN_BYTES = dict(fp32=(4, 4, 4), bf16=(6, 4, 4), fp16=(6, 4, 4), int8=(2, 2, 1))   # weights, grads, bytes per optimizer state
+_ACT_BYTES = dict(fp32=4, bf16=2, fp16=2, int8=2)
+
+def _ffn_values(d:int, h:int) -> int: return 2 * d + 4 * h          # norm in/out; gate, up, silu(gate), their product
+
+def _scan_chunk(b:int, di:int, n:int) -> int:
+    "Steps per chunk of the PyTorch selective scan (its saved chunk states are di·N every chunk)."
+    return int(min(256, max(16, 2 ** round(math.log2(max(1, 2**19 // (b * di * n)))))))
+
+def activation_values(cfg:HybridConfig, letter:str, batch:int=1) -> float:
+    "Values one layer of type `letter` keeps for the backward, per token."
+    d, di, N, R = cfg.d_model, cfg.d_inner, cfg.d_state, cfg.mamba_dt_rank
+    if letter == 'M': return 4 * d + 6 * di + R + 2 * N + di * N / _scan_chunk(batch, di, N)
+    if letter == 'm': return 12.5 * d + 2 * cfg.n_mlstm_heads * cfg.chunk_size + _ffn_values(d, cfg.ffn_dim)
+    if letter == 's': return 22 * d + _ffn_values(d, cfg.slstm_ffn_dim)  # 4d gate pre-activations, ~14d saved per step, norms
+    if letter == 'A': return 12 * d + _ffn_values(d, cfg.ffn_dim)        # qkv, fp32 RoPE copies, SDPA out (+ logsumexp)
+    raise ValueError(f"letter must be one of {''.join(BLOCK_LETTERS)}, got {letter!r}")
+
+def infer_values(cfg:HybridConfig, letter:str) -> float:
+    "Values a forward without autograd holds at once per token inside one layer of type `letter` (its input and output included)."
+    d, di, H = cfg.d_model, cfg.d_inner, cfg.n_mlstm_heads
+    mixer = dict(M=13 * di, m=12 * d + 2 * H * cfg.chunk_size, s=8 * d, A=12 * d)[letter]
+    ffn = 0 if letter == 'M' else 4 * (cfg.slstm_ffn_dim if letter == 's' else cfg.ffn_dim) + d
+    return 2 * d + max(mixer, ffn)
+
+def state_values(cfg:HybridConfig, letter:str, seq_len:int) -> int:
+    "Values of one layer's decoding state per sequence (the KV cache after `seq_len` tokens for attention)."
+    d, di, N = cfg.d_model, cfg.d_inner, cfg.d_state
+    H = cfg.n_mlstm_heads
+    return dict(M=di * N + di * (cfg.d_conv - 1), m=H * (cfg.qk_dim // H) * (d // H) + cfg.qk_dim + H,
+                s=4 * d, A=2 * seq_len * d)[letter]
+
+# %% ../nbs/20_hybrid_model.ipynb #71612e9a
+_INT8 = {}
+
+def _int8_weight_bytes(cfg:HybridConfig) -> int:
+    "Bytes of the weights after int8 weight-only quantization of every linear layer but a tied LM head (rest bf16)."
+    if (k := _key(cfg)) not in _INT8: _INT8[k] = _count_int8(cfg)
+    return _INT8[k]
+
+def _count_int8(cfg:HybridConfig) -> int:
+    m, total, seen = meta_model(cfg), 0, set()
+    quantized = {id(mod.weight) for name, mod in m.named_modules() if isinstance(mod, nn.Linear)
+                 and not (name == 'lm_head' and cfg.tie_embeddings)}
+    for p in m.parameters():
+        if id(p) in seen: continue
+        seen.add(id(p))
+        total += p.numel() + 4 * p.shape[0] if id(p) in quantized else 2 * p.numel()
+    return total
+
+def _check_estimate_args(precision, optimizer, batch, seq_len):
+    if precision not in PRECISIONS: raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
+    if optimizer not in OPTIMIZERS: raise ValueError(f'optimizer must be one of {", ".join(OPTIMIZERS)}, got {optimizer!r}')
+    for name, v in (('batch', batch), ('seq_len', seq_len)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1: raise ValueError(f'{name} must be a positive int, got {v!r}')
+
+def estimate_memory(cfg:HybridConfig, precision:str, # 'fp32' | 'bf16' | 'fp16' | 'int8'
+                    optimizer:str='adamw', # 'adamw' | 'adam' | 'sgd' (momentum) | 'none'
+                    batch:int=1, seq_len:int=2048, training:bool=True) -> dict:
+    "Bytes for weights, gradients, optimizer state, activations and the peak `total` of a training step or a forward."
+    _check_estimate_args(precision, optimizer, batch, seq_len)
+    P, tok, d, V = param_count(cfg), batch * seq_len, cfg.d_model, cfg.vocab
+    if not training:
+        w = _int8_weight_bytes(cfg) if precision == 'int8' else P * {'fp32': 4}.get(precision, 2)
+        a = _ACT_BYTES[precision]
+        widest = max(infer_values(cfg, c) for c in set(cfg.layers))
+        states = sum(state_values(cfg, c, seq_len) for c in cfg.layers) * batch * 4
+        scan_tmp = 2 * 2**19 * 4 if 'M' in cfg.layers else 0       # the PyTorch scan's chunk of states and decays
+        act = tok * (widest * a + 2 * V * 4) + states + scan_tmp   # the widest block, fp32 logits and a soft-cap temporary
+        return dict(weights=w, gradients=0, optimizer=0, activations=act, total=w + act)
+    wb, gb, ob = _TRAIN_BYTES[precision]
+    w, g, o = P * wb, P * gb, P * ob * OPTIMIZERS[optimizer]
+    a = _ACT_BYTES[precision]
+    layers = sum(activation_values(cfg, c, batch) for c in cfg.layers) * tok * a
+    act = layers + tok * (3 * d * a + 4 * V * 4)           # final norm + LM head input; logits, log-softmax, their grads
+    head_grad = V * d * gb
+    step_tmp = P * gb if OPTIMIZERS[optimizer] else 0     # the optimizer step's temporaries (foreach kernels: one per parameter)
+    # the PyTorch scan's backward recomputes a chunk of states: ~4 tensors of (T, B, Di, N) fp32 while the logits are gone
+    di, N = cfg.d_inner, cfg.d_state
+    scan_ws = 4 * _scan_chunk(batch, di, N) * batch * di * N * 4 if 'M' in cfg.layers else 0
+    peak = max(act + head_grad, layers + scan_ws + head_grad, g + step_tmp)
+    return dict(weights=w, gradients=g, optimizer=o, activations=act, total=w + o + peak)
+
+# %% ../nbs/20_hybrid_model.ipynb #9eb785fa
+def measured_train_peak(cfg:HybridConfig, batch:int, seq_len:int, steps:int=2, seed:int=0) -> int:
+    "Peak bytes the allocator reports for building HybridLM(cfg) + AdamW and `steps` training steps on random tokens."
+    def run():
+        torch.manual_seed(seed)
+        m = HybridLM(cfg)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        ids = torch.randint(0, cfg.vocab, (batch, seq_len + 1))
+        for _ in range(steps):
+            loss = F.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+            loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        return loss
+    return peak_memory(run, 'cpu')
+
+def measured_infer_peak(cfg:HybridConfig, batch:int, seq_len:int, seed:int=0) -> int:
+    "Peak bytes for building HybridLM(cfg) and one forward over `seq_len` tokens without autograd."
+    def run():
+        torch.manual_seed(seed)
+        m = HybridLM(cfg)
+        with torch.no_grad(): return m(torch.randint(0, cfg.vocab, (batch, seq_len)))[:, -1]
+    return peak_memory(run, 'cpu')
+
+# %% ../nbs/20_hybrid_model.ipynb #1957df55
+DEVICE_MEMORY = {'T4 16 GB': (16e9, 1), 'A100 40 GB': (40e9, 1), 'A100 80 GB': (80e9, 1),
+                 'TPU v2-8': (8 * 2**30, 8), 'TPU v5e-8': (16 * 2**30, 8)}   # bytes per device, devices (datasheets)
+USABLE = 0.9
+
+def per_device_bytes(est:dict, devices:int) -> int:
+    "Bytes one device needs when weights, gradients and optimizer states are sharded over `devices` (activations are not)."
+    state = est['weights'] + est['gradients'] + est['optimizer']
+    return int(est['total'] - state + state / devices)
+
+def fit_table(presets:dict|None=None, precisions=('fp32', 'bf16', 'int8'), seq_len:int=2048) -> str:
+    "Markdown: GB needed per preset and precision, and ✓ / ✗ (inference / training) per device in DEVICE_MEMORY."
+    presets = presets or PRESETS
+    head = '| preset | precision | inference | training | ' + ' | '.join(DEVICE_MEMORY) + ' |\n|' + '---|' * (4 + len(DEVICE_MEMORY))
+    rows = []
+    for name, cfg in presets.items():
+        for pr in precisions:
+            inf, tr = estimate_memory(cfg, pr, seq_len=seq_len, training=False), estimate_memory(cfg, pr, seq_len=seq_len)
+            mark = lambda e, mem, n: '✓' if per_device_bytes(e, n) <= USABLE * mem else '✗'
+            cells = [f'{mark(inf, mem, n)} / {mark(tr, mem, n)}' for mem, n in DEVICE_MEMORY.values()]
+            rows.append(f'| {name} | {pr} | {inf["total"] / 1e9:.1f} GB | {tr["total"] / 1e9:.1f} GB | ' + ' | '.join(cells) + ' |')
+    return '\n'.join([head, *rows])
+
+# %% ../nbs/20_hybrid_model.ipynb #c7c2da1d
+from .kernels.tfla import mlstm_flops
+
+_MATMUL = {}
+
+def matmul_params(cfg:HybridConfig) -> int:
+    "Weights that multiply activations (linear and conv layers, the LM head included; not the embedding lookup)."
+    if (k := _key(cfg)) not in _MATMUL:
+        _MATMUL[k] = sum(mod.weight.numel() for mod in meta_model(cfg).modules() if isinstance(mod, (nn.Linear, nn.Conv1d)))
+    return _MATMUL[k]
+
+def flops_per_token(cfg:HybridConfig, seq_len:int=2048, training:bool=True) -> float:
+    "Model FLOPs per token (forward, x3 with the backward) at context `seq_len`."
+    matmul = matmul_params(cfg)
+    d, H = cfg.d_model, cfg.n_mlstm_heads
+    mix = dict(M=9 * cfg.d_inner * cfg.d_state, A=2 * seq_len * d,
+               m=mlstm_flops(1, H, seq_len, cfg.qk_dim // H, d // H, cfg.chunk_size) / seq_len,
+               s=4 * d * (d // cfg.slstm_heads) * 2 + 20 * d)
+    fwd = 2 * matmul + sum(mix[c] for c in cfg.layers)
+    return fwd * (3 if training else 1)
+
+RUNTIME_DEVICES = {'T4': 'Tesla T4', 'V100': 'Tesla V100-SXM2-16GB', 'A100': 'NVIDIA A100-SXM4-40GB', 'TPU v5e': 'TPU v5 lite'}
+
+def device_peak(label:str) -> tuple[float, str]:
+    "(dense 16-bit peak FLOP/s, dtype) of one device from `model_lab.devices.peak_specs` (bf16 where it has it, else fp16)."
+    name = RUNTIME_DEVICES[label]
+    fl = peak_specs(Hardware(kind='tpu' if 'TPU' in name else 'cuda', name=name)).flops
+    return (fl['bf16'], 'bf16') if 'bf16' in fl else (fl['fp16'], 'fp16')
+
+def runtime_estimates(utilisation:float, presets:dict|None=None, steps:int=1000, batch:int=8, seq_len:int=2048) -> dict:
+    "{preset: {device: seconds}} for `steps` training steps of batch x seq_len tokens at `utilisation` of each peak."
+    presets = presets or PRESETS
+    return {k: {dev: steps * batch * seq_len * flops_per_token(c, seq_len) / (device_peak(dev)[0] * utilisation)
+                for dev in RUNTIME_DEVICES} for k, c in presets.items()}
+
+# %% ../nbs/20_hybrid_model.ipynb #508a4af3
+UTIL_CFG = HybridConfig(vocab=2048, d_model=256, n_layers=6, pattern='MmMmMA', mlstm_heads=2)
+
+def measure_utilisation(cfg:HybridConfig|None=None, batch:int=4, seq_len:int=256, repeat:int=3, hw:Hardware|None=None) -> dict:
+    "Achieved FLOP/s of a real fp32 training step of `cfg` on `hw` (default: this machine) and its fraction of the fp32 peak."
+    cfg, hw = cfg or UTIL_CFG, hw or detect()
+    torch.manual_seed(0)
+    dev = torch_device(hw)
+    m = HybridLM(cfg).to(dev)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    ids = torch.randint(0, cfg.vocab, (batch, seq_len + 1)).to(dev)
+    def step():
+        loss = F.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+        return loss
+    t = measure(step, warmup=1, repeat=repeat, device=dev, track_memory=False)
+    achieved = batch * seq_len * flops_per_token(cfg, seq_len) / t.median
+    pk = peak_specs(hw).flops.get('fp32')
+    return dict(flops_per_s=achieved, peak=pk, utilisation=achieved / pk if pk else None, step_s=t.median,
+                threads=torch.get_num_threads(), pattern=cfg.pattern, d_model=cfg.d_model, batch=batch, seq_len=seq_len)
+
+# %% ../nbs/20_hybrid_model.ipynb #0e68df26
+STDLIB_FILES = ('functools.py', 'dataclasses.py', 'textwrap.py', 'argparse.py', 'contextlib.py', 'fractions.py')
+HELD_OUT = 'inspect.py'
+
+def stdlib_bytes(names=STDLIB_FILES) -> torch.Tensor:
+    "The bytes of some of the standard library's .py files, as a uint8 tensor (byte-level tokens)."
+    root = Path(os.__file__).parent
+    data = b'\n'.join((root / n).read_bytes() for n in ((names,) if isinstance(names, str) else names))
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+def random_windows(data:torch.Tensor, batch:int, seq_len:int, generator:torch.Generator) -> torch.Tensor:
+    "batch windows of seq_len + 1 tokens at random offsets of `data`, as int64 (B, seq_len + 1)."
+    starts = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=generator)
+    return torch.stack([data[s:s + seq_len + 1] for s in starts.tolist()]).long()
+
+def lm_loss(model, ids): return F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+
+def train_briefly(cfg:HybridConfig, data:torch.Tensor, steps:int, batch:int=16, seq_len:int=128,
+                  lr:float=3e-3, seed:int=0) -> tuple[HybridLM, list]:
+    "A HybridLM(cfg) trained `steps` AdamW steps (cosine to 10%) on random windows of `data`: (model, losses)."
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = HybridLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
+    losses = []
+    for _ in range(steps):
+        loss = lm_loss(model, random_windows(data, batch, seq_len, g))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return model.eval(), losses
+
+@torch.no_grad()
+def perplexity(model, data:torch.Tensor, seq_len:int=256, max_windows:int=16) -> float:
+    "exp(mean next-token loss) over consecutive windows of `data`."
+    n = min(max_windows, (len(data) - 1) // seq_len)
+    if n < 1: raise ValueError(f'data must hold more than seq_len={seq_len} tokens, got {len(data)}')
+    ids = data[:n * seq_len + 1].long()
+    wins = torch.stack([ids[i * seq_len:(i + 1) * seq_len + 1] for i in range(n)])
+    return math.exp(lm_loss(model, wins).item())
+
+# %% ../nbs/20_hybrid_model.ipynb #6950bded
+def quantize_int8(model:HybridLM) -> HybridLM:
+    "torchao int8 weight-only quantization of the linear layers, in place (a tied LM head stays tied and unquantized)."
+    from torchao.quantization import quantize_, Int8WeightOnlyConfig
+    tied = model.cfg.tie_embeddings
+    keep = lambda mod, fqn: isinstance(mod, nn.Linear) and not (tied and fqn == 'lm_head')
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=keep)
+    return model
+
+def _tensor_bytes(t) -> int:
+    names = getattr(t, 'tensor_data_names', None)
+    if names: return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+def weight_bytes(model:nn.Module) -> int:
+    "Bytes of the model's parameters as stored (tied weights once; quantized tensors: their data and scales)."
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen: seen.add(id(p)); total += _tensor_bytes(p)
+    return total
+
+# %% ../nbs/20_hybrid_model.ipynb #8728511e
+_BENCH = dict(quick=dict(d=64, prompts=(16, 32), new=4, L=64, target=1, train_steps=3, util_L=32),
+              default=dict(d=256, prompts=(128, 256, 512), new=8, L=256, target=2, train_steps=30, util_L=128),
+              full=dict(d=256, prompts=(128, 256, 512, 1024, 2048), new=32, L=1024, target=6, train_steps=200, util_L=256))
+
+def _gen_model(d:int=256, pattern:str='MmMmMs') -> HybridLM:
+    torch.manual_seed(0)
+    return HybridLM(HybridConfig(vocab=512, d_model=d, n_layers=len(pattern), pattern=pattern, mlstm_heads=2)).eval()
+
+def _bench_generation(hw, sz, dev):
+    m = _gen_model(sz['d']).to(dev)
+    n = sz['new']
+    for P in sz['prompts']:
+        ids = torch.randint(0, 512, (1, P), generator=torch.Generator().manual_seed(P)).to(dev)
+        cached = lambda: m.generate(ids, n, temperature=0)
+        def reencode():
+            x = ids
+            with torch.no_grad():
+                for _ in range(n): x = torch.cat([x, m(x)[:, -1].argmax(-1, keepdim=True)], 1)
+            return x
+        same = torch.equal(cached(), reencode())
+        for name, fn in (('generate: state cache', cached), ('generate: re-encode prefix', reencode)):
+            t = measure(fn, warmup=1, repeat=2 if P >= 1024 else 3, device=dev, track_memory=False)
+            yield record('hybrid', name, t, hw=hw, work=n, unit='tokens/s', dtype=torch.float32,
+                         params=dict(prompt=P, new_tokens=n, d_model=sz['d'], pattern='MmMmMs'), quality=dict(same_tokens=same),
+                         conditions=dict(threads=torch.get_num_threads()))
+
+def _stack(letter:str, d:int, target:int):
+    "A stack of blocks of one type with about as many parameters as `target` attention layers (12·d² each)."
+    cfg = HybridConfig(vocab=256, d_model=d, n_layers=1, pattern=letter, mlstm_heads=2)
+    per = sum(p.numel() for p in BLOCKS[letter](cfg).parameters())
+    n = max(1, round(target * 12 * d * d / per))
+    return nn.Sequential(*(BLOCKS[letter](cfg) for _ in range(n))), n, n * per
+
+# %% ../nbs/20_hybrid_model.ipynb #47909018
+def _bench_blocks(hw, sz, dev, B:int=2):
+    L, d = sz['L'], sz['d']
+    x = torch.randn(B, L, d, device=dev)
+    for letter, name in BLOCK_LETTERS.items():
+        torch.manual_seed(0)
+        stack, n, P = _stack(letter, d, sz['target'])
+        stack = stack.to(dev)
+        fwd = lambda: stack(x)
+        def fwd_bwd():
+            xr = x.detach().requires_grad_()
+            stack(xr).sum().backward()
+            return xr.grad
+        for mode, fn in (('fwd', fwd), ('fwd+bwd', fwd_bwd)):
+            with torch.set_grad_enabled(mode != 'fwd'):
+                t = measure(fn, warmup=1, repeat=3, device=dev)
+            yield record('hybrid', f'{name} {mode}', t, hw=hw, work=B * L, unit='tokens/s', dtype=torch.float32,
+                         params=dict(block=name, mode=mode, d_model=d, layers=n, block_params=P, batch=B, L=L),
+                         conditions=dict(threads=torch.get_num_threads()))
+
+def _bench_int8(hw, sz, dev):
+    "int8 weight-only vs fp32 on a briefly trained byte-level model: generation tokens/s, weight bytes, perplexity."
+    cfg = HybridConfig(vocab=256, d_model=128, n_layers=4, pattern='MmMs', mlstm_heads=2, chunk_size=32)
+    model, losses = train_briefly(cfg, stdlib_bytes(), steps=sz['train_steps'], batch=8, seq_len=96)
+    held = stdlib_bytes(HELD_OUT)
+    import copy
+    models = {'fp32': model, 'int8': quantize_int8(copy.deepcopy(model))}
+    ppl = {k: perplexity(m, held, 128, 8) for k, m in models.items()}
+    prompt = held[:64].long()[None].to(dev)
+    for k, m in models.items():
+        m = m.to(dev)
+        t = measure(lambda: m.generate(prompt, sz['new'], temperature=0), warmup=1, repeat=3, device=dev)
+        yield record('hybrid', f'int8 vs fp32: {k}', t, hw=hw, work=sz['new'], unit='tokens/s', dtype=k,
+                     params=dict(weights=k, d_model=128, pattern='MmMs', prompt=64, new_tokens=sz['new'], train_steps=sz['train_steps']),
+                     quality=dict(perplexity=ppl[k], ppl_change=ppl[k] / ppl['fp32'] - 1, weight_bytes=weight_bytes(m),
+                                  final_loss=sum(losses[-5:]) / 5),
+                     conditions=dict(threads=torch.get_num_threads()))
+
+def _bench_utilisation(hw, sz, dev):
+    cfg = UTIL_CFG if sz['d'] >= 256 else dataclasses.replace(UTIL_CFG, d_model=sz['d'], vocab=256)
+    u = measure_utilisation(cfg, seq_len=sz['util_L'], repeat=2 if hw.kind == 'cpu' else 5, hw=hw)
+    t = Timing(u['step_s'], u['step_s'], u['step_s'], 1)
+    yield record('hybrid', 'train step utilisation', t, hw=hw, work=4 * sz['util_L'], unit='tokens/s', dtype=torch.float32,
+                 params=dict(pattern=u['pattern'], d_model=u['d_model'], batch=u['batch'], L=u['seq_len']),
+                 quality=dict(utilisation=u['utilisation'], achieved_tflops=u['flops_per_s'] / 1e12),
+                 conditions=dict(threads=u['threads'], peak_tflops=u['peak'] / 1e12 if u['peak'] else None))
+
+@suite('hybrid', plots=[dict(x='prompt', y='throughput', hue='name', logx=True, logy=True)])
+def bench_hybrid(hw:Hardware, size:str='default'):
+    "Hybrid LM: generation with state caching vs re-encoding, tokens/s per block type, int8 vs fp32, training utilisation."
+    sz, dev = _BENCH[size], torch_device(hw)
+    yield from _bench_generation(hw, sz, dev)
+    yield from _bench_blocks(hw, sz, dev)
+    yield from _bench_int8(hw, sz, torch.device('cpu'))      # torchao's int8 weight-only path, here on the CPU
+    yield from _bench_utilisation(hw, sz, dev)
+
+# %% ../nbs/20_hybrid_model.ipynb #7e5422f5
+def _row_table(rows:list, head:list) -> str:
+    return '\n'.join(['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head), *('| ' + ' | '.join(map(str, r)) + ' |' for r in rows)])
+
+def generation_table(results:list) -> str:
+    "Markdown: generation tokens/s with the state cache and by re-encoding, per prompt length, and their ratio."
+    by = {}
+    for r in results:
+        if r.name.startswith('generate'): by.setdefault(r.params['prompt'], {})[r.name.split(': ')[1]] = r.throughput['value']
+    rows = [(P, f"{v['state cache']:.1f}", f"{v['re-encode prefix']:.1f}", f"{v['state cache'] / v['re-encode prefix']:.1f}×")
+            for P, v in sorted(by.items())]
+    return _row_table(rows, ['prompt tokens', 'state cache tokens/s', 're-encode tokens/s', 'speed-up (vs re-encoding)'])
+
+def blocks_table(results:list) -> str:
+    "Markdown: forward and forward+backward tokens/s per block type (stacks of about equal parameter count)."
+    by = {}
+    for r in results:
+        if r.params.get('block'): by.setdefault(r.params['block'], {}).update({r.params['mode']: r.throughput['value'], 'P': r.params['block_params'], 'n': r.params['layers']})
+    att = by.get('attention', {})
+    rows = [(b, v['n'], f"{v['P'] / 1e6:.2f} M", f"{v['fwd']:.0f}", f"{v['fwd+bwd']:.0f}",
+             f"{v['fwd+bwd'] / att['fwd+bwd']:.2f}×" if att else '—') for b, v in by.items()]
+    return _row_table(rows, ['block', 'layers', 'parameters', 'fwd tokens/s', 'fwd+bwd tokens/s', 'fwd+bwd vs attention'])
+
+def int8_table(results:list) -> str:
+    "Markdown: int8 weight-only vs fp32: weight bytes, generation tokens/s, perplexity."
+    rows = [(r.params['weights'], fmt_bytes(r.quality['weight_bytes']), f"{r.throughput['value']:.1f}",
+             f"{r.quality['perplexity']:.3f}", f"{r.quality['ppl_change']:+.2%}") for r in results if r.name.startswith('int8')]
+    return _row_table(rows, ['weights', 'weight bytes', 'generation tokens/s', 'held-out perplexity', 'change vs fp32'])
+
+def runtime_table(results:list, steps:int=1000, batch:int=8, seq_len:int=2048) -> str:
+    "Markdown: estimated time of `steps` training steps of each preset per device, at the utilisation measured in `results`."
+    u = next(r.quality['utilisation'] for r in results if r.name == 'train step utilisation')
+    est = runtime_estimates(u, steps=steps, batch=batch, seq_len=seq_len)
+    rows = [(k, f'{flops_per_token(PRESETS[k], seq_len) / 1e9:.1f}', *(f'{s / 3600:.1f} h' if s >= 3600 else f'{s / 60:.0f} min' for s in v.values()))
+            for k, v in est.items()]
+    return (f'*Estimate*: {steps} steps × {batch} × {seq_len} tokens at the utilisation measured here ({u:.1%} of peak).\n\n'
+            + _row_table(rows, ['preset', 'training GFLOP/token', *(f'{d} ({device_peak(d)[1]} {device_peak(d)[0] / 1e12:.0f} TFLOP/s)' for d in RUNTIME_DEVICES)]))
