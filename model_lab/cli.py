@@ -9,7 +9,7 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['COMMANDS', 'command', 'UsageError', 'CommandError', 'parser', 'main', 'devices_cmd', 'bench_cmd', 'report_cmd',
-           'check_cmd', 'transcribe_cmd']
+           'check_cmd', 'transcribe_cmd', 'train_cmd']
 
 # %% ../nbs/95_cli.ipynb #be4977b9
 COMMANDS = {}
@@ -222,6 +222,28 @@ def transcribe_cmd(ns) -> int:
         print(json.dumps(dict(doc, kind='failed', command=ns.command, exit_code=1) if 'error' in doc else doc, indent=1))
     return 1 if failed else 0
 
+
+# %% ../nbs/95_cli.ipynb #a7c1e0d2
+def _train_groups() -> str:
+    import importlib.util
+    root = Path(importlib.util.find_spec('model_lab').origin).parent / 'configs'   # packaged with model_lab; read without importing train
+    groups = {g.name: sorted(p.stem for p in g.glob('*.yaml')) for g in sorted(root.iterdir()) if g.is_dir()} if root.is_dir() else {}
+    return '; '.join(f'{g}={"|".join(o)}' for g, o in groups.items())
+
+@command('train', 'Train the hybrid LM (Lightning + Hydra configs); e.g. model-lab train model=tiny trainer=cpu trainer.max_steps=200', [
+    (('overrides',), dict(nargs='*', metavar='OVERRIDE', help=f'Hydra overrides. Groups: {_train_groups()}. '
+                          'Keys: model.*, trainer.*, dataset.*, e.g. trainer.max_steps=200 trainer.output_dir=/content/drive/MyDrive/runs/a')),
+    (('--resume',), dict(action='store_true', help='continue from <trainer.output_dir>/checkpoints/last.ckpt')),
+    (('--cfg',), dict(action='store_true', help='print the composed config (YAML) and exit')),
+])
+def train_cmd(ns) -> int:
+    from model_lab.train import compose, train_from_overrides, CheckpointError
+    try:
+        if ns.cfg: print(compose(ns.overrides, return_yaml=True)); return 0
+        train_from_overrides(ns.overrides, resume=ns.resume)
+    except CheckpointError as e: print(f'model-lab train: {e}', file=sys.stderr); return 1
+    except ValueError as e: raise UsageError(str(e)) from None
+    return 0
 
 # %% ../nbs/95_cli.ipynb #0945d58d
 #| eval: false
