@@ -15,9 +15,13 @@ from flax import nnx
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'DIFFUCODER_7B_CONFIG', 'PRESETS', 'LAYER_PARAMS', 'BYTES', 'DreamConfig', 'param_count', 'rms_norm',
-           'rope_tables', 'apply_rope', 'layer_shapes', 'DreamLayers', 'attention_keep', 'dream_positions',
-           'decoder_layer', 'DreamModel', 'abstract_model', 'diffucoder_7b', 'estimate_memory']
+__all__ = ['log', 'DIFFUCODER_7B_CONFIG', 'PRESETS', 'LAYER_PARAMS', 'BYTES', 'SHARDING_RULES', 'ST_DTYPES', 'ST_NAMES',
+           'HF_LAYER', 'HF_TOP', 'DreamConfig', 'param_count', 'rms_norm', 'rope_tables', 'apply_rope', 'layer_shapes',
+           'DreamLayers', 'attention_keep', 'dream_positions', 'decoder_layer', 'DreamModel', 'abstract_model',
+           'diffucoder_7b', 'estimate_memory', 'make_mesh', 'param_sharding_rules', 'param_shardings', 'shard_model',
+           'batch_sharding', 'SafetensorsFile', 'write_safetensors', 'hf_name', 'hf_shape', 'hf_to_jax', 'jax_to_hf',
+           'HFCheckpoint', 'load_hf_checkpoint', 'hf_reference_model', 'hf_4d_mask', 'save_hf_reference',
+           'hf_layer_outputs', 'jax_layer_outputs', 'parity_table']
 
 # %% ../nbs/40_diffucoder_jax.ipynb #71312154
 @dataclass(frozen=True)
@@ -63,6 +67,10 @@ class DreamConfig:
             raise ValueError(f'rope_scaling {rs} is not supported (Dream and DiffuCoder use none)')
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in cfg.items() if k in names and v is not None}
+        rp = cfg.get('rope_parameters')                       # transformers 5 writes rope_theta there
+        if isinstance(rp, dict):
+            if rp.get('rope_type', 'default') != 'default': raise ValueError(f'rope_parameters {rp} is not supported (Dream uses the default RoPE)')
+            if 'rope_theta' in rp: kw.setdefault('rope_theta', rp['rope_theta'])
         eos = kw.get('eos_token_id')
         if isinstance(eos, list): kw['eos_token_id'] = eos[0]
         kw.setdefault('mask_token_id', cfg.get('mask_token_id', min(151666, kw.get('vocab_size', cls.vocab_size) - 1)))
@@ -248,3 +256,273 @@ def estimate_memory(cfg:DreamConfig, precision='bf16', batch:int=1, seq_len:int=
         g, o = n * 4, n * 8 + (0 if b == 4 else n * 4)
         act = cfg.num_hidden_layers * (17 * tok * d * b + batch * H * seq_len**2 * 4) + layer + 2 * head
     return dict(weights=w, gradients=g, optimizer=o, activations=act, total=w + g + o + act)
+
+# %% ../nbs/40_diffucoder_jax.ipynb #a6491016
+def _param_paths(model:nnx.Module) -> dict:
+    "{'layers.q_proj': Variable, ...} for every parameter."
+    return {'.'.join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+SHARDING_RULES = {
+    'embed_tokens': P('model', None), 'norm': P(), 'lm_head': P(None, 'model'),
+    'layers.input_layernorm': P(), 'layers.post_attention_layernorm': P(),
+    'layers.q_proj': P(None, None, 'model', None), 'layers.q_bias': P(None, 'model', None),
+    'layers.k_proj': P(None, None, 'model', None), 'layers.k_bias': P(None, 'model', None),
+    'layers.v_proj': P(None, None, 'model', None), 'layers.v_bias': P(None, 'model', None),
+    'layers.o_proj': P(None, 'model', None, None),
+    'layers.gate_proj': P(None, None, 'model'), 'layers.up_proj': P(None, None, 'model'), 'layers.down_proj': P(None, 'model', None),
+}
+
+def make_mesh(data:int|None=None, model:int|None=None, devices=None):
+    "A jax Mesh ('data', 'model') over `devices` (all by default); unspecified sizes fill the rest (model defaults to 1)."
+    devices = list(devices if devices is not None else jax.devices()); n = len(devices)
+    model = model or (n // data if data else 1); data = data or n // model
+    if data * model != n: raise ValueError(f'mesh data={data} x model={model} must use all {n} devices')
+    from jax.sharding import AxisType
+    return jax.make_mesh((data, model), ('data', 'model'), axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+def _fit_spec(spec:P, shape:tuple, mesh) -> P:
+    "`spec` with the axes that do not divide their dimension dropped (that dimension replicated)."
+    return P(*[a if a is None or shape[i] % mesh.shape[a] == 0 else None for i, a in enumerate(spec)])
+
+def param_sharding_rules(cfg:DreamConfig, mesh=None) -> dict:
+    "PartitionSpec of every parameter ('layers.q_proj', ...) of `cfg`; with `mesh`, fitted to its axis sizes."
+    L = cfg.num_hidden_layers
+    shapes = {f'layers.{k}': (L, *v) for k, v in layer_shapes(cfg).items()}
+    shapes.update(embed_tokens=(cfg.vocab_size, cfg.hidden_size), norm=(cfg.hidden_size,))
+    if not cfg.tie_word_embeddings: shapes['lm_head'] = (cfg.hidden_size, cfg.vocab_size)
+    return {k: _fit_spec(SHARDING_RULES[k], s, mesh) if mesh is not None else SHARDING_RULES[k] for k, s in shapes.items()}
+
+def param_shardings(model:DreamModel, mesh=None) -> dict:
+    "A Sharding per parameter: the rules on `mesh`, or the first device without one."
+    if mesh is None: return {k: jax.sharding.SingleDeviceSharding(jax.devices()[0]) for k in _param_paths(model)}
+    return {k: NamedSharding(mesh, s) for k, s in param_sharding_rules(model.config, mesh).items()}
+
+def shard_model(model:DreamModel, mesh) -> DreamModel:
+    "Move `model`'s parameters onto `mesh` with `param_sharding_rules` (in place; returns the model)."
+    sh = param_shardings(model, mesh)
+    for k, v in _param_paths(model).items(): v.set_value(jax.device_put(v[...], sh[k]))
+    return model
+
+def batch_sharding(mesh) -> NamedSharding:
+    "(batch, length) arrays split over the mesh's data axis."
+    return NamedSharding(mesh, P('data', None))
+
+# %% ../nbs/40_diffucoder_jax.ipynb #1661490b
+import ml_dtypes
+
+ST_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16, 'I64': np.int64,
+             'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
+ST_NAMES = {np.dtype(v): k for k, v in ST_DTYPES.items()}
+
+class SafetensorsFile:
+    "A memory-mapped safetensors file: `keys()`, `shape(k)`, `dtype(k)`, `get(k)` (a read-only zero-copy numpy view)."
+    def __init__(self, path):
+        self.path = Path(path)
+        with open(self.path, 'rb') as f:
+            raw = f.read(8)
+            if len(raw) < 8: raise ValueError(f'{self.path} is not a safetensors file: shorter than its 8-byte header length')
+            n = int.from_bytes(raw, 'little')
+            if n > 100_000_000: raise ValueError(f'{self.path} is not a safetensors file: header length {n} bytes')
+            try: self.header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e: raise ValueError(f'{self.path} is not a safetensors file: bad header ({e})') from None
+        self.metadata, self._start = self.header.pop('__metadata__', {}) or {}, 8 + n
+        size = self.path.stat().st_size
+        self._mm = mmap.mmap(os.open(self.path, os.O_RDONLY), 0, access=mmap.ACCESS_READ) if size > self._start else b''
+
+    def keys(self) -> list: return list(self.header)
+    def __contains__(self, k): return k in self.header
+    def shape(self, k) -> tuple: return tuple(self._info(k)['shape'])
+    def dtype(self, k) -> str: return self._info(k)['dtype']
+
+    def _info(self, k):
+        if k not in self.header: raise KeyError(f'tensor {k!r} is not in {self.path}')
+        return self.header[k]
+
+    def get(self, k) -> np.ndarray:
+        info = self._info(k)
+        if info['dtype'] not in ST_DTYPES: raise ValueError(f'tensor {k!r} in {self.path} has unsupported dtype {info["dtype"]}')
+        dt, (a, b) = np.dtype(ST_DTYPES[info['dtype']]), info['data_offsets']
+        if b - a != math.prod(info['shape']) * dt.itemsize:
+            raise ValueError(f'tensor {k!r} in {self.path}: {b - a} bytes do not hold {info["dtype"]}{info["shape"]}')
+        return np.frombuffer(self._mm, dtype=dt, count=math.prod(info['shape']), offset=self._start + a).reshape(info['shape'])
+
+def _atomic_file(path:Path, write):
+    "Call write(f) on a temporary file beside `path`, then rename it to `path`."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
+    try:
+        with open(tmp, 'wb') as f: write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True); raise
+
+def write_safetensors(path, tensors:dict, # name -> array, or name -> (shape, np dtype, fn() -> array) to fetch lazily
+                      metadata:dict|None=None) -> Path:
+    "Write `tensors` as a safetensors file, one tensor in host memory at a time, atomically."
+    specs, off = {}, 0
+    for k, t in tensors.items():
+        shape, dt = (t[0], np.dtype(t[1])) if isinstance(t, tuple) else (t.shape, np.dtype(t.dtype))
+        if dt not in ST_NAMES: raise ValueError(f'tensor {k!r}: dtype {dt} cannot be stored in safetensors')
+        n = math.prod(shape) * dt.itemsize
+        specs[k] = dict(dtype=ST_NAMES[dt], shape=list(shape), data_offsets=[off, off + n]); off += n
+    head = json.dumps({'__metadata__': {k: str(v) for k, v in (metadata or {}).items()}, **specs}).encode()
+    head += b' ' * (-len(head) % 8)
+    def write(f):
+        f.write(len(head).to_bytes(8, 'little')); f.write(head)
+        for k, t in tensors.items():
+            a = np.ascontiguousarray(np.asarray(t[2]() if isinstance(t, tuple) else t), dtype=ST_DTYPES[specs[k]['dtype']])
+            if list(a.shape) != specs[k]['shape']: raise ValueError(f'tensor {k!r}: got shape {a.shape}, declared {specs[k]["shape"]}')
+            f.write(a.tobytes())
+    _atomic_file(Path(path), write)
+    return Path(path)
+
+# %% ../nbs/40_diffucoder_jax.ipynb #34c4c035
+HF_LAYER = dict(input_layernorm='input_layernorm.weight', q_proj='self_attn.q_proj.weight', q_bias='self_attn.q_proj.bias',
+                k_proj='self_attn.k_proj.weight', k_bias='self_attn.k_proj.bias', v_proj='self_attn.v_proj.weight',
+                v_bias='self_attn.v_proj.bias', o_proj='self_attn.o_proj.weight',
+                post_attention_layernorm='post_attention_layernorm.weight', gate_proj='mlp.gate_proj.weight',
+                up_proj='mlp.up_proj.weight', down_proj='mlp.down_proj.weight')
+HF_TOP = dict(embed_tokens='model.embed_tokens.weight', norm='model.norm.weight', lm_head='lm_head.weight')
+
+def hf_name(param:str, layer:int|None=None) -> str:
+    "The HF tensor name of our parameter `param` ('q_proj', 'norm', ...) in `layer`."
+    return f'model.layers.{layer}.{HF_LAYER[param]}' if param in HF_LAYER else HF_TOP[param]
+
+def hf_shape(param:str, cfg:DreamConfig) -> tuple:
+    "Shape of `param` in the HF checkpoint (one layer's, for layer parameters)."
+    d, hd, H, K, F, V = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size, cfg.vocab_size
+    return dict(input_layernorm=(d,), post_attention_layernorm=(d,), norm=(d,), q_proj=(H * hd, d), q_bias=(H * hd,),
+                k_proj=(K * hd, d), k_bias=(K * hd,), v_proj=(K * hd, d), v_bias=(K * hd,), o_proj=(d, H * hd),
+                gate_proj=(F, d), up_proj=(F, d), down_proj=(d, F), embed_tokens=(V, d), lm_head=(V, d))[param]
+
+def hf_to_jax(param:str, a:np.ndarray, cfg:DreamConfig) -> np.ndarray:
+    "One HF tensor → our layout (a view where possible)."
+    hd, H, K = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    if param == 'q_proj': return a.reshape(H, hd, -1).transpose(2, 0, 1)
+    if param in ('k_proj', 'v_proj'): return a.reshape(K, hd, -1).transpose(2, 0, 1)
+    if param == 'q_bias': return a.reshape(H, hd)
+    if param in ('k_bias', 'v_bias'): return a.reshape(K, hd)
+    if param == 'o_proj': return a.reshape(-1, H, hd).transpose(1, 2, 0)
+    if param in ('gate_proj', 'up_proj', 'down_proj', 'lm_head'): return a.T
+    return a
+
+def jax_to_hf(param:str, a:np.ndarray, cfg:DreamConfig) -> np.ndarray:
+    "Our layout → the HF tensor (inverse of `hf_to_jax`)."
+    if param in ('q_proj', 'k_proj', 'v_proj'): return a.transpose(1, 2, 0).reshape(-1, a.shape[0])
+    if param in ('q_bias', 'k_bias', 'v_bias'): return a.reshape(-1)
+    if param == 'o_proj': return a.transpose(2, 0, 1).reshape(a.shape[2], -1)
+    if param in ('gate_proj', 'up_proj', 'down_proj', 'lm_head'): return a.T
+    return a
+
+# %% ../nbs/40_diffucoder_jax.ipynb #2bccb6dc
+class HFCheckpoint:
+    "The safetensors of a HF model folder: one `model.safetensors`, or shards listed in `model.safetensors.index.json`."
+    def __init__(self, path):
+        p = Path(path)
+        if not p.is_dir(): raise FileNotFoundError(f'{p} is not a folder holding a HF checkpoint (config.json + *.safetensors)')
+        idx = p / 'model.safetensors.index.json'
+        if idx.exists():
+            wm = json.loads(idx.read_text()).get('weight_map')
+            if not isinstance(wm, dict): raise ValueError(f'{idx} has no "weight_map"')
+            files = {f: SafetensorsFile(p / f) for f in sorted(set(wm.values()))}
+            self.where = {k: files[f] for k, f in wm.items()}
+        else:
+            st = sorted(p.glob('*.safetensors'))
+            if not st:
+                pkl = ' (there is a params.pkl: see load_params(..., allow_pickle=True))' if (p / 'params.pkl').exists() else ''
+                raise FileNotFoundError(f'no model.safetensors or model.safetensors.index.json in {p}{pkl}')
+            self.where = {k: f for f in map(SafetensorsFile, st) for k in f.keys()}
+        self.path = p
+
+    def get(self, name:str, shape:tuple) -> np.ndarray:
+        "Tensor `name`, checked against the `shape` the config implies and for a float dtype."
+        if name not in self.where: raise KeyError(f'tensor {name!r} is missing from the checkpoint in {self.path}')
+        f = self.where[name]
+        if f.shape(name) != tuple(shape):
+            raise ValueError(f'tensor {name!r} in {f.path.name} has shape {f.shape(name)}, the config implies {tuple(shape)}')
+        if f.dtype(name) not in ('F32', 'F16', 'BF16', 'F64'):
+            raise ValueError(f'tensor {name!r} in {f.path.name} has dtype {f.dtype(name)}, expected a float (F32, BF16, F16)')
+        return f.get(name)
+
+# %% ../nbs/40_diffucoder_jax.ipynb #4f4c8784
+def _read_shard(ck:HFCheckpoint, cfg:DreamConfig, name:str, index:tuple, dtype) -> np.ndarray:
+    "The `index` slice of our parameter `name` (e.g. 'layers.q_proj'), read from the HF checkpoint."
+    top, _, param = name.partition('.')
+    if top != 'layers':
+        return np.asarray(hf_to_jax(top, ck.get(hf_name(top), hf_shape(top, cfg)), cfg)[index], dtype=dtype)
+    ls = range(cfg.num_hidden_layers)[index[0]]
+    return np.stack([np.asarray(hf_to_jax(param, ck.get(hf_name(param, l), hf_shape(param, cfg)), cfg)[index[1:]], dtype=dtype)
+                     for l in ls])
+
+def load_hf_checkpoint(path, dtype=jnp.bfloat16, mesh=None, # a jax Mesh with axes ('data', 'model'): shard as loaded
+                       ) -> tuple:
+    "(DreamConfig, DreamModel) from a HF folder (config.json + single or sharded safetensors), tensor by tensor."
+    cfg = DreamConfig.from_hf(path)
+    ck, dtype = HFCheckpoint(path), jnp.dtype(dtype)
+    model = abstract_model(cfg, dtype)
+    shardings = param_shardings(model, mesh)
+    for name, var in _param_paths(model).items():
+        sd = var.get_value()
+        var.set_value(jax.make_array_from_callback(sd.shape, shardings[name], lambda idx, n=name: _read_shard(ck, cfg, n, idx, dtype)))
+    return cfg, model
+
+# %% ../nbs/40_diffucoder_jax.ipynb #5c4dda57
+def hf_reference_model(cfg:DreamConfig, seed:int=0, scale:float=0.1):
+    "A transformers Qwen2ForCausalLM with `cfg`'s shape, eager attention, fp32, every parameter random N(0, scale) (norms 1 + N)."
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    hc = Qwen2Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                     num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                     num_key_value_heads=cfg.num_key_value_heads, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
+                     max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
+                     pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+                     use_sliding_window=False, attn_implementation='eager')
+    g = torch.Generator().manual_seed(seed)
+    m = Qwen2ForCausalLM(hc).float().eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if 'norm' in n else 0.0))
+    return m
+
+def hf_4d_mask(attention_mask, dtype=None):
+    "(B, L) 0/1 → the additive (B, 1, L, L) mask transformers takes as is: 0 where the key is real, dtype-min at padded keys."
+    import torch
+    m = torch.as_tensor(np.asarray(attention_mask)).bool()
+    dtype = dtype or torch.float32
+    add = torch.zeros(m.shape[0], 1, m.shape[1], m.shape[1], dtype=dtype)
+    return add.masked_fill(~m[:, None, None, :], torch.finfo(dtype).min)
+
+def save_hf_reference(hf_model, cfg:DreamConfig, path, max_shard_size=None) -> Path:
+    "Save a transformers model as HF safetensors (sharded when `max_shard_size`) with a DiffuCoder-style config.json."
+    p = Path(path)
+    hf_model.save_pretrained(p, safe_serialization=True, **(dict(max_shard_size=max_shard_size) if max_shard_size else {}))
+    (p / 'config.json').write_text(json.dumps(cfg.to_hf(), indent=1))
+    return p
+
+# %% ../nbs/40_diffucoder_jax.ipynb #868d6fe9
+def hf_layer_outputs(hf_model, input_ids, attention_mask=None, position_ids=None) -> list:
+    "[embeddings, layer 0, ..., layer n-1, logits] of a transformers Qwen2 model, bidirectional, as numpy fp32."
+    import torch
+    ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+    B, L = ids.shape
+    am = np.ones((B, L), np.int32) if attention_mask is None else np.asarray(attention_mask)
+    pos = torch.as_tensor(np.asarray(position_ids if position_ids is not None else dream_positions(jnp.asarray(am))), dtype=torch.long)
+    outs, hooks = [], [hf_model.model.embed_tokens.register_forward_hook(lambda m, i, o: outs.append(o))]
+    hooks += [l.register_forward_hook(lambda m, i, o: outs.append(o[0] if isinstance(o, tuple) else o)) for l in hf_model.model.layers]
+    try:
+        with torch.no_grad(): logits = hf_model(input_ids=ids, attention_mask=hf_4d_mask(am), position_ids=pos).logits
+    finally:
+        for h in hooks: h.remove()
+    return [o.float().numpy() for o in outs] + [logits.float().numpy()]
+
+def jax_layer_outputs(model:DreamModel, input_ids, attention_mask=None) -> list:
+    "[embeddings, layer 0, ..., layer n-1, logits] of our model, as numpy fp32."
+    am = None if attention_mask is None else jnp.asarray(attention_mask)
+    h, emb, per = model.hidden_states(jnp.asarray(input_ids), am, all_layers=True)
+    return [np.asarray(emb, np.float32)] + [np.asarray(p, np.float32) for p in per] + [np.asarray(model.logits(h))]
+
+def parity_table(ours:list, ref:list, valid=None) -> list:
+    "[(what, max abs error over valid positions)] for lists from `jax_layer_outputs` / `hf_layer_outputs`."
+    names = ['embeddings'] + [f'layer {i}' for i in range(len(ours) - 2)] + ['logits']
+    v = np.ones(ours[0].shape[:2], bool) if valid is None else np.asarray(valid).astype(bool)
+    return [(n, float(np.abs(a[v] - b[v]).max())) for n, a, b in zip(names, ours, ref)]
