@@ -16,12 +16,14 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'DIFFUCODER_7B_CONFIG', 'PRESETS', 'LAYER_PARAMS', 'BYTES', 'SHARDING_RULES', 'ST_DTYPES', 'ST_NAMES',
-           'HF_LAYER', 'HF_TOP', 'DreamConfig', 'param_count', 'rms_norm', 'rope_tables', 'apply_rope', 'layer_shapes',
-           'DreamLayers', 'attention_keep', 'dream_positions', 'decoder_layer', 'DreamModel', 'abstract_model',
-           'diffucoder_7b', 'estimate_memory', 'make_mesh', 'param_sharding_rules', 'param_shardings', 'shard_model',
-           'batch_sharding', 'SafetensorsFile', 'write_safetensors', 'hf_name', 'hf_shape', 'hf_to_jax', 'jax_to_hf',
-           'HFCheckpoint', 'load_hf_checkpoint', 'hf_reference_model', 'hf_4d_mask', 'save_hf_reference',
-           'hf_layer_outputs', 'jax_layer_outputs', 'parity_table']
+           'HF_LAYER', 'HF_TOP', 'ALGS', 'TRACES', 'DreamConfig', 'param_count', 'rms_norm', 'rope_tables',
+           'apply_rope', 'layer_shapes', 'DreamLayers', 'attention_keep', 'dream_positions', 'decoder_layer',
+           'DreamModel', 'abstract_model', 'diffucoder_7b', 'estimate_memory', 'make_mesh', 'param_sharding_rules',
+           'param_shardings', 'shard_model', 'batch_sharding', 'SafetensorsFile', 'write_safetensors', 'hf_name',
+           'hf_shape', 'hf_to_jax', 'jax_to_hf', 'HFCheckpoint', 'load_hf_checkpoint', 'hf_reference_model',
+           'hf_4d_mask', 'save_hf_reference', 'hf_layer_outputs', 'jax_layer_outputs', 'parity_table',
+           'dream_timesteps', 'top_p_filter', 'top_k_filter', 'sample_tokens', 'transfer_count', 'sample_step',
+           'prepare_inputs', 'diffusion_generate', 'torch_sample_tokens', 'torch_diffusion_generate']
 
 # %% ../nbs/40_diffucoder_jax.ipynb #71312154
 @dataclass(frozen=True)
@@ -506,7 +508,7 @@ def hf_layer_outputs(hf_model, input_ids, attention_mask=None, position_ids=None
     ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
     B, L = ids.shape
     am = np.ones((B, L), np.int32) if attention_mask is None else np.asarray(attention_mask)
-    pos = torch.as_tensor(np.asarray(position_ids if position_ids is not None else dream_positions(jnp.asarray(am))), dtype=torch.long)
+    pos = torch.as_tensor(np.array(position_ids if position_ids is not None else dream_positions(jnp.asarray(am))), dtype=torch.long)
     outs, hooks = [], [hf_model.model.embed_tokens.register_forward_hook(lambda m, i, o: outs.append(o))]
     hooks += [l.register_forward_hook(lambda m, i, o: outs.append(o[0] if isinstance(o, tuple) else o)) for l in hf_model.model.layers]
     try:
@@ -526,3 +528,193 @@ def parity_table(ours:list, ref:list, valid=None) -> list:
     names = ['embeddings'] + [f'layer {i}' for i in range(len(ours) - 2)] + ['logits']
     v = np.ones(ours[0].shape[:2], bool) if valid is None else np.asarray(valid).astype(bool)
     return [(n, float(np.abs(a[v] - b[v]).max())) for n, a, b in zip(names, ours, ref)]
+
+# %% ../nbs/40_diffucoder_jax.ipynb #9eb559e2
+ALGS = ('origin', 'maskgit_plus', 'topk_margin', 'entropy')
+
+def dream_timesteps(steps:int, eps:float=1e-3) -> np.ndarray:
+    "`torch.linspace(1, eps, steps + 1)` in fp32 by PyTorch's scalar formula (from the start up to halfway, from the end after)."
+    # PyTorch's vectorised CPU loop builds 8 or 16 lanes from one base and can differ in the last bit; that moves Dream's
+    # k = int(n * (1 - s/t)) only when n * (1 - s/t) lies within ~1e-7 of an integer.
+    n = steps + 1
+    if n == 1: return np.ones(1, np.float32)
+    a, b = np.float32(1.0), np.float32(eps)
+    step = (b - a) / np.float32(n - 1)
+    i = np.arange(n)
+    out = np.where(i < n // 2, a + step * i.astype(np.float32), b - step * (n - 1 - i).astype(np.float32))
+    return out.astype(np.float32)
+
+def top_p_filter(logits, top_p:float):
+    "Dream's nucleus filter: keep the most likely tokens whose cumulative probability reaches top_p (the first always)."
+    order = jnp.argsort(-logits, axis=-1, stable=True)
+    cum = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(logits, order, -1), -1), -1)
+    remove = jnp.concatenate([jnp.zeros_like(cum[..., :1], bool), cum[..., :-1] > top_p], -1)
+    remove = jnp.take_along_axis(remove, jnp.argsort(order, axis=-1), -1)    # back to vocabulary order
+    return jnp.where(remove, jnp.finfo(logits.dtype).min, logits)
+
+def top_k_filter(logits, top_k:int):
+    "Dream's top-k filter: logits below the k-th largest become the dtype's minimum."
+    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+    return jnp.where(logits < kth, jnp.finfo(logits.dtype).min, logits)
+
+def sample_tokens(logits, key, *, temperature:float=0.0, top_p=None, top_k=None, alg:str='maskgit_plus'):
+    "(confidence, x0) at every position of fp32 logits (..., V), as Dream's `sample_tokens` with `alg`'s confidence."
+    logits = logits.astype(jnp.float32)
+    if temperature > 0: logits = logits / temperature
+    if top_p is not None and top_p < 1: logits = top_p_filter(logits, top_p)
+    if top_k is not None: logits = top_k_filter(logits, top_k)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if temperature > 0:
+        x0 = jax.random.categorical(key, logits, axis=-1)
+        conf = jnp.take_along_axis(probs, x0[..., None], -1)[..., 0]
+    else:
+        x0, conf = jnp.argmax(probs, -1), jnp.max(probs, -1)
+    if alg == 'topk_margin':
+        top2 = jax.lax.top_k(probs, 2)[0]
+        conf = top2[..., 0] - top2[..., 1]
+    elif alg == 'entropy':
+        conf = jnp.sum(probs * jnp.log(probs + 1e-10), axis=-1)
+    return conf, x0.astype(jnp.int32)
+
+# %% ../nbs/40_diffucoder_jax.ipynb #2d06d1d8
+def transfer_count(mask_index, t, s, last):
+    "Dream's k: int(mean masked count per row · (1 - s/t)), or int(mean count) on the last step (fp32 like torch)."
+    n = jnp.sum(mask_index).astype(jnp.float32) / jnp.float32(mask_index.shape[0])
+    return jnp.where(last, jnp.floor(n), jnp.floor(n * (1 - s / t))).astype(jnp.int32)
+
+def sample_step(logits, # (B, L, V) logits, already shifted (position j predicted from output j-1)
+                x, # (B, L) current tokens
+                mask_index, # (B, L) bool: positions still masked (those this step may unmask)
+                t, s, # this step's and the next step's timestep (t > s)
+                last, # bool: the last step (unmask everything left)
+                key, *, alg:str='entropy', temperature:float=0.0, top_p=None, top_k=None, alg_temp:float=0.0,
+                mask_token_id:int):
+    "One step of Dream's sampler: the new tokens (B, L)."
+    kx, kt = jax.random.split(key)
+    conf, x0 = sample_tokens(logits, kx, temperature=temperature, top_p=top_p, top_k=top_k,
+                             alg='maskgit_plus' if alg == 'origin' else alg)
+    if alg == 'origin':
+        p = jnp.where(last, 1.0, 1 - s / t)
+        return jnp.where(mask_index & (jax.random.uniform(kt, x.shape) < p), x0, x)
+    k = transfer_count(mask_index, t, s, last)
+    score = jnp.where(mask_index, conf, -jnp.inf)                            # (B, L), ranked per row
+    if alg_temp: score = score / alg_temp + jax.random.gumbel(kt, score.shape)
+    rank = jnp.argsort(jnp.argsort(-score, axis=-1, stable=True), axis=-1)   # 0 = most confident in its row
+    proposal = jnp.where(mask_index, x0, mask_token_id)                      # Dream's x_: mask id outside the masked set
+    return jnp.where(rank < k, proposal, x)
+
+# %% ../nbs/40_diffucoder_jax.ipynb #aa4ddc01
+TRACES = dict(generate=0, step=0)   # incremented while tracing (not while running): the compile-once test reads them
+
+def _generate(graphdef, state, x, attn, pos, timesteps, key, *, steps, alg, temperature, top_p, top_k, alg_temp, mask_token_id):
+    TRACES['generate'] += 1
+    model = nnx.merge(graphdef, state)
+    def body(i, carry):
+        TRACES['step'] += 1
+        x, key = carry
+        key, sk = jax.random.split(key)
+        logits = model(x, attn, pos)                                          # (B, L, V) raw
+        logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)     # position j predicted from output j-1
+        x = sample_step(logits, x, x == mask_token_id, timesteps[i], timesteps[i + 1], i == steps - 1, sk, alg=alg,
+                        temperature=temperature, top_p=top_p, top_k=top_k, alg_temp=alg_temp, mask_token_id=mask_token_id)
+        return x, key
+    return jax.lax.fori_loop(0, steps, body, (x, key))[0]
+
+_generate_jit = jax.jit(_generate, static_argnames=('graphdef', 'steps', 'alg', 'temperature', 'top_p', 'top_k', 'alg_temp', 'mask_token_id'))
+
+def prepare_inputs(input_ids, attention_mask, max_new_tokens:int, mask_token_id:int) -> tuple:
+    "(x, attention mask or None, positions or None) as Dream builds them: mask ids appended, positions from the mask."
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f'input_ids must be an integer (batch, length) array, got {ids.dtype} {ids.shape}')
+    x = np.concatenate([ids, np.full((ids.shape[0], max_new_tokens), mask_token_id, ids.dtype)], 1).astype(np.int32)
+    if attention_mask is None or np.all(np.asarray(attention_mask) != 0): return x, None, None
+    am = np.asarray(attention_mask)
+    if am.shape != ids.shape: raise ValueError(f'attention_mask must have input_ids\' shape {ids.shape}, got {am.shape}')
+    am = np.concatenate([am, np.ones((am.shape[0], max_new_tokens), am.dtype)], 1).astype(np.int32)
+    return x, am, np.asarray(dream_positions(jnp.asarray(am)))
+
+def diffusion_generate(model:DreamModel, input_ids, attention_mask=None, *, max_new_tokens:int, steps:int,
+                       temperature:float=0.0, top_p:float|None=None, top_k:int|None=None, alg:str='entropy',
+                       alg_temp:float=0.0, eps:float=1e-3, rng=None, # a jax key or an int seed (0 when None)
+                       mesh=None, # with a mesh, the batch is split over its 'data' axis
+                      ):
+    "Dream's masked-diffusion generation: token ids (B, prompt + max_new_tokens)."
+    if alg not in ALGS: raise ValueError(f'alg must be one of {ALGS}, got {alg!r}')
+    if max_new_tokens < 1 or steps < 1: raise ValueError(f'max_new_tokens and steps must be >= 1, got {max_new_tokens}, {steps}')
+    if top_k is not None and top_k < 1: raise ValueError(f'top_k must be >= 1 or None, got {top_k}')
+    if top_p is not None and not 0 < top_p <= 1: raise ValueError(f'top_p must be in (0, 1] or None, got {top_p}')
+    mid = model.config.mask_token_id
+    x, am, pos = prepare_inputs(input_ids, attention_mask, max_new_tokens, mid)
+    key = rng if isinstance(rng, jax.Array) else jax.random.key(0 if rng is None else rng)
+    if mesh is not None:
+        put = lambda a: None if a is None else jax.device_put(a, batch_sharding(mesh))
+        x, am, pos = put(x), put(am), put(pos)
+    graphdef, state = nnx.split(model)
+    return _generate_jit(graphdef, state, x, am, pos, jnp.asarray(dream_timesteps(steps, eps)), key, steps=steps, alg=alg,
+                         temperature=float(temperature), top_p=top_p, top_k=top_k, alg_temp=float(alg_temp or 0.0), mask_token_id=mid)
+
+# %% ../nbs/40_diffucoder_jax.ipynb #573239a8
+def torch_sample_tokens(logits, temperature=0.0, top_p=None, top_k=None, margin_confidence=False, neg_entropy=False, generator=None):
+    "Dream's `sample_tokens` in PyTorch: (confidence, x0) for logits (N, V)."
+    import torch
+    if temperature > 0: logits = logits / temperature
+    if top_p is not None and top_p < 1:
+        sl, si = torch.sort(logits, descending=True)
+        rm = torch.cumsum(torch.softmax(sl, -1), -1) > top_p
+        rm[..., 1:] = rm[..., :-1].clone(); rm[..., 0] = False
+        logits = logits.masked_fill(torch.zeros_like(rm).scatter_(-1, si, rm), torch.finfo(logits.dtype).min)
+    if top_k is not None:
+        logits = logits.masked_fill(logits < torch.topk(logits, min(top_k, logits.shape[-1]))[0][..., -1, None], torch.finfo(logits.dtype).min)
+    probs = torch.softmax(logits, -1)
+    if temperature > 0:
+        x0 = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        conf = torch.gather(probs, -1, x0[:, None])[:, 0]
+    else: conf, x0 = probs.max(-1)
+    if margin_confidence:
+        sp = torch.sort(probs, -1, descending=True)[0]; conf = sp[:, 0] - sp[:, 1]
+    if neg_entropy: conf = torch.sum(probs * torch.log(probs + 1e-10), -1)
+    return conf, x0
+
+def torch_diffusion_generate(hf_model, input_ids, attention_mask=None, *, max_new_tokens, steps, mask_token_id, temperature=0.0,
+                             top_p=None, top_k=None, alg='entropy', alg_temp=0.0, eps=1e-3, seed=0):
+    "Dream's `_sample` loop in PyTorch on a transformers (bidirectional) Qwen2 model: token ids (B, prompt + max_new_tokens)."
+    import torch, torch.nn.functional as F
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+    x = F.pad(ids, (0, max_new_tokens), value=mask_token_id)
+    B, L = x.shape
+    if attention_mask is not None and torch.any(torch.as_tensor(np.asarray(attention_mask)) == 0):
+        am = F.pad(torch.as_tensor(np.asarray(attention_mask)).long(), (0, max_new_tokens), value=1)
+        tok_idx = (am.cumsum(-1) - 1).masked_fill(am == 0, 1)
+        keep = am.bool()[:, None, :, None] & am.bool()[:, None, None, :]
+        mask4d = torch.zeros(B, 1, L, L).masked_fill(~keep, torch.finfo(torch.float32).min)
+    else: tok_idx, mask4d = None, torch.zeros(B, 1, L, L)
+    timesteps = torch.linspace(1, eps, steps + 1)
+    with torch.inference_mode():
+        for i in range(steps):
+            mask_index = x == mask_token_id
+            logits = hf_model(input_ids=x, attention_mask=mask4d, position_ids=tok_idx).logits.float()
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
+            mask_logits, t, s = logits[mask_index], timesteps[i], timesteps[i + 1]
+            if alg == 'origin':
+                p_transfer = 1 - s / t if i < steps - 1 else 1
+                x0 = torch.zeros_like(x[mask_index]) + mask_token_id
+                tr = torch.rand(x0.shape, generator=g) < p_transfer
+                if tr.any(): x0[tr] = torch_sample_tokens(mask_logits[tr], temperature, top_p, top_k, generator=g)[1]
+                x[mask_index] = x0
+                continue
+            conf, x0 = torch_sample_tokens(mask_logits, temperature, top_p, top_k, margin_confidence=alg == 'topk_margin',
+                                           neg_entropy=alg == 'entropy', generator=g)
+            num_mask_token = mask_index.sum() / mask_index.shape[0]
+            k = int(num_mask_token * (1 - s / t)) if i < steps - 1 else int(num_mask_token)
+            full_conf = torch.full_like(x, -torch.inf, dtype=logits.dtype)
+            full_conf[mask_index] = conf
+            if k > 0:
+                if not alg_temp: _, transfer_index = torch.topk(full_conf, k)
+                else: transfer_index = torch.multinomial(torch.softmax(full_conf / alg_temp, -1), k, generator=g)
+                x_ = torch.zeros_like(x) + mask_token_id
+                x_[mask_index] = x0
+                rows = torch.arange(B)[:, None].expand_as(transfer_index)
+                x[rows, transfer_index] = x_[rows, transfer_index]
+    return x.numpy()
