@@ -23,7 +23,8 @@ __all__ = ['log', 'DIFFUCODER_7B_CONFIG', 'PRESETS', 'LAYER_PARAMS', 'BYTES', 'S
            'hf_shape', 'hf_to_jax', 'jax_to_hf', 'HFCheckpoint', 'load_hf_checkpoint', 'hf_reference_model',
            'hf_4d_mask', 'save_hf_reference', 'hf_layer_outputs', 'jax_layer_outputs', 'parity_table',
            'dream_timesteps', 'top_p_filter', 'top_k_filter', 'sample_tokens', 'transfer_count', 'sample_step',
-           'prepare_inputs', 'diffusion_generate', 'torch_sample_tokens', 'torch_diffusion_generate']
+           'prepare_inputs', 'diffusion_generate', 'torch_sample_tokens', 'torch_diffusion_generate', 'save_params',
+           'load_params', 'jit_forward']
 
 # %% ../nbs/40_diffucoder_jax.ipynb #71312154
 @dataclass(frozen=True)
@@ -718,3 +719,95 @@ def torch_diffusion_generate(hf_model, input_ids, attention_mask=None, *, max_ne
                 rows = torch.arange(B)[:, None].expand_as(transfer_index)
                 x[rows, transfer_index] = x_[rows, transfer_index]
     return x.numpy()
+
+# %% ../nbs/40_diffucoder_jax.ipynb #5cbc621b
+def _host(a) -> np.ndarray: return np.asarray(jax.device_get(a))
+
+def save_params(model:DreamModel, path, format:str='safetensors') -> Path:
+    "Save `model` to the folder `path`: config.json + params.safetensors (or an orbax checkpoint in path/orbax)."
+    p = Path(path); p.mkdir(parents=True, exist_ok=True)
+    params = _param_paths(model)
+    if format == 'safetensors':
+        write_safetensors(p / 'params.safetensors', {k: (v.shape, np.dtype(v.dtype), lambda v=v: _host(v[...])) for k, v in params.items()},
+                          metadata=dict(format='model_lab.diffucoder', dtype=str(model.dtype)))
+    elif format == 'orbax':
+        import orbax.checkpoint as ocp
+        with ocp.StandardCheckpointer() as ck: ck.save((p / 'orbax').absolute(), {k: v[...] for k, v in params.items()}, force=True)
+    else: raise ValueError(f"format must be 'safetensors' or 'orbax', got {format!r}")
+    _atomic_file(p / 'config.json', lambda f: f.write(json.dumps(asdict(model.config), indent=1).encode()))
+    return p
+
+def _pickle_error(p:Path) -> ValueError:
+    return ValueError(f'{p} is a pickle: unpickling runs any code the file contains. Pass allow_pickle=True only for a file '
+                      f'you trust, then convert it once with save_params(load_params(path, allow_pickle=True), folder) '
+                      f'to safetensors, which holds only tensors.')
+
+def _flatten(d, prefix='') -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict): out.update(_flatten(v, f'{prefix}{k}.'))
+        else: out[f'{prefix}{k}'] = v
+    return out
+
+def _from_pickle(p:Path, cfg:DreamConfig|None) -> tuple:
+    "(config, {our name: array}) from a trusted pickle of nested dicts (our names, or HF names)."
+    with open(p, 'rb') as f: obj = pickle.load(f)
+    if not isinstance(obj, dict): raise ValueError(f'{p}: expected a dict of parameters, got {type(obj).__name__}')
+    if cfg is None and isinstance(obj.get('config'), dict): cfg = DreamConfig.from_hf(obj['config'])
+    if cfg is None: raise ValueError(f'{p}: no config.json beside it and no "config" entry inside')
+    flat = {re.sub(r'^params\.', '', k): np.asarray(v) for k, v in _flatten(obj.get('params', obj)).items() if k != 'config'}
+    if any(k.startswith('model.') for k in flat):            # HF names: convert
+        flat = {**{t: hf_to_jax(t, flat[n], cfg) for t, n in HF_TOP.items() if n in flat},
+                **{f'layers.{q}': np.stack([hf_to_jax(q, flat[hf_name(q, l)], cfg) for l in range(cfg.num_hidden_layers)])
+                   for q in LAYER_PARAMS if hf_name(q, 0) in flat}}
+    return cfg, flat
+
+def load_params(path, dtype=None, # None: as stored
+                mesh=None, allow_pickle:bool=False) -> DreamModel:
+    "A DreamModel from `save_params`' folder (safetensors or orbax), or from a trusted `params.pkl` with allow_pickle=True."
+    p = Path(path)
+    folder = p.parent if p.is_file() else p
+    cfg = DreamConfig(**json.loads((folder / 'config.json').read_text())) if (folder / 'config.json').exists() else None
+    pkl = p if p.suffix in ('.pkl', '.pickle') else folder / 'params.pkl'
+    if p.suffix in ('.pkl', '.pickle') or (not (folder / 'params.safetensors').exists() and not (folder / 'orbax').exists() and pkl.exists()):
+        if not allow_pickle: raise _pickle_error(pkl)
+        cfg, arrays = _from_pickle(pkl, cfg)
+        get, stored = (lambda k: arrays[k]), next(iter(arrays.values())).dtype
+    elif cfg is None: raise FileNotFoundError(f'no config.json in {folder}')
+    elif (folder / 'params.safetensors').exists():
+        sf = SafetensorsFile(folder / 'params.safetensors')
+        get, stored = sf.get, ST_DTYPES[sf.dtype(sf.keys()[0])]
+    elif (folder / 'orbax').exists():
+        return _load_orbax(folder / 'orbax', cfg, dtype, mesh)
+    else: raise FileNotFoundError(f'no params.safetensors, orbax/ or params.pkl in {folder}')
+    model = abstract_model(cfg, jnp.dtype(dtype or stored))
+    shardings = param_shardings(model, mesh)
+    for name, var in _param_paths(model).items():
+        sd = var.get_value()
+        try: a = get(name)
+        except KeyError: raise KeyError(f'tensor {name!r} is missing from {folder}') from None
+        if tuple(a.shape) != sd.shape: raise ValueError(f'tensor {name!r} in {folder} has shape {tuple(a.shape)}, the config implies {sd.shape}')
+        var.set_value(jax.make_array_from_callback(sd.shape, shardings[name], lambda idx, a=a, dt=sd.dtype: np.asarray(a[idx], dtype=dt)))
+    return model
+
+def _load_orbax(path:Path, cfg:DreamConfig, dtype, mesh) -> DreamModel:
+    import orbax.checkpoint as ocp
+    model = abstract_model(cfg, jnp.dtype(dtype or jnp.float32))
+    params, shardings = _param_paths(model), param_shardings(model, mesh)
+    with ocp.StandardCheckpointer() as ck:
+        if dtype is None:   # the stored dtype
+            meta = ck.metadata(path.absolute())
+            meta = getattr(meta, 'item_metadata', meta)
+            target = {k: jax.ShapeDtypeStruct(v.shape, meta[k].dtype, sharding=shardings[k]) for k, v in params.items()}
+        else: target = {k: jax.ShapeDtypeStruct(v.shape, jnp.dtype(dtype), sharding=shardings[k]) for k, v in params.items()}
+        got = ck.restore(path.absolute(), target)
+    model = abstract_model(cfg, next(iter(got.values())).dtype)
+    for k, v in _param_paths(model).items(): v.set_value(got[k])
+    return model
+
+# %% ../nbs/40_diffucoder_jax.ipynb #1eb69594
+def jit_forward(model:DreamModel):
+    "A jitted `model(input_ids, attention_mask)` (compiled once per shape and sharding)."
+    graphdef, state = nnx.split(model)
+    f = jax.jit(lambda s, x, am: nnx.merge(graphdef, s)(x, am))
+    return lambda input_ids, attention_mask=None: f(state, input_ids, attention_mask)
