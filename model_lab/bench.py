@@ -379,7 +379,8 @@ def suite_total(s:Suite, hw:Hardware, size:str) -> int|None:
 
 # modules that register suites, in the order `model-lab bench` runs them
 SUITE_MODULES = ('model_lab.bench', 'model_lab.kernels.scan', 'model_lab.kernels.tfla', 'model_lab.hybrid',
-                 'model_lab.train', 'model_lab.audio', 'model_lab.diffucoder')
+                 'model_lab.train', 'model_lab.audio', 'model_lab.diffucoder',
+                 'model_lab.diffucoder_fast')
 
 def load_suites() -> tuple:
     "Import every suite module that exists: returns (SUITES, {module: why it is unavailable})."

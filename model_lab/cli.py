@@ -9,7 +9,7 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['COMMANDS', 'command', 'UsageError', 'CommandError', 'parser', 'main', 'devices_cmd', 'bench_cmd', 'report_cmd',
-           'check_cmd', 'transcribe_cmd', 'train_cmd']
+           'check_cmd', 'transcribe_cmd', 'train_cmd', 'generate_cmd']
 
 # %% ../nbs/95_cli.ipynb #be4977b9
 COMMANDS = {}
@@ -243,6 +243,26 @@ def train_cmd(ns) -> int:
         train_from_overrides(ns.overrides, resume=ns.resume)
     except CheckpointError as e: print(f'model-lab train: {e}', file=sys.stderr); return 1
     except ValueError as e: raise UsageError(str(e)) from None
+    return 0
+
+# %% ../nbs/95_cli.ipynb #76d642bb
+@command('generate', 'Write Python with the bundled tiny diffusion coder (offline): Dream\'s sampler, or Fast-dLLM\'s faster decoding.', [
+    (('prompt',), dict(metavar='PROMPT', help='code to continue, e.g. "def fib(n):"')),
+    (('--alg',), dict(default='entropy', choices=['entropy', 'maskgit_plus', 'topk_margin', 'origin'], help='confidence that orders unmasking (default: entropy)')),
+    (('--steps',), dict(type=int, default=None, help='diffusion steps (default: --max-new-tokens)')),
+    (('--max-new-tokens',), dict(type=int, default=128, help='length of the answer canvas (default 128)')),
+    (('--threshold',), dict(type=float, default=None, help='confidence-threshold parallel decoding: unmask every token with p > THRESHOLD')),
+    (('--block-size',), dict(type=int, default=None, help='semi-autoregressive blocks of this many tokens')),
+    (('--cache',), dict(action='store_true', help='approximate prefix KV cache (with --block-size)')),
+    (('--model',), dict(default=None, help='a folder written by save_tiny (default: the bundled diffucoder-tiny)')),
+    (('--json',), dict(action='store_true', help='print the text, the raw completion, forward passes and time as JSON')),
+])
+def generate_cmd(ns) -> int:
+    from model_lab.diffucoder_fast import generate_text
+    try: r = generate_text(ns.prompt, max_new_tokens=ns.max_new_tokens, steps=ns.steps, alg=ns.alg, threshold=ns.threshold,
+                           block_size=ns.block_size, cache=ns.cache, model_dir=ns.model)
+    except (ValueError, FileNotFoundError) as e: raise UsageError(str(e)) from None
+    print(json.dumps(r, indent=1) if ns.json else r['text'])
     return 0
 
 # %% ../nbs/95_cli.ipynb #0945d58d
