@@ -9,7 +9,7 @@ from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from .devices import Hardware, detect, torch_device, peak_specs
-from .bench import suite, measure, record, atomic_write, peak_memory, Timing
+from .bench import suite, measure, record, atomic_write, peak_memory, Timing, fmt_bytes
 from .kernels.scan import selective_scan, selective_state_update
 from .kernels.tfla import mlstm, mlstm_step
 
@@ -405,7 +405,7 @@ def check_ids(ids, vocab:int, name:str='ids'):
     if not torch.is_tensor(ids) or ids.dim() != 2 or ids.shape[1] < 1 or ids.is_floating_point() or ids.is_complex():
         got = f'{tuple(ids.shape)} {ids.dtype}' if torch.is_tensor(ids) else type(ids).__name__
         raise ValueError(f'{name} must be a (B, L) integer tensor of token ids with L >= 1, got {got}')
-    if not torch.compiler.is_compiling() and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+    if not torch.compiler.is_compiling() and not ids.is_meta and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise ValueError(f'{name} must lie in [0, vocab={vocab}), got values in [{int(ids.min())}, {int(ids.max())}]')
 
 class HybridLM(nn.Module):
@@ -836,6 +836,10 @@ _BENCH = dict(quick=dict(d=64, prompts=(16, 32), new=4, L=64, target=1, train_st
               default=dict(d=256, prompts=(128, 256, 512), new=8, L=256, target=2, train_steps=30, util_L=128),
               full=dict(d=256, prompts=(128, 256, 512, 1024, 2048), new=32, L=1024, target=6, train_steps=200, util_L=256))
 
+def _conditions(**kw) -> dict:
+    "Run conditions of a result: torch threads and the 1-minute load average (this machine may be shared)."
+    return dict(threads=torch.get_num_threads(), load_avg_1min=os.getloadavg()[0] if hasattr(os, 'getloadavg') else None, **kw)
+
 def _gen_model(d:int=256, pattern:str='MmMmMs') -> HybridLM:
     torch.manual_seed(0)
     return HybridLM(HybridConfig(vocab=512, d_model=d, n_layers=len(pattern), pattern=pattern, mlstm_heads=2)).eval()
@@ -853,10 +857,10 @@ def _bench_generation(hw, sz, dev):
             return x
         same = torch.equal(cached(), reencode())
         for name, fn in (('generate: state cache', cached), ('generate: re-encode prefix', reencode)):
-            t = measure(fn, warmup=1, repeat=2 if P >= 1024 else 3, device=dev, track_memory=False)
+            t = measure(fn, warmup=1, repeat=2 if P >= 1024 else 5, device=dev, track_memory=False)
             yield record('hybrid', name, t, hw=hw, work=n, unit='tokens/s', dtype=torch.float32,
                          params=dict(prompt=P, new_tokens=n, d_model=sz['d'], pattern='MmMmMs'), quality=dict(same_tokens=same),
-                         conditions=dict(threads=torch.get_num_threads()))
+                         conditions=_conditions())
 
 def _stack(letter:str, d:int, target:int):
     "A stack of blocks of one type with about as many parameters as `target` attention layers (12·d² each)."
@@ -880,10 +884,10 @@ def _bench_blocks(hw, sz, dev, B:int=2):
             return xr.grad
         for mode, fn in (('fwd', fwd), ('fwd+bwd', fwd_bwd)):
             with torch.set_grad_enabled(mode != 'fwd'):
-                t = measure(fn, warmup=1, repeat=3, device=dev)
+                t = measure(fn, warmup=1, repeat=5, device=dev)
             yield record('hybrid', f'{name} {mode}', t, hw=hw, work=B * L, unit='tokens/s', dtype=torch.float32,
                          params=dict(block=name, mode=mode, d_model=d, layers=n, block_params=P, batch=B, L=L),
-                         conditions=dict(threads=torch.get_num_threads()))
+                         conditions=_conditions())
 
 def _bench_int8(hw, sz, dev):
     "int8 weight-only vs fp32 on a briefly trained byte-level model: generation tokens/s, weight bytes, perplexity."
@@ -901,7 +905,7 @@ def _bench_int8(hw, sz, dev):
                      params=dict(weights=k, d_model=128, pattern='MmMs', prompt=64, new_tokens=sz['new'], train_steps=sz['train_steps']),
                      quality=dict(perplexity=ppl[k], ppl_change=ppl[k] / ppl['fp32'] - 1, weight_bytes=weight_bytes(m),
                                   final_loss=sum(losses[-5:]) / 5),
-                     conditions=dict(threads=torch.get_num_threads()))
+                     conditions=_conditions())
 
 def _bench_utilisation(hw, sz, dev):
     cfg = UTIL_CFG if sz['d'] >= 256 else dataclasses.replace(UTIL_CFG, d_model=sz['d'], vocab=256)
@@ -910,7 +914,7 @@ def _bench_utilisation(hw, sz, dev):
     yield record('hybrid', 'train step utilisation', t, hw=hw, work=4 * sz['util_L'], unit='tokens/s', dtype=torch.float32,
                  params=dict(pattern=u['pattern'], d_model=u['d_model'], batch=u['batch'], L=u['seq_len']),
                  quality=dict(utilisation=u['utilisation'], achieved_tflops=u['flops_per_s'] / 1e12),
-                 conditions=dict(threads=u['threads'], peak_tflops=u['peak'] / 1e12 if u['peak'] else None))
+                 conditions=_conditions(peak_tflops=u['peak'] / 1e12 if u['peak'] else None))
 
 @suite('hybrid', plots=[dict(x='prompt', y='throughput', hue='name', logx=True, logy=True)])
 def bench_hybrid(hw:Hardware, size:str='default'):
