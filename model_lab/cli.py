@@ -130,7 +130,7 @@ def transcribe_cmd(ns) -> int:
     print(json.dumps(tr.to_dict(), indent=1) if ns.json else tr.text)
     return 0
 
-# %% ../nbs/95_cli.ipynb #7c4f21ef
+# %% ../nbs/95_cli.ipynb #76d642bb
 @command('generate', 'Write Python with the bundled tiny diffusion coder (offline): Dream\'s sampler, or Fast-dLLM\'s faster decoding.', [
     (('prompt',), dict(metavar='PROMPT', help='code to continue, e.g. "def fib(n):"')),
     (('--alg',), dict(default='entropy', choices=['entropy', 'maskgit_plus', 'topk_margin', 'origin'], help='confidence that orders unmasking (default: entropy)')),
