@@ -359,6 +359,8 @@ class AtomicCheckpointIO(CheckpointIO):
 def resolve_precision(precision:str='auto', hw=None) -> str:
     "A Lightning precision string: `precision` itself, or for 'auto' the one `model_lab.devices.best_dtype` implies."
     if precision != 'auto': return precision
+    hw = hw or detect()
+    if hw.kind == 'cpu': return '32-true'   # CPUs train in fp32, even where bf16 matmuls are native (bf16 autocast is opt-in there)
     dt = best_dtype(hw).dtype
     return {torch.bfloat16: 'bf16-mixed', torch.float16: '16-mixed'}.get(dt, '32-true')
 
