@@ -965,8 +965,7 @@ def bench_diffucoder(hw:Hardware|None=None, size:str='default'):
     gkw = dict(max_new_tokens=b['new'], steps=b['new'], alg='entropy')
     ref_t = {}
     ref.set_attn_implementation('sdpa')                    # the faster PyTorch attention: the fair baseline
-    for B in b['ref']:                                      # the PyTorch reference first: its tokens are compared below
-        ids = rng.integers(0, cfg.pad_token_id, (B, b['prompt']))
+    def torch_ref(B, ids):                                  # the PyTorch reference at batch B, right before JAX at B
         holder = {}
         def run_ref(): holder['x'] = torch_diffusion_generate(ref, ids, mask_token_id=cfg.mask_token_id, **gkw); return holder['x']
         p = dict(base, batch=B, prompt=b['prompt'], new_tokens=b['new'], steps=b['new'], alg='entropy', backend='torch')
@@ -979,14 +978,15 @@ def bench_diffucoder(hw:Hardware|None=None, size:str='default'):
         finally: torch.set_num_threads(default_threads)
         n, (r, t) = min(tried.items(), key=lambda kv: kv[1][1].median if kv[1][1] else float('inf'))
         r.conditions.update(torch_threads=n, torch_threads_tried={k: v[1].median if v[1] else None for k, v in tried.items()})
-        yield r
         if t: ref_t[B] = (t.median, ids, holder['x'])
+        return r
     cpu_model = model if dtype == jnp.float32 and jax.default_backend() == 'cpu' else None
     for B in b['gen']:
         ids = rng.integers(0, cfg.pad_token_id, (B, b['prompt']))
         q = {}
+        if B in b['ref']:
+            yield torch_ref(B, ids)
         if B in ref_t:
-            ids = ref_t[B][1]
             if cpu_model is not None: q['same_tokens'] = float((np.asarray(diffusion_generate(cpu_model, ids, **gkw)) == ref_t[B][2]).mean())
         p = dict(base, batch=B, prompt=b['prompt'], new_tokens=b['new'], steps=b['new'], alg='entropy', backend='jax')
         r, t = _guarded(lambda: diffusion_generate(model, ids, **gkw), 'diffucoder', 'generate', p, hw, dt,
