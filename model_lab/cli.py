@@ -127,6 +127,9 @@ def report_cmd(ns) -> int:
     try: results = load_results(ns.files)
     except (FileNotFoundError, ValueError) as e: raise UsageError(str(e)) from None
     md = compare(results, value=ns.value)
+    if any(r.suite == 'diffucoder' for r in results):   # a DiffuCoder run also gets the seeds' results summary
+        from model_lab.diffucoder import summary_markdown
+        md += '\n\n' + summary_markdown([r for r in results if r.suite == 'diffucoder'])
     print(md)
     if ns.out:
         out = Path(ns.out); out.mkdir(parents=True, exist_ok=True)
