@@ -14,11 +14,11 @@ from .kernels.scan import selective_scan, selective_state_update
 from .kernels.tfla import mlstm, mlstm_step
 
 # %% auto #0
-__all__ = ['BLOCK_LETTERS', 'DTYPES', 'BLOCKS', 'WEIGHTS_NAME', 'CONFIG_NAME', 'hybrid_350m', 'hybrid_1_3b', 'hybrid_7b',
-           'PRESETS', 'NOMINAL', 'PRECISIONS', 'OPTIMIZERS', 'DEVICE_MEMORY', 'USABLE', 'RUNTIME_DEVICES', 'UTIL_CFG',
-           'STDLIB_FILES', 'HELD_OUT', 'HybridConfig', 'RMSNorm', 'SwiGLU', 'soft_cap', 'head_rms_norm', 'HybridBlock',
-           'MambaBlock', 'mLSTMBlock', 'slstm_cell', 'sLSTMBlock', 'rope', 'AttentionBlock', 'check_ids', 'HybridLM',
-           'filter_logits', 'sample_next', 'check_state', 'meta_model', 'param_count', 'activation_values',
+__all__ = ['BLOCK_LETTERS', 'DTYPES', 'SCAN_BACKEND', 'BLOCKS', 'WEIGHTS_NAME', 'CONFIG_NAME', 'hybrid_350m', 'hybrid_1_3b',
+           'hybrid_7b', 'PRESETS', 'NOMINAL', 'PRECISIONS', 'OPTIMIZERS', 'DEVICE_MEMORY', 'USABLE', 'RUNTIME_DEVICES',
+           'UTIL_CFG', 'STDLIB_FILES', 'HELD_OUT', 'HybridConfig', 'RMSNorm', 'SwiGLU', 'soft_cap', 'head_rms_norm',
+           'HybridBlock', 'MambaBlock', 'mLSTMBlock', 'slstm_cell', 'sLSTMBlock', 'rope', 'AttentionBlock', 'check_ids',
+           'HybridLM', 'filter_logits', 'sample_next', 'check_state', 'meta_model', 'param_count', 'activation_values',
            'infer_values', 'state_values', 'estimate_memory', 'measured_train_peak', 'measured_infer_peak',
            'per_device_bytes', 'fit_table', 'matmul_params', 'flops_per_token', 'device_peak', 'runtime_estimates',
            'measure_utilisation', 'stdlib_bytes', 'random_windows', 'lm_loss', 'train_briefly', 'perplexity',
@@ -187,6 +187,8 @@ class HybridBlock(nn.Module):
         return x, state
 
 # %% ../nbs/20_hybrid_model.ipynb #058af3d5
+SCAN_BACKEND = 'auto'  # the selective-scan backend Mamba blocks ask for (model_lab.kernels.scan: auto, torch, cpu, triton)
+
 class MambaBlock(HybridBlock):
     "Mamba-1 mixer on the project's selective scan; state = (conv inputs (B, Di, K-1), ssm state (B, Di, N) fp32)."
     letter = 'M'
@@ -234,7 +236,7 @@ class MambaBlock(HybridBlock):
         dt, Bm, Cm = self._dbc(xc.transpose(1, 2))                    # (B, L, Di), (B, L, N), (B, L, N)
         A, D, bias = self._ssm_params(xc)
         y, h = selective_scan(xc, dt.transpose(1, 2), A, Bm.transpose(1, 2), Cm.transpose(1, 2), D, z.transpose(1, 2),
-                              bias, delta_softplus=True, return_last_state=True)   # (B, Di, L), (B, Di, N)
+                              bias, delta_softplus=True, return_last_state=True, backend=SCAN_BACKEND)  # (B, Di, L), (B, Di, N)
         conv_state = F.pad(xi, (max(0, K - 1 - L), 0))[..., xi.shape[-1] + max(0, K - 1 - L) - (K - 1):]   # last K-1 inputs
         return self.out_proj(y.transpose(1, 2)), (conv_state, h)
 
