@@ -17,7 +17,8 @@ from .diffucoder import (DreamConfig, DreamModel, PRESETS, rms_norm, rope_tables
                                   dream_positions, prepare_inputs, sample_tokens, transfer_count, dream_timesteps,
                                   diffusion_generate, param_sharding_rules, abstract_model, make_mesh, load_hf_checkpoint)
 from tokenizers import Tokenizer
-from .diffucoder_train import load_tiny, body_parses, eval_prompts, stdlib_files, is_validation, EOS_ID
+from .diffucoder_train import (load_tiny, body_parses, function_body, eval_prompts, stdlib_files, is_validation, EOS_ID,
+                                        encode_prompts, completions, parse_fraction)
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +26,7 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'FAST_ALGS', 'GiB', 'TPU_SLICES', 'DECODERS', 'layer_kv', 'forward_kv', 'forward_cached', 'select_step',
            'DecodeStats', 'fast_generate', 'tpu_compiler_available', 'topology_mesh', 'abstract_sharded', 'compile_on',
            'memory_figures', 'fit_record', 'largest_batch', 'fit_results', 'tpu_fit_sweep', 'fit_table', 'fit_plot',
-           'encode_prompts', 'completions', 'parse_fraction', 'decode', 'compare_decoders', 'decoding_table',
-           'samples_markdown', 'generate_text', 'bench_fast']
+           'decode', 'compare_decoders', 'decoding_table', 'samples_markdown', 'generate_text', 'bench_fast']
 
 # %% ../nbs/41_diffucoder_fast.ipynb #fcefa77a
 def _attend(q, k, v, keep, cfg:DreamConfig):
@@ -329,25 +329,6 @@ def fit_plot(results:list, path=None):
     return fig
 
 # %% ../nbs/41_diffucoder_fast.ipynb #30fe9a23
-def encode_prompts(tok, prompts:list, pad_id:int=EOS_ID) -> tuple:
-    "Left-padded (ids, attention_mask) int32 arrays (B, longest prompt) for a list of prompt strings."
-    enc = [tok.encode(p).ids for p in prompts]
-    n = max(map(len, enc))
-    ids = np.array([[pad_id] * (n - len(e)) + e for e in enc], np.int32)
-    return ids, (np.arange(n)[None] >= (n - np.array([len(e) for e in enc]))[:, None]).astype(np.int32)
-
-def completions(tok, out:np.ndarray, prompt_len:int, eos:int=EOS_ID) -> list:
-    "[(text, hit_end)] of generated tokens after `prompt_len`: cut at the first `eos`; hit_end when there was none."
-    res = []
-    for row in np.asarray(out)[:, prompt_len:]:
-        stop = np.flatnonzero(row == eos)
-        res.append((tok.decode(row[:stop[0]].tolist() if len(stop) else row.tolist()), len(stop) == 0))
-    return res
-
-def parse_fraction(prompts:list, comps:list) -> float:
-    "Fraction of prompts whose completion's function body parses."
-    return float(np.mean([body_parses(p, c, h) for p, (c, h) in zip(prompts, comps)]))
-
 def decode(model, tok, prompts:list, *, max_new_tokens:int, decoder:dict|None=None, steps:int|None=None, alg:str='entropy'):
     "(ids (B, prompt + new), prompt length, forward passes): Dream's sampler when `decoder` is None, else `fast_generate(**decoder)`."
     ids, am = encode_prompts(tok, prompts, pad_id=model.config.pad_token_id)

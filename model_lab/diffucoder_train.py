@@ -12,16 +12,17 @@ import jax, jax.numpy as jnp
 import optax
 from flax import nnx
 from .bench import atomic_write
-from .diffucoder import DreamConfig, DreamModel, param_count
+from .diffucoder import DreamConfig, DreamModel, param_count, diffusion_generate
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'SKIP_DIRS', 'SPECIAL_TOKENS', 'EOS_ID', 'MASK_ID', 'TINY_ASSET', 'TINY_CONFIG', 'stdlib_files',
-           'is_validation', 'functions', 'train_tokenizer', 'pack_functions', 'mask_tokens', 'shift_logits',
-           'diffusion_loss', 'TrainConfig', 'make_optimizer', 'train_step', 'val_loss', 'train', 'asset_dir',
-           'save_tiny', 'load_tiny', 'function_body', 'body_parses', 'eval_prompts', 'build_corpus', 'train_tiny',
-           'training_table']
+__all__ = ['log', 'SKIP_DIRS', 'SPECIAL_TOKENS', 'EOS_ID', 'MASK_ID', 'TINY_ASSET', 'TINY_CONFIG', 'TINY_TRAIN', 'stdlib_files',
+           'is_validation', 'functions', 'train_tokenizer', 'pack_functions', 'pad_functions', 'mask_tokens',
+           'shift_logits', 'diffusion_loss', 'TrainConfig', 'make_optimizer', 'train_step', 'val_loss', 'train',
+           'asset_dir', 'save_tiny', 'load_tiny', 'function_body', 'body_parses', 'eval_prompts', 'encode_prompts',
+           'completions', 'parse_fraction', 'sample_bodies', 'build_corpus', 'train_tiny', 'evaluate_tiny',
+           'training_table', 'parse_table']
 
 # %% ../nbs/42_diffucoder_train.ipynb #325ff75f
 SKIP_DIRS = frozenset({'test', 'tests', 'site-packages', 'dist-packages', 'idlelib', 'lib2to3', 'tkinter', 'turtledemo',
@@ -77,6 +78,17 @@ def pack_functions(token_lists:list, # token ids of each function, in the order 
     flat = np.concatenate([flat, np.full(seq_len, eos, np.int32)])      # the last canvases end in eos
     return np.stack([flat[s:s + seq_len] for s in starts])
 
+# %% ../nbs/42_diffucoder_train.ipynb #62e9b2fc
+def pad_functions(token_lists:list, seq_len:int, eos:int=EOS_ID) -> np.ndarray:
+    "(N, seq_len) int32 canvases: function i alone, then `eos` to the end; every function must be shorter than `seq_len`."
+    if seq_len < 2: raise ValueError(f'seq_len must be >= 2, got {seq_len}')
+    n = max((len(t) for t in token_lists), default=0)
+    if n >= seq_len: raise ValueError(f'every function must be shorter than seq_len={seq_len} tokens (room for eos), got one of {n}')
+    out = np.full((len(token_lists), seq_len), eos, np.int32)
+    for i, t in enumerate(token_lists): out[i, :len(t)] = t
+    return out
+
+
 # %% ../nbs/42_diffucoder_train.ipynb #70f4baf0
 def mask_tokens(x, key, mask_id:int=MASK_ID, eps:float=1e-3):
     "Forward diffusion of x (B, L): (noisy x, masked (B, L) bool, p_mask (B, 1)); position 0 is never masked."
@@ -106,6 +118,10 @@ class TrainConfig:
     warmup: int = 30
     weight_decay: float = 0.01
     seed: int = 0
+    short_len: int = 0          # > 0: steps on the first short_len positions ...
+    short_batch: int = 32       # ... of short_batch canvases, except
+    long_every: int = 4         # every long_every-th step: batch whole canvases
+    max_seconds: float|None = None
 
 def make_optimizer(model, tc:TrainConfig):
     sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, max(tc.steps, tc.warmup + 1), tc.lr * 0.05)
@@ -133,16 +149,21 @@ def train(model, canvases:np.ndarray, tc:TrainConfig, *, val:np.ndarray|None=Non
     "Train `model` in place on canvases (N, L) for `tc.steps` steps: a history of dicts (step, loss, seconds, val_loss)."
     if canvases.ndim != 2 or canvases.shape[1] != tc.seq_len:
         raise ValueError(f'canvases must be (N, seq_len={tc.seq_len}), got {canvases.shape}')
+    if not 0 <= tc.short_len < tc.seq_len: raise ValueError(f'short_len must be in [0, seq_len={tc.seq_len}), got {tc.short_len}')
     opt, rng, key = make_optimizer(model, tc), np.random.default_rng(tc.seed), jax.random.key(tc.seed)
     hist, t0, losses = [], time.perf_counter(), []
     for s in range(1, tc.steps + 1):
-        idx = rng.integers(0, len(canvases), tc.batch)
-        losses.append(train_step(model, opt, jnp.asarray(canvases[idx]), jax.random.fold_in(key, s)))
-        if s % log_every == 0 or s == tc.steps:
+        long = not tc.short_len or s % tc.long_every == 0
+        idx = rng.integers(0, len(canvases), tc.batch if long else tc.short_batch)
+        xb = canvases[idx] if long else canvases[idx, :tc.short_len]
+        losses.append(train_step(model, opt, jnp.asarray(xb), jax.random.fold_in(key, s)))
+        last = s == tc.steps or (tc.max_seconds is not None and time.perf_counter() - t0 > tc.max_seconds)
+        if s % log_every == 0 or last:
             h = dict(step=s, loss=float(np.mean([float(l) for l in losses])), seconds=time.perf_counter() - t0); losses = []
-            if val is not None and (s % eval_every == 0 or s == tc.steps): h['val_loss'] = val_loss(model, val)
+            if val is not None and (s % eval_every == 0 or last): h['val_loss'] = val_loss(model, val)
             hist.append(h); log.info('step %d loss %.3f %s', s, h['loss'], f"val {h['val_loss']:.3f}" if 'val_loss' in h else '')
             if on_eval is not None and 'val_loss' in h: on_eval(hist)
+        if last: break
     return hist
 
 # %% ../nbs/42_diffucoder_train.ipynb #99ff7354
@@ -200,7 +221,7 @@ def body_parses(prompt:str, completion:str, hit_end:bool=False) -> bool:
 
 # %% ../nbs/42_diffucoder_train.ipynb #d419c1c6
 def eval_prompts(files, n:int=64, max_prompt_tokens:int=32, tokenizer=None, seed:int=0) -> list:
-    "Up to `n` `def` lines (with their trailing newline) of functions in `files`, shortest first ties broken by a seeded shuffle."
+    "Up to `n` distinct one-line `def` lines of public functions in `files` (at most `max_prompt_tokens` tokens with `tokenizer`), in a seeded shuffled order."
     out, rng = [], np.random.default_rng(seed)
     for p in files:
         for f in functions(Path(p).read_text(encoding='utf-8', errors='replace')):
@@ -211,42 +232,92 @@ def eval_prompts(files, n:int=64, max_prompt_tokens:int=32, tokenizer=None, seed
     out = sorted(set(out)); rng.shuffle(out)
     return out[:n]
 
+# %% ../nbs/42_diffucoder_train.ipynb #a15df1af
+def encode_prompts(tok, prompts:list, pad_id:int=EOS_ID) -> tuple:
+    "Left-padded (ids, attention_mask) int32 arrays (B, longest prompt) for a list of prompt strings."
+    enc = [tok.encode(p).ids for p in prompts]
+    n = max(map(len, enc))
+    ids = np.array([[pad_id] * (n - len(e)) + e for e in enc], np.int32)
+    return ids, (np.arange(n)[None] >= (n - np.array([len(e) for e in enc]))[:, None]).astype(np.int32)
+
+def completions(tok, out:np.ndarray, prompt_len:int, eos:int=EOS_ID) -> list:
+    "[(text, hit_end)] of generated tokens after `prompt_len`: cut at the first `eos`; hit_end when there was none."
+    res = []
+    for row in np.asarray(out)[:, prompt_len:]:
+        stop = np.flatnonzero(row == eos)
+        res.append((tok.decode(row[:stop[0]].tolist() if len(stop) else row.tolist()), len(stop) == 0))
+    return res
+
+def parse_fraction(prompts:list, comps:list) -> float:
+    "Fraction of prompts whose completion's function body parses."
+    return float(np.mean([body_parses(p, c, h) for p, (c, h) in zip(prompts, comps)]))
+
+def sample_bodies(model, tok, prompts:list, max_new_tokens:int=128, batch:int=32) -> list:
+    "[(text, hit_end)] written by Dream's sampler (greedy, alg entropy, steps = max_new_tokens) after each prompt."
+    out = []
+    for i in range(0, len(prompts), batch):
+        ids, am = encode_prompts(tok, prompts[i:i + batch], pad_id=model.config.pad_token_id)
+        x = diffusion_generate(model, ids, am, max_new_tokens=max_new_tokens, steps=max_new_tokens, alg='entropy')
+        out += completions(tok, np.asarray(x), ids.shape[1], eos=model.config.eos_token_id)
+    return out
+
+
 # %% ../nbs/42_diffucoder_train.ipynb #528dce70
-TINY_CONFIG = DreamConfig(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+TINY_CONFIG = DreamConfig(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                           num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=1024, mask_token_id=MASK_ID,
                           pad_token_id=EOS_ID, bos_token_id=EOS_ID, eos_token_id=EOS_ID)
 
-def build_corpus(tokenizer, files, seq_len:int, seed:int=0) -> np.ndarray:
-    "Canvases (N, seq_len) from the functions of `files`, in a seeded shuffled order."
+TINY_TRAIN = TrainConfig(seq_len=288, batch=16, steps=640, lr=3e-3, warmup=30, short_len=128, short_batch=32, long_every=4, max_seconds=960)
+
+def build_corpus(tokenizer, files, seq_len:int, seed:int=0, max_tokens:int|None=None) -> np.ndarray:
+    "Canvases (N, seq_len) from the functions of `files` in a seeded shuffled order: packed, or with `max_tokens` each function of at most that many tokens padded alone."
     fns = [f for p in files for f in functions(Path(p).read_text(encoding='utf-8', errors='replace'))]
     ids = [e.ids for e in tokenizer.encode_batch(fns)]
-    order = np.random.default_rng(seed).permutation(len(ids))
-    return pack_functions([ids[i] for i in order], seq_len)
+    if max_tokens is not None: ids = [t for t in ids if len(t) <= max_tokens]
+    ids = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+    return pad_functions(ids, seq_len) if max_tokens is not None else pack_functions(ids, seq_len)
 
-def train_tiny(out=None, tc:TrainConfig|None=None, cfg:DreamConfig=TINY_CONFIG, vocab_size:int=4096, eval_every:int=50):
+def train_tiny(out=None, tc:TrainConfig=TINY_TRAIN, cfg:DreamConfig=TINY_CONFIG, max_tokens:int|None=127, eval_every:int=80):
     "Tokenizer + corpus + model + training on the stdlib; saved to `out` (default: the package asset) at every validation. Returns (model, tokenizer, record)."
-    tc = tc or TrainConfig()
+    vocab_size = cfg.vocab_size
     files = stdlib_files(); train_f = [p for p in files if not is_validation(p)]; val_f = [p for p in files if is_validation(p)]
     t0 = time.perf_counter()
     tok = train_tokenizer((p.read_text(encoding='utf-8', errors='replace') for p in train_f), vocab_size)
-    tr, va = build_corpus(tok, train_f, tc.seq_len, tc.seed), build_corpus(tok, val_f, tc.seq_len, tc.seed)[:128]
+    tr, va = build_corpus(tok, train_f, tc.seq_len, tc.seed, max_tokens), build_corpus(tok, val_f, tc.seq_len, tc.seed, max_tokens)[:128]
     prep = time.perf_counter() - t0
     model = DreamModel(cfg, rngs=nnx.Rngs(tc.seed))
     v0 = val_loss(model, va)
-    rec = dict(train=asdict(tc), params=param_count(cfg), train_canvases=len(tr), val_canvases=len(va), prep_seconds=prep,
+    rec = dict(train=asdict(tc), max_tokens=max_tokens, params=param_count(cfg), train_canvases=len(tr), val_canvases=len(va), prep_seconds=prep,
                val_loss_init=v0, history=[], python=sysconfig.get_python_version(), jax=jax.__version__,
                threads=len(os.sched_getaffinity(0)), load_avg=os.getloadavg()[0])
     def checkpoint(hist): save_tiny(out or asset_dir(), model, tok, meta=dict(rec, history=hist, load_avg_end=os.getloadavg()[0]))
     rec['history'] = train(model, tr, tc, val=va, eval_every=eval_every, on_eval=checkpoint)
     return model, tok, rec
 
+def evaluate_tiny(model, tok, rec:dict, n:int=64, max_new_tokens:int=128, seed:int=7) -> dict:
+    "The training record plus the parse fraction on `n` held-out prompts of `model` and of an untrained model like it, and samples."
+    prompts = eval_prompts([p for p in stdlib_files() if is_validation(p)], n=n, tokenizer=tok)
+    rand = DreamModel(model.config, rngs=nnx.Rngs(seed))
+    t0 = time.perf_counter(); got = {k: sample_bodies(m, tok, prompts, max_new_tokens) for k, m in (('trained', model), ('random', rand))}
+    return dict(rec, eval=dict(prompts=len(prompts), max_new_tokens=max_new_tokens, decoder='dream, entropy, steps = new tokens, greedy',
+                               parse_fraction={k: parse_fraction(prompts, v) for k, v in got.items()}, seconds=time.perf_counter() - t0,
+                               samples=[(p, c, h) for p, (c, h) in list(zip(prompts, got['trained']))[:6]]))
+
 # %% ../nbs/42_diffucoder_train.ipynb #8e84a648
-def training_table(meta:dict) -> str:
-    "Markdown: the training record of a saved tiny model."
-    r = meta['model_lab']; h = r['history']
+def training_table(r:dict) -> str:
+    "Markdown: a training record (`evaluate_tiny`'s, or the `model_lab` entry of a saved model's config)."
+    h = r['history']
     rows = [f"| {x['step']} | {x['seconds']:.0f} | {x['loss']:.3f} | {x['val_loss']:.3f} |" for x in h if 'val_loss' in x]
     stop = (f" Stopped after step {h[-1]['step']} of the {r['train']['steps']} scheduled (the last checkpoint)." if h[-1]['step'] < r['train']['steps'] else '')
     return '\n'.join([f"{r['params']/1e6:.2f}M parameters, {r['train_canvases']} training canvases of {r['train']['seq_len']} tokens, "
                       f"batch {r['train']['batch']}, {r['threads']} threads, load average {r['load_avg']:.0f}-{r.get('load_avg_end', r['load_avg']):.0f} "
                       f"(a shared machine); validation loss at init {r['val_loss_init']:.3f}.{stop}", '',
                       '| step | seconds | train loss | val loss |', '|---|---|---|---|', *rows])
+
+def parse_table(r:dict) -> str:
+    "Markdown: the held-out parse fractions of `evaluate_tiny`'s record."
+    e = r['eval']
+    return '\n'.join([f"{e['prompts']} held-out `def` lines, {e['max_new_tokens']} new tokens, {e['decoder']}:", '',
+                      '| model | validation loss | bodies that parse |', '|---|---|---|',
+                      f"| untrained | {r['val_loss_init']:.3f} | {e['parse_fraction']['random']:.3f} |",
+                      f"| trained | {[x for x in r['history'] if 'val_loss' in x][-1]['val_loss']:.3f} | {e['parse_fraction']['trained']:.3f} |"])
