@@ -328,9 +328,11 @@ def selective_scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
 class _ScanArgs(ctypes.Structure):
     "The argument block of scan_cpu.cpp's entry points (`struct ScanArgs`)."
     _fields_ = ([(k, ctypes.c_int64) for k in ('batch', 'dim', 'len', 'dstate', 'groups_b', 'groups_c', 'chunk', 'threads',
-                                              'groups', 'parts', 'b_fixed', 'c_fixed', 'has_h0', 'has_glast')]
-                + [(k, ctypes.c_void_p) for k in ('u', 'dt', 'A', 'B', 'C', 'h0', 'y', 'hs', 'gy', 'glast',
-                                                 'gu', 'gdt', 'gA', 'gB', 'gC', 'gh0')])
+                                              'groups', 'parts', 'b_fixed', 'c_fixed', 'has_h0', 'has_glast', 'softplus',
+                                              'nreal')]
+                + [(k, ctypes.c_int64 * 3) for k in ('su', 'sdt', 'sz', 'sgy')]        # strides of (B, D, L) inputs
+                + [(k, ctypes.c_void_p) for k in ('u', 'dt', 'A', 'B', 'C', 'h0', 'Dp', 'z', 'bias', 'y', 'hs', 'gy', 'glast',
+                                                 'gu', 'gdt', 'gA', 'gB', 'gC', 'gh0', 'gz', 'gD', 'gbias')])
 
 _CPU_BUILDS = (('model_lab_scan_cpu', ['-O3', '-std=c++17', '-march=native', '-pthread'], ['-pthread']),
                ('model_lab_scan_cpu_portable', ['-O3', '-std=c++17', '-pthread'], ['-pthread']))  # a compiler without -march=native
@@ -395,49 +397,48 @@ def _cpu_call(entry, cdt, **fields):
     if getattr(_cpu_lib(), f'model_lab_scan_{entry}_{"f64" if cdt == torch.float64 else "f32"}')(ctypes.byref(args)):
         raise ValueError(f'the compiled CPU scan supports N up to {16 * 64 // torch.finfo(cdt).bits * 8}, got {fields["dstate"]}')
 
-def _bc_grad(g, groups, G, X):
-    "A per-unit gradient of B or C from scan_cpu.cpp ((B, D, n) fixed or (B, G, P, L, n)) in X's layout and dtype."
-    n = X.shape[-1] if X.dim() == 2 else X.shape[-2]
-    if groups is None: return g.sum(0)[:, :n].to(X.dtype)                               # (D, N)
-    g = g[..., :n].sum(2).unflatten(1, (groups, G // groups)).sum(2).transpose(2, 3)   # (B, groups, N, L)
-    return (g[:, 0] if X.dim() == 3 else g).to(X.dtype)
-
 class _CpuScan(torch.autograd.Function):
-    "The recurrence of scan_cpu.cpp: (u, Δ, A, B, C, initial state) -> (Σ_n C x, last state), with its backward."
+    "scan_cpu.cpp's fused scan: (u, δ, A, B, C, D, z, delta_bias, initial state) -> (y, last state), with its backward."
     @staticmethod
-    def forward(ctx, u, dt, A, B, C, h0, chunk):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, chunk):
         cdt, (b, d, l), n = _compute_dtype(u), u.shape, A.shape[1]
         w = 512 // torch.finfo(cdt).bits                                    # lanes of a 64-byte vector
         npad, nc = _cdiv(n, w) * w, _cdiv(l, chunk)
-        u_, dt_, A_ = u.to(cdt).contiguous(), dt.to(cdt).contiguous(), _lanes(A.to(cdt), npad)
+        u_, dl_, z_ = (x.to(cdt) if x is not None else None for x in (u, delta, z))   # any strides: passed to C++
+        A_ = _lanes(A.to(cdt), npad)
+        D_, bias_ = (x.to(cdt).contiguous() if x is not None else None for x in (D, delta_bias))
         (Bk, gb), (Ck, gc) = _bc_cpu(B, cdt, npad), _bc_cpu(C, cdt, npad)
         h0_ = _lanes(h0.to(cdt), npad) if h0 is not None else None
         y, hs = torch.empty(b, d, l, dtype=cdt), torch.empty(b, d, nc + 1, npad, dtype=cdt)
         _cpu_call('fwd', cdt, batch=b, dim=d, len=l, dstate=npad, groups_b=gb or 1, groups_c=gc or 1, chunk=chunk,
-                  b_fixed=gb is None, c_fixed=gc is None, has_h0=h0 is not None, u=u_, dt=dt_, A=A_, B=Bk, C=Ck, h0=h0_,
-                  y=y, hs=hs)
-        ctx.save_for_backward(u_, dt_, A_, Bk, Ck, hs)
-        ctx.chunk, ctx.groups, ctx.like = chunk, (gb, gc), (u, dt, A, B, C, h0)
-        return y, hs[:, :, -1, :n].clone()
+                  b_fixed=gb is None, c_fixed=gc is None, has_h0=h0 is not None, softplus=softplus,
+                  su=u_.stride(), sdt=dl_.stride(), sz=z_.stride() if z_ is not None else None,
+                  u=u_, dt=dl_, A=A_, B=Bk, C=Ck, h0=h0_, Dp=D_, z=z_, bias=bias_, y=y, hs=hs)
+        ctx.save_for_backward(u_, dl_, z_, A_, Bk, Ck, D_, bias_, hs)
+        ctx.chunk, ctx.softplus, ctx.groups, ctx.like = chunk, softplus, (gb, gc), (u, delta, A, B, C, D, z, delta_bias, h0)
+        return y.to(u.dtype), hs[:, :, -1, :n].clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy, glast):
-        u_, dt_, A_, Bk, Ck, hs = ctx.saved_tensors
-        (gb, gc), (u, dt, A, B, C, h0), cdt = ctx.groups, ctx.like, u_.dtype
+        u_, dl_, z_, A_, Bk, Ck, D_, bias_, hs = ctx.saved_tensors
+        (gb, gc), (u, delta, A, B, C, D, z, bias, h0), cdt = ctx.groups, ctx.like, u_.dtype
         (b, d, l), npad, n = u_.shape, A_.shape[1], A.shape[1]
         G = max(gb or 1, gc or 1)                                   # a unit's channels share one group of B and of C
         P = max(1, min(d // G, _cdiv(8 * torch.get_num_threads(), b * G)))   # parts per (batch row, group): 8 units a thread
-        part = lambda fixed: torch.empty(b, d, npad, dtype=cdt) if fixed else torch.zeros(b, G, P, l, npad, dtype=cdt)
-        gu, gdt, gA, gh0, gBk, gCk = (torch.empty_like(u_), torch.empty_like(u_), torch.empty(b, d, npad, dtype=cdt),
-                                      torch.empty(b, d, npad, dtype=cdt), part(gb is None), part(gc is None))
-        _cpu_call('bwd', cdt, batch=b, dim=d, len=l, dstate=npad, groups_b=gb or 1, groups_c=gc or 1, chunk=ctx.chunk,
-                  groups=G, parts=P, b_fixed=gb is None, c_fixed=gc is None, has_glast=glast is not None,
-                  u=u_, dt=dt_, A=A_, B=Bk, C=Ck, hs=hs, gy=torch.zeros_like(u_) if gy is None else gy.to(cdt).contiguous(),
+        new = lambda shape, like=True: torch.empty(shape, dtype=cdt) if like is not None else None
+        gy_ = torch.zeros(b, d, l, dtype=cdt) if gy is None else gy.to(cdt)
+        gu, gdt, gz, gD, gbias = new(u.shape), new(u.shape), new(u.shape, z), new(d, D), new(d, bias)
+        gA, gh0, gB, gC = new(A.shape), new((b, d, n)), new(B.shape), new(C.shape)     # the C++ side sums and unpads
+        _cpu_call('bwd', cdt, batch=b, dim=d, len=l, dstate=npad, nreal=n, groups_b=gb or 1, groups_c=gc or 1,
+                  chunk=ctx.chunk, groups=G, parts=P, b_fixed=gb is None, c_fixed=gc is None, has_glast=glast is not None,
+                  softplus=ctx.softplus, su=u_.stride(), sdt=dl_.stride(), sz=z_.stride() if z_ is not None else None,
+                  sgy=gy_.stride(), u=u_, dt=dl_, A=A_, B=Bk, C=Ck, Dp=D_, z=z_, bias=bias_, hs=hs, gy=gy_,
                   glast=_lanes(glast.to(cdt), npad) if glast is not None else None,
-                  gu=gu, gdt=gdt, gA=gA, gB=gBk, gC=gCk, gh0=gh0)
-        return (gu.to(u.dtype), gdt.to(dt.dtype), gA.sum(0)[:, :n].to(A.dtype), _bc_grad(gBk, gb, G, B),
-                _bc_grad(gCk, gc, G, C), gh0[..., :n].to(h0.dtype) if h0 is not None else None, None)
+                  gu=gu, gdt=gdt, gA=gA, gB=gB, gC=gC, gh0=gh0, gz=gz, gD=gD, gbias=gbias)
+        opt = lambda g, X: g.to(X.dtype) if X is not None else None
+        return (gu.to(u.dtype), gdt.to(delta.dtype), gA.to(A.dtype), gB.to(B.dtype), gC.to(C.dtype), opt(gD, D),
+                opt(gz, z), opt(gbias, bias), opt(gh0, h0), None, None)
 
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                        initial_state=None, return_last_state=False,
@@ -448,13 +449,8 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     if u.device.type != 'cpu': raise ValueError(f"the compiled CPU scan needs CPU tensors, got {u.device}; use backend='triton' or 'torch'")
     if chunk < 1: raise ValueError(f'chunk must be a positive number of steps, got {chunk}')
     if _cpu_lib() is None: raise RuntimeError(f'the compiled CPU scan is unavailable here: {_CPU_ERROR[0]}')
-    cdt = _compute_dtype(u)
-    dt = delta.to(cdt) if delta_bias is None else delta.to(cdt) + delta_bias.to(cdt)[:, None]   # (B, D, L)
-    if delta_softplus: dt = F.softplus(dt)
-    y, last = _CpuScan.apply(u, dt, A, B, C, initial_state, chunk)
-    if D is not None: y = y + D.to(cdt)[:, None] * u.to(cdt)
-    if z is not None: y = y * F.silu(z.to(cdt))
-    return (y.to(u.dtype), last) if return_last_state else y.to(u.dtype)
+    y, last = _CpuScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk)
+    return (y, last) if return_last_state else y
 
 # %% ../../nbs/10_kernels_scan.ipynb #ef9ca32b
 INTERPRET = triton_interpreted()  # no GPU driver: the kernels below (`triton_kernel`) run in Triton's interpreter
