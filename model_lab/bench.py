@@ -16,8 +16,8 @@ from .devices import Hardware, detect, sync, torch_device, peak_specs, report, r
 __all__ = ['log', 'LEGACY_CONDITIONS', 'SIZES', 'SUITES', 'SUITE_MODULES', 'heap_in_use', 'MemPeak', 'RSSPeak', 'memory_method',
            'peak_memory', 'Timing', 'measure', 'Result', 'versions', 'device_record', 'record', 'atomic_write',
            'save_results', 'load_results', 'fmt_time', 'fmt_bytes', 'table', 'compare', 'plot', 'Suite', 'suite',
-           'suite_table', 'suite_total', 'load_suites', 'matmul_record', 'bench_matmul', 'bf16_speedup',
-           'cpu_bf16_speedup', 'Run', 'run_id', 'Progress', 'run_suites']
+           'suite_table', 'suite_total', 'suite_notes', 'load_suites', 'matmul_record', 'bench_matmul', 'bf16_speedup',
+           'cpu_bf16_speedup', 'Run', 'run_id', 'Progress', 'notes_markdown', 'run_suites']
 
 # %% ../nbs/01_bench.ipynb #23280c00
 log = logging.getLogger('model_lab')
@@ -353,13 +353,14 @@ class Suite:
     plots: list = field(default_factory=list)      # keyword arguments for `plot`, one PNG each
     table: Callable|None = None                    # table(results) -> markdown: the suite's headline table
     total: Callable|None = None                    # total(hw, size) -> int: how many results fn will yield
+    notes: Callable|None = None                    # notes(hw, size) -> [str]: what it leaves out here and how to add it
 
 SUITES: dict = {}
 
-def suite(name:str, help:str='', plots:Iterable[dict]=(), table:Callable|None=None, total:Callable|None=None):
+def suite(name:str, help:str='', plots:Iterable[dict]=(), table:Callable|None=None, total:Callable|None=None, notes:Callable|None=None):
     "Decorator: register `fn(hw, size) -> Iterable[Result]` as the bench suite `name`."
     def deco(fn):
-        SUITES[name] = Suite(name, fn, help or (fn.__doc__ or '').strip().split('\n')[0], list(plots), table, total)
+        SUITES[name] = Suite(name, fn, help or (fn.__doc__ or '').strip().split('\n')[0], list(plots), table, total, notes)
         return fn
     return deco
 
@@ -376,6 +377,12 @@ def suite_total(s:Suite, hw:Hardware, size:str) -> int|None:
     if s.total is None: return None
     try: return int(s.total(hw, size))
     except Exception as e: log.warning(f'suite {s.name}: total() failed ({type(e).__name__}: {e})'); return None
+
+def suite_notes(s:Suite, hw:Hardware, size:str) -> list:
+    "What suite `s` leaves out on `hw` at `size`, and how to add it (its `notes` function; [] without one)."
+    if s.notes is None: return []
+    try: return [str(n) for n in s.notes(hw, size)]
+    except Exception as e: log.warning(f'suite {s.name}: notes() failed ({type(e).__name__}: {e})'); return []
 
 # modules that register suites, in the order `model-lab bench` runs them
 SUITE_MODULES = ('model_lab.bench', 'model_lab.kernels.scan', 'model_lab.kernels.tfla', 'model_lab.hybrid',
@@ -457,6 +464,7 @@ class Run:
     results: list
     errors: dict
     by_suite: dict = field(default_factory=dict)  # suite name -> the results it yielded
+    notes: dict = field(default_factory=dict)     # suite name -> what it left out here and how to add it
 
 def run_id(hw:Hardware) -> str:
     ts = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S')
@@ -490,9 +498,14 @@ class Progress:
     def close(self):
         if self.bar is not None: self.bar.close()
 
-def _markdown_report(rid, hw, by_suite:dict, errors:dict, size, suites:dict) -> str:
-    parts = [f'# model_lab bench run {rid}', f'size: `{size}`', '', report_markdown(hw)]
-    for name, rs in by_suite.items(): parts += ['', f'## {name}', '', suite_table(suites[name], rs)]
+def notes_markdown(notes:list) -> str:
+    "A suite's notes as markdown bullets (empty without any)."
+    return '\n'.join(f'- {n}' for n in notes)
+
+def _markdown_report(rid, hw, by_suite:dict, errors:dict, size, suites:dict, notes:dict|None=None) -> str:
+    parts, notes = [f'# model_lab bench run {rid}', f'size: `{size}`', '', report_markdown(hw)], notes or {}
+    for name, rs in by_suite.items():
+        parts += ['', f'## {name}', '', suite_table(suites[name], rs)] + (['', notes_markdown(notes[name])] if notes.get(name) else [])
     for name, err in errors.items(): parts += ['', f'## {name}: FAILED', '', '```', err.strip(), '```']
     return '\n'.join(parts) + '\n'
 
@@ -518,10 +531,11 @@ def run_suites(names:Iterable[str]|None=None, *, size:str='default', out='result
     hw, out = hw or detect(), Path(out)
     rid = run_id(hw)
     meta = dict(id=rid, started_at=_now(), host=socket.gethostname(), argv=sys.argv, size=size, suites=names,
-                hardware=report(hw), unavailable=unavailable, errors={})
+                hardware=report(hw), unavailable=unavailable, errors={}, notes={})
     res_by, pngs, jpath = {}, [], out / f'{rid}.json'
     for i, name in enumerate(names, 1):
         s, got = suites[name], []
+        if ns := suite_notes(s, hw, size): meta['notes'][name] = ns
         bar = Progress(f'[{i}/{len(names)}] {name}', suite_total(s, hw, size), stream) if progress else None
         try:
             for r in s.fn(hw, size):
@@ -534,5 +548,5 @@ def run_suites(names:Iterable[str]|None=None, *, size:str='default', out='result
         meta['finished_at'] = _now()
         save_results([r for rs in res_by.values() for r in rs], jpath, run=meta)
     mpath = out / f'{rid}.md'
-    atomic_write(mpath, _markdown_report(rid, hw, res_by, meta['errors'], size, suites))
-    return Run(rid, jpath, mpath, pngs, [r for rs in res_by.values() for r in rs], meta['errors'], res_by)
+    atomic_write(mpath, _markdown_report(rid, hw, res_by, meta['errors'], size, suites, meta['notes']))
+    return Run(rid, jpath, mpath, pngs, [r for rs in res_by.values() for r in rs], meta['errors'], res_by, meta['notes'])

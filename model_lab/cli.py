@@ -93,7 +93,7 @@ def devices_cmd(ns) -> int:
     (('--limit',), dict(type=int, default=100, help='dataset rows to score (default 100)')),
 ])
 def bench_cmd(ns) -> int:
-    from model_lab.bench import load_suites, run_suites, suite_table
+    from model_lab.bench import load_suites, run_suites, suite_table, notes_markdown
     if ns.quick and ns.full: raise UsageError('--quick and --full exclude each other')
     if ns.dataset:
         if ns.suites not in ([], ['audio']): raise UsageError(f'--dataset scores the audio suite only, got suites {" ".join(ns.suites)}')
@@ -111,7 +111,8 @@ def bench_cmd(ns) -> int:
         return 0
     try: run = run_suites(ns.suites or None, size='quick' if ns.quick else 'full' if ns.full else 'default', out=ns.out)
     except ValueError as e: raise UsageError(str(e)) from None
-    for name, rs in run.by_suite.items(): print(f'## {name}\n\n{suite_table(suites[name], rs)}\n')
+    for name, rs in run.by_suite.items():
+        print(f'## {name}\n\n{suite_table(suites[name], rs)}\n' + (f'\n{notes_markdown(run.notes[name])}\n' if run.notes.get(name) else ''))
     print(f'wrote {run.json_path}, {run.md_path}' + ''.join(f', {p}' for p in run.pngs))
     for name in run.errors: print(f'suite {name} FAILED (see {run.md_path})', file=sys.stderr)
     return 1 if run.errors else 0

@@ -144,24 +144,36 @@ def lfm_entry(name_or_path) -> ASRModel:
     if p.exists(): raise ValueError(f'{p} is a file: liquid-audio loads a checkpoint folder (config.json, *.safetensors, tokenizer files)')
     raise ValueError(f'unknown liquid-audio model {s!r}: expected {NAME!r} (hub weights) or a local checkpoint folder')
 
-def _weights_dir(entry:ASRModel, cache_dir=None) -> str:
+def _weights_dir(entry:ASRModel, cache_dir=None, local_only:bool=False) -> str:
     if entry.source.startswith('local:'): return entry.repo
     from huggingface_hub import snapshot_download
-    try: return snapshot_download(entry.repo, cache_dir=cache_dir, local_files_only=offline())
+    try: return snapshot_download(entry.repo, cache_dir=cache_dir, local_files_only=offline() or local_only)
     except Exception as e:
-        why = 'downloads are off (HF_HUB_OFFLINE/MODEL_LAB_OFFLINE is set)' if offline() else f'fetching them failed ({type(e).__name__}: {str(e)[:160]})'
+        why = ('the benchmark never downloads them' if local_only and not offline() else
+               'downloads are off (HF_HUB_OFFLINE/MODEL_LAB_OFFLINE is set)' if offline() else f'fetching them failed ({type(e).__name__}: {str(e)[:160]})')
         raise ModelUnavailable(f'the LFM2.5-Audio weights ({entry.repo}, about 3 GB) are not in {cache_dir or "the Hugging Face cache"} and {why}. '
-                               f'Fetch them once while online: `huggingface-cli download {entry.repo}` (or `--model {NAME}` with downloads on), '
-                               'or pass a local checkpoint folder: --model PATH') from None
+                               f'Fetch them once while online: `huggingface-cli download {entry.repo}`' +
+                               (', or set MODEL_LAB_LFM_MODEL to a local checkpoint folder' if local_only else
+                                f' (or `--model {NAME}` with downloads on), or pass a local checkpoint folder: --model PATH')) from None
 
 # %% ../nbs/31_lfm_audio.ipynb #868a0436
 @audio.asr_backend
 class LiquidAudioASR(ASR):
     "LFM2.5-Audio through its worker: `transcribe` and `Transcript` exactly as for the Whisper backends; greedy decoding."
-    backend, syncs = BACKEND, False  # the worker waits for its device (each token is read back) before it answers
+    backend, syncs, greedy_only = BACKEND, False, True  # the worker waits for its device (each token is read back) before it answers
 
     @classmethod
     def entry(cls, name) -> ASRModel: return lfm_entry(name)  # `audio.get_model`: the hub name or a local folder
+
+    @classmethod
+    def bench_model(cls, hw:Hardware|None=None) -> str:
+        "The model `model-lab bench audio` measures (`audio.extra_backends`): $MODEL_LAB_LFM_MODEL (a local folder or the hub name), else the hub model once it is in the Hugging Face cache. Never a download: `ModelUnavailable` says what is missing and how to get it."
+        find_python()  # EnvMissing: how to build the environment
+        m = os.environ.get('MODEL_LAB_LFM_MODEL') or NAME
+        try: entry = lfm_entry(m)
+        except ValueError as e: raise ModelUnavailable(f'MODEL_LAB_LFM_MODEL={m}: {e}') from None
+        _weights_dir(entry, local_only=True)
+        return m
 
     @classmethod
     def _load(cls, entry:ASRModel, p:Placement, threads:int, cache_dir) -> dict:
@@ -169,7 +181,7 @@ class LiquidAudioASR(ASR):
         path = _weights_dir(entry, cache_dir)
         w = LFMWorker(python)
         info = w.request('load', path=path, device=p.device, dtype=p.compute_type, threads=threads)
-        return dict(model=w, worker_start_s=w.start_s, load_s=info['load_s'], n_params=info['params'],
+        return dict(model=w, weights=path, worker_start_s=w.start_s, load_s=info['load_s'], n_params=info['params'],
                     load_rss_bytes=info['load_rss_bytes'], worker_versions=w.info['versions'], last=[])
 
     def _threads(self): return contextlib.nullcontext()  # the worker's torch threads are set when it loads
@@ -180,14 +192,27 @@ class LiquidAudioASR(ASR):
         n, segs, self.last = int(WINDOW_S * SAMPLE_RATE), [], []
         for i in range(0, len(x), n):
             w = x[i:i + n]
-            with tempfile.TemporaryDirectory() as d:
-                f = os.path.join(d, 'audio.npy'); np.save(f, np.ascontiguousarray(w, np.float32))
-                r = self.model.request('transcribe', audio=f, max_new_tokens=max(16, int(len(w) / SAMPLE_RATE * TOKENS_PER_S)))
+            r = _transcribe_window(self.model, w)
             self.last.append(r)
             if r['text']: segs.append(Segment(i / SAMPLE_RATE, (i + len(w)) / SAMPLE_RATE, r['text']))
         return segs
 
+    def peak_rss(self, audio_path) -> int|None:
+        "`audio.peak_rss` measured where the model lives: a fresh worker's resident-set growth from just before the load to the end of one transcription of `audio_path` (its first 30 s)."
+        try:
+            with LFMWorker(self.model.python) as w:
+                w.request('load', path=self.weights, device=self.device, dtype=self.compute_type, threads=self.threads)
+                return _transcribe_window(w, audio.load_audio(audio_path)[:int(WINDOW_S * SAMPLE_RATE)])['peak_rss_bytes']
+        except Exception as e:
+            log.warning(f'peak memory of {BACKEND} {self.compute_type}: the fresh worker failed ({type(e).__name__}: {e})'); return None
+
     def close(self): self.model.close()
+
+def _transcribe_window(worker:LFMWorker, w:np.ndarray) -> dict:
+    "The worker's answer for one window (at most `WINDOW_S`) of 16 kHz audio, handed over as a float32 .npy file."
+    with tempfile.TemporaryDirectory() as d:
+        f = os.path.join(d, 'audio.npy'); np.save(f, np.ascontiguousarray(w, np.float32))
+        return worker.request('transcribe', audio=f, max_new_tokens=max(16, int(len(w) / SAMPLE_RATE * TOKENS_PER_S)))
 
 audio.register_model(lfm_entry(NAME))
 
