@@ -17,12 +17,12 @@ from .diffucoder import DreamConfig, DreamModel, param_count, diffusion_generate
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'SKIP_DIRS', 'SPECIAL_TOKENS', 'EOS_ID', 'MASK_ID', 'TINY_ASSET', 'TINY_CONFIG', 'TINY_TRAIN', 'stdlib_files',
-           'is_validation', 'functions', 'train_tokenizer', 'pack_functions', 'pad_functions', 'mask_tokens',
-           'shift_logits', 'diffusion_loss', 'TrainConfig', 'make_optimizer', 'train_step', 'val_loss', 'train',
-           'asset_dir', 'save_tiny', 'load_tiny', 'function_body', 'body_parses', 'eval_prompts', 'encode_prompts',
-           'completions', 'parse_fraction', 'sample_bodies', 'build_corpus', 'train_tiny', 'evaluate_tiny',
-           'training_table', 'parse_table']
+__all__ = ['log', 'SKIP_DIRS', 'SPECIAL_TOKENS', 'EOS_ID', 'MASK_ID', 'TINY_ASSET', 'TINY_CONFIG', 'TINY_AR', 'TINY_TRAIN',
+           'stdlib_files', 'is_validation', 'functions', 'train_tokenizer', 'pack_functions', 'pad_functions',
+           'mask_tokens', 'shift_logits', 'diffusion_loss', 'TrainConfig', 'make_optimizer', 'train_step', 'val_loss',
+           'train', 'causal_logits', 'ar_loss', 'ar_train_step', 'asset_dir', 'save_tiny', 'load_tiny', 'function_body',
+           'body_parses', 'eval_prompts', 'encode_prompts', 'completions', 'parse_fraction', 'sample_bodies',
+           'build_corpus', 'train_tiny', 'evaluate_tiny', 'training_table', 'parse_table']
 
 # %% ../nbs/42_diffucoder_train.ipynb #325ff75f
 SKIP_DIRS = frozenset({'test', 'tests', 'site-packages', 'dist-packages', 'idlelib', 'lib2to3', 'tkinter', 'turtledemo',
@@ -145,8 +145,11 @@ def val_loss(model, canvases:np.ndarray, batch:int=16, seed:int=1234) -> float:
 
 def train(model, canvases:np.ndarray, tc:TrainConfig, *, val:np.ndarray|None=None, eval_every:int=100, log_every:int=25,
           on_eval=None, # called with the history after each validation (e.g. to save a checkpoint)
+          objective:str='diffusion', # or 'ar': next-token prediction with causal attention (`ar_loss`, the warm start)
          ) -> list:
-    "Train `model` in place on canvases (N, L) for `tc.steps` steps: a history of dicts (step, loss, seconds, val_loss)."
+    "Train `model` in place on canvases (N, L) for `tc.steps` steps: a history of dicts (step, loss, seconds, val_loss: always the diffusion bound)."
+    if objective not in ('diffusion', 'ar'): raise ValueError(f"objective must be 'diffusion' or 'ar', got {objective!r}")
+    step = train_step if objective == 'diffusion' else ar_train_step
     if canvases.ndim != 2 or canvases.shape[1] != tc.seq_len:
         raise ValueError(f'canvases must be (N, seq_len={tc.seq_len}), got {canvases.shape}')
     if not 0 <= tc.short_len < tc.seq_len: raise ValueError(f'short_len must be in [0, seq_len={tc.seq_len}), got {tc.short_len}')
@@ -156,7 +159,7 @@ def train(model, canvases:np.ndarray, tc:TrainConfig, *, val:np.ndarray|None=Non
         long = not tc.short_len or s % tc.long_every == 0
         idx = rng.integers(0, len(canvases), tc.batch if long else tc.short_batch)
         xb = canvases[idx] if long else canvases[idx, :tc.short_len]
-        losses.append(train_step(model, opt, jnp.asarray(xb), jax.random.fold_in(key, s)))
+        losses.append(step(model, opt, jnp.asarray(xb), jax.random.fold_in(key, s)))
         last = s == tc.steps or (tc.max_seconds is not None and time.perf_counter() - t0 > tc.max_seconds)
         if s % log_every == 0 or last:
             h = dict(step=s, loss=float(np.mean([float(l) for l in losses])), seconds=time.perf_counter() - t0); losses = []
@@ -165,6 +168,27 @@ def train(model, canvases:np.ndarray, tc:TrainConfig, *, val:np.ndarray|None=Non
             if on_eval is not None and 'val_loss' in h: on_eval(hist)
         if last: break
     return hist
+
+# %% ../nbs/42_diffucoder_train.ipynb #10da6ad5
+def causal_logits(model, x):
+    "Logits (B, L, V) of `model` run causally on x (B, L): each position attends to itself and those before it (an AR language model)."
+    from model_lab.diffucoder import decoder_layer, rms_norm, rope_tables
+    cfg, (B, L) = model.config, x.shape
+    keep = jnp.broadcast_to(jnp.tril(jnp.ones((L, L), bool)), (B, L, L))
+    cos, sin = rope_tables(jnp.broadcast_to(jnp.arange(L), (B, L)), cfg.head_dim, cfg.rope_theta)
+    h = jnp.take(model.embed_tokens[...], x, axis=0)
+    h, _ = jax.lax.scan(lambda h, w: (decoder_layer(h, w, cos, sin, keep, cfg), None), h, model.layers.stacked())
+    return model.logits(rms_norm(h, model.norm[...], cfg.rms_norm_eps))
+
+def ar_loss(model, x, key=None):
+    "Next-token cross entropy: the output at position i predicts token i + 1 (Dream's shift, so the weights carry over)."
+    return optax.softmax_cross_entropy_with_integer_labels(causal_logits(model, x)[:, :-1], x[:, 1:]).mean()
+
+@nnx.jit
+def ar_train_step(model, opt, x, key):
+    loss, grads = nnx.value_and_grad(ar_loss)(model, x)
+    opt.update(model, grads)
+    return loss
 
 # %% ../nbs/42_diffucoder_train.ipynb #99ff7354
 TINY_ASSET = 'diffucoder-tiny'
@@ -267,7 +291,8 @@ TINY_CONFIG = DreamConfig(vocab_size=2048, hidden_size=128, intermediate_size=38
                           num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=1024, mask_token_id=MASK_ID,
                           pad_token_id=EOS_ID, bos_token_id=EOS_ID, eos_token_id=EOS_ID)
 
-TINY_TRAIN = TrainConfig(seq_len=288, batch=16, steps=640, lr=3e-3, warmup=30, short_len=128, short_batch=32, long_every=4, max_seconds=960)
+TINY_AR = TrainConfig(seq_len=128, batch=32, steps=640, lr=3e-3, warmup=30, max_seconds=600)   # the warm start: packed code, next-token loss
+TINY_TRAIN = TrainConfig(seq_len=288, batch=16, steps=800, lr=3e-3, warmup=30, short_len=128, short_batch=32, long_every=4, max_seconds=900)
 
 def build_corpus(tokenizer, files, seq_len:int, seed:int=0, max_tokens:int|None=None) -> np.ndarray:
     "Canvases (N, seq_len) from the functions of `files` in a seeded shuffled order: packed, or with `max_tokens` each function of at most that many tokens padded alone."
@@ -277,8 +302,10 @@ def build_corpus(tokenizer, files, seq_len:int, seed:int=0, max_tokens:int|None=
     ids = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
     return pad_functions(ids, seq_len) if max_tokens is not None else pack_functions(ids, seq_len)
 
-def train_tiny(out=None, tc:TrainConfig=TINY_TRAIN, cfg:DreamConfig=TINY_CONFIG, max_tokens:int|None=127, eval_every:int=80):
-    "Tokenizer + corpus + model + training on the stdlib; saved to `out` (default: the package asset) at every validation. Returns (model, tokenizer, record)."
+def train_tiny(out=None, tc:TrainConfig=TINY_TRAIN, cfg:DreamConfig=TINY_CONFIG, max_tokens:int|None=127, eval_every:int=80,
+               ar:TrainConfig|None=TINY_AR, # the autoregressive warm start on packed canvases first (None: from scratch)
+              ):
+    "Tokenizer + corpus + model + (warm start +) diffusion training on the stdlib; saved to `out` (default: the package asset) at every validation. Returns (model, tokenizer, record)."
     vocab_size = cfg.vocab_size
     files = stdlib_files(); train_f = [p for p in files if not is_validation(p)]; val_f = [p for p in files if is_validation(p)]
     t0 = time.perf_counter()
@@ -290,6 +317,10 @@ def train_tiny(out=None, tc:TrainConfig=TINY_TRAIN, cfg:DreamConfig=TINY_CONFIG,
     rec = dict(train=asdict(tc), max_tokens=max_tokens, params=param_count(cfg), train_canvases=len(tr), val_canvases=len(va), prep_seconds=prep,
                val_loss_init=v0, history=[], python=sysconfig.get_python_version(), jax=jax.__version__,
                threads=len(os.sched_getaffinity(0)), load_avg=os.getloadavg()[0])
+    if ar is not None:
+        packed = build_corpus(tok, train_f, ar.seq_len, ar.seed)
+        rec['ar'] = dict(train=asdict(ar), canvases=len(packed), history=train(model, packed, ar, log_every=50, objective='ar'))
+        rec['ar']['val_loss_after'] = val_loss(model, va)
     def checkpoint(hist): save_tiny(out or asset_dir(), model, tok, meta=dict(rec, history=hist, load_avg_end=os.getloadavg()[0]))
     rec['history'] = train(model, tr, tc, val=va, eval_every=eval_every, on_eval=checkpoint)
     return model, tok, rec
@@ -309,6 +340,11 @@ def training_table(r:dict) -> str:
     h = r['history']
     rows = [f"| {x['step']} | {x['seconds']:.0f} | {x['loss']:.3f} | {x['val_loss']:.3f} |" for x in h if 'val_loss' in x]
     stop = (f" Stopped after step {h[-1]['step']} of the {r['train']['steps']} scheduled (the last checkpoint)." if h[-1]['step'] < r['train']['steps'] else '')
+    if a := r.get('ar'):
+        ah, at = a['history'], a['train']
+        stop += (f" First, the warm start: {ah[-1]['step']} autoregressive steps (batch {at['batch']} of packed {at['seq_len']}-token canvases, "
+                 f"{ah[-1]['seconds']:.0f} s), next-token loss {ah[0]['loss']:.3f} → {ah[-1]['loss']:.3f}; the validation bound after it: "
+                 f"{a['val_loss_after']:.3f}. Then masked diffusion:")
     return '\n'.join([f"{r['params']/1e6:.2f}M parameters, {r['train_canvases']} training canvases of {r['train']['seq_len']} tokens, "
                       f"batch {r['train']['batch']}, {r['threads']} threads, load average {r['load_avg']:.0f}-{r.get('load_avg_end', r['load_avg']):.0f} "
                       f"(a shared machine); validation loss at init {r['val_loss_init']:.3f}.{stop}", '',
