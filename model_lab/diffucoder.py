@@ -201,7 +201,9 @@ class DreamModel(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nnx.Param((0.02 * jax.random.normal(rngs.params(), (d, V), jnp.float32)).astype(dtype))
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, *, all_layers:bool=False):
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, *, all_layers:bool=False,
+                      causal:bool=False, # attend to the same and earlier positions only (an AR language model, e.g. a warm start)
+                     ):
         "Final hidden states (B, L, D) after the last norm; with `all_layers`, also (embeddings, every layer's output)."
         cfg = self.config
         if input_ids.ndim != 2: raise ValueError(f'input_ids must be (batch, length), got shape {input_ids.shape}')
@@ -211,6 +213,9 @@ class DreamModel(nnx.Module):
         if position_ids is None:
             position_ids = dream_positions(attention_mask) if attention_mask is not None else jnp.broadcast_to(jnp.arange(L), (B, L))
         keep = attention_keep(attention_mask) if attention_mask is not None else None
+        if causal:
+            tri = jnp.broadcast_to(jnp.tril(jnp.ones((L, L), bool)), (B, L, L))
+            keep = tri if keep is None else keep & tri
         cos, sin = rope_tables(position_ids, cfg.head_dim, cfg.rope_theta)
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0)               # (B, L, D)
         emb = x

@@ -172,15 +172,9 @@ def train(model, canvases:np.ndarray, tc:TrainConfig, *, val:np.ndarray|None=Non
 # %% ../nbs/42_diffucoder_train.ipynb #10da6ad5
 def causal_logits(model, x):
     "Logits (B, L, V) of `model` run causally on x (B, L): each position attends to itself and those before it (an AR language model)."
-    from model_lab.diffucoder import decoder_layer, rms_norm, rope_tables
-    cfg, (B, L) = model.config, x.shape
-    keep = jnp.broadcast_to(jnp.tril(jnp.ones((L, L), bool)), (B, L, L))
-    cos, sin = rope_tables(jnp.broadcast_to(jnp.arange(L), (B, L)), cfg.head_dim, cfg.rope_theta)
-    h = jnp.take(model.embed_tokens[...], x, axis=0)
-    h, _ = jax.lax.scan(lambda h, w: (decoder_layer(h, w, cos, sin, keep, cfg), None), h, model.layers.stacked())
-    return model.logits(rms_norm(h, model.norm[...], cfg.rms_norm_eps))
+    return model.logits(model.hidden_states(x, causal=True))
 
-def ar_loss(model, x, key=None):
+def ar_loss(model, x):
     "Next-token cross entropy: the output at position i predicts token i + 1 (Dream's shift, so the weights carry over)."
     return optax.softmax_cross_entropy_with_integer_labels(causal_logits(model, x)[:, :-1], x[:, 1:]).mean()
 
