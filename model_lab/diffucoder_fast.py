@@ -112,6 +112,8 @@ class DecodeStats:
     full: int = 0
     cached: int = 0
     per_step: list = field(default_factory=list)
+    step_of: np.ndarray|None = None  # with trace=True: (B, new tokens) the step that unmasked each answer position
+    p_of: np.ndarray|None = None     # ... and the model's p(x0) of the token it wrote there, at that step
     @property
     def forwards(self) -> int: return self.full + self.cached
 
@@ -126,7 +128,9 @@ def fast_generate(model:DreamModel, input_ids, attention_mask=None, *, max_new_t
                   threshold:float=1.0, # unmask every position with p(x0) > threshold (1.0: Dream's schedule only)
                   block_size:int|None=None, # semi-autoregressive blocks (None: the whole answer is one block)
                   cache:bool=False, # approximate prefix KV cache, refreshed at each block's first step
-                  alg:str='maskgit_plus', temperature:float=0.0, top_p=None, top_k=None, eps:float=1e-3, rng=None):
+                  alg:str='maskgit_plus', temperature:float=0.0, top_p=None, top_k=None, eps:float=1e-3, rng=None,
+                  trace:bool=False, # record when and how confidently each answer position was written (`DecodeStats.step_of`, `p_of`)
+                 ):
     "Masked-diffusion generation with Fast-dLLM's speed-ups: (token ids (B, prompt + max_new_tokens), `DecodeStats`)."
     steps, block_size = steps or max_new_tokens, block_size or max_new_tokens
     _check_decode_args(max_new_tokens, steps, block_size, threshold, alg, cache)
@@ -140,6 +144,7 @@ def fast_generate(model:DreamModel, input_ids, attention_mask=None, *, max_new_t
     graphdef, state = nnx.split(model)
     nblocks = max_new_tokens // block_size; spb = steps // nblocks
     ts, stats = dream_timesteps(spb, eps), DecodeStats()
+    if trace: stats.step_of, stats.p_of = np.full((B, max_new_tokens), -1), np.full((B, max_new_tokens), np.nan, np.float32)
     kw = dict(threshold=float(threshold), alg=alg, temperature=float(temperature), top_p=top_p, top_k=top_k, mask_token_id=mid)
     for b in range(nblocks):
         lo, hi = P0 + b * block_size, P0 + (b + 1) * block_size
@@ -152,6 +157,11 @@ def fast_generate(model:DreamModel, input_ids, attention_mask=None, *, max_new_t
             blk = x[:, lo:hi]
             new = _select(logits, blk, ts[i], ts[i + 1], i == spb - 1, sk, **kw)
             x = x.at[:, lo:hi].set(new)
+            if trace:
+                hit = np.asarray((blk == mid) & (new != mid))
+                p = np.asarray(jnp.take_along_axis(jax.nn.softmax(logits.astype(jnp.float32), -1), new[..., None], -1)[..., 0])
+                stats.step_of[:, lo - P0:hi - P0][hit] = len(stats.per_step)
+                stats.p_of[:, lo - P0:hi - P0][hit] = p[hit]
             n_left = int(jnp.sum(new == mid))
             stats.per_step.append(int(jnp.sum(blk == mid)) - n_left)
             if n_left == 0: break
