@@ -23,10 +23,11 @@ from .diffucoder_train import (load_tiny, body_parses, function_body, eval_promp
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'FAST_ALGS', 'GiB', 'TPU_SLICES', 'DECODERS', 'layer_kv', 'forward_kv', 'forward_cached', 'select_step',
-           'DecodeStats', 'fast_generate', 'tpu_compiler_available', 'topology_mesh', 'abstract_sharded', 'compile_on',
-           'memory_figures', 'fit_record', 'largest_batch', 'fit_results', 'tpu_fit_sweep', 'fit_table', 'fit_plot',
-           'decode', 'compare_decoders', 'decoding_table', 'samples_markdown', 'generate_text', 'bench_fast']
+__all__ = ['log', 'FAST_ALGS', 'GiB', 'TPU_SLICES', 'DECODERS', 'HALVES', 'layer_kv', 'forward_kv', 'forward_cached',
+           'select_step', 'DecodeStats', 'fast_generate', 'tpu_compiler_available', 'topology_mesh', 'abstract_sharded',
+           'compile_on', 'memory_figures', 'fit_record', 'largest_batch', 'fit_results', 'tpu_fit_sweep', 'fit_table',
+           'fit_plot', 'decode', 'compare_decoders', 'decoding_table', 'goal_met', 'halves_table', 'samples_markdown',
+           'generate_text', 'bench_fast']
 
 # %% ../nbs/41_diffucoder_fast.ipynb #fcefa77a
 def _attend(q, k, v, keep, cfg:DreamConfig):
@@ -355,6 +356,8 @@ DECODERS = {  # name: fast_generate options (None: Dream's own sampler, the base
     'parallel 0.7': dict(threshold=0.7),
     'block 32 + cache': dict(block_size=32, cache=True),
     'block 32 + cache + 0.9': dict(block_size=32, cache=True, threshold=0.9),
+    'block 64 + cache + 0.9': dict(block_size=64, cache=True, threshold=0.9),
+    'block 128 + cache + 0.9': dict(block_size=128, cache=True, threshold=0.9),
 }
 
 def _agreement(a:np.ndarray, b:np.ndarray, P0:int) -> float: return float(np.mean(a[:, P0:] == b[:, P0:]))
@@ -401,8 +404,33 @@ def decoding_table(results:list) -> str:
     return '\n'.join([f"{p['prompts']} held-out prompts in batches of {p['batch']}, {p['max_new_tokens']} new tokens, alg `{p['alg']}`, "
                       f"temperature 0; Dream's sampler with steps = new tokens. Threads: {base.conditions['threads']}.", ''] + rows)
 
+# %% ../nbs/41_diffucoder_fast.ipynb #54a38e13
+HALVES = {'choice (1-64)': slice(0, 64), 'goal (65-128)': slice(64, 128), 'all 128': slice(None)}
+
+def _parse_on(samples:dict, name:str, rows:slice) -> float:
+    s = samples[name][rows]
+    return parse_fraction([p for p, _, _ in s], [(c, h) for _, c, h in s])
+
+def goal_met(results:list, samples:dict|None=None, rows:slice=slice(None), base:str='dream', passes:float=3.0, drop:float=0.02) -> dict:
+    "Per decoder: `passes` times fewer forward passes than `base`, parsing at most `drop` less often (on prompts `rows` of `samples` when given)?"
+    b = next(r.quality for r in results if r.params['decoder'] == base)
+    pf = (lambda n: next(r.quality['parse_fraction'] for r in results if r.params['decoder'] == n)) if samples is None else (lambda n: _parse_on(samples, n, rows))
+    return {r.params['decoder']: b['forward_passes'] / r.quality['forward_passes'] >= passes and pf(r.params['decoder']) >= pf(base) - drop
+            for r in results if r.params['decoder'] != base}
+
+def halves_table(results:list, samples:dict, halves:dict=HALVES, base:str='dream') -> str:
+    "Markdown: per decoder, fewer passes than `base` and the parse fraction on each half of the prompts (✓: the goal is met there)."
+    met = {h: goal_met(results, samples, rows) for h, rows in halves.items()}
+    b = next(r.quality['forward_passes'] for r in results if r.params['decoder'] == base)
+    rows = ['| decoder | fewer passes than Dream | ' + ' | '.join(f'parse, {h}' for h in halves) + ' |', '|---' * (2 + len(halves)) + '|']
+    for r in results:
+        n = r.params['decoder']
+        cells = [f"{_parse_on(samples, n, s):.3f}{' ✓' if met[h].get(n) else ''}" for h, s in halves.items()]
+        rows.append(f"| {n} | {b / r.quality['forward_passes']:.2f}x | " + ' | '.join(cells) + ' |')
+    return '\n'.join(rows)
+
 # %% ../nbs/41_diffucoder_fast.ipynb #c4afee39
-def samples_markdown(samples:dict, decoders=('dream', 'block 32 + cache + 0.9'), n:int=4) -> str:
+def samples_markdown(samples:dict, decoders=('dream', 'block 128 + cache + 0.9'), n:int=4) -> str:
     "Markdown: the first `n` prompts' functions as each of `decoders` wrote them."
     from model_lab.diffucoder_train import function_body
     out = []

@@ -285,8 +285,8 @@ TINY_CONFIG = DreamConfig(vocab_size=2048, hidden_size=128, intermediate_size=38
                           num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=1024, mask_token_id=MASK_ID,
                           pad_token_id=EOS_ID, bos_token_id=EOS_ID, eos_token_id=EOS_ID)
 
-TINY_AR = TrainConfig(seq_len=128, batch=32, steps=640, lr=3e-3, warmup=30, max_seconds=600)   # the warm start: packed code, next-token loss
-TINY_TRAIN = TrainConfig(seq_len=288, batch=16, steps=800, lr=3e-3, warmup=30, short_len=128, short_batch=32, long_every=4, max_seconds=900)
+TINY_AR = TrainConfig(seq_len=128, batch=32, steps=1500, lr=3e-3, warmup=30, max_seconds=1500)   # the warm start: packed code, next-token loss
+TINY_TRAIN = TrainConfig(seq_len=288, batch=16, steps=3000, lr=3e-3, warmup=30, short_len=128, short_batch=32, long_every=4, max_seconds=3000)
 
 def build_corpus(tokenizer, files, seq_len:int, seed:int=0, max_tokens:int|None=None) -> np.ndarray:
     "Canvases (N, seq_len) from the functions of `files` in a seeded shuffled order: packed, or with `max_tokens` each function of at most that many tokens padded alone."
