@@ -414,8 +414,8 @@ def _parse_on(samples:dict, name:str, rows:slice) -> float:
 def goal_met(results:list, samples:dict|None=None, rows:slice=slice(None), base:str='dream', passes:float=3.0, drop:float=0.02) -> dict:
     "Per decoder: `passes` times fewer forward passes than `base`, parsing at most `drop` less often (on prompts `rows` of `samples` when given)?"
     b = next(r.quality for r in results if r.params['decoder'] == base)
-    pf = (lambda n: next(r.quality['parse_fraction'] for r in results if r.params['decoder'] == n)) if samples is None else (lambda n: _parse_on(samples, n, rows))
-    return {r.params['decoder']: b['forward_passes'] / r.quality['forward_passes'] >= passes and pf(r.params['decoder']) >= pf(base) - drop
+    pf = {r.params['decoder']: r.quality['parse_fraction'] if samples is None else _parse_on(samples, r.params['decoder'], rows) for r in results}
+    return {r.params['decoder']: b['forward_passes'] / r.quality['forward_passes'] >= passes and pf[r.params['decoder']] >= pf[base] - drop
             for r in results if r.params['decoder'] != base}
 
 def halves_table(results:list, samples:dict, halves:dict=HALVES, base:str='dream') -> str:
