@@ -11,11 +11,12 @@ from typing import NamedTuple
 import torch, psutil
 
 # %% auto #0
-__all__ = ['KINDS', 'log', 'BF16_MIN_SPEEDUP', 'T', 'GPU_TARGETS', 'probe_cpu', 'probe_cuda', 'probe_mps', 'package_version',
-           'probe_xla', 'probe_jax', 'choose_kind', 'Hardware', 'detect', 'torch_device', 'load_device', 'jax_devices',
-           'DtypeChoice', 'best_dtype', 'sync', 'Memory', 'memory', 'Peak', 'peak_specs', 'triton_available',
-           'triton_interpreted', 'triton_usable', 'triton_kernel', 'backend_unavailable', 'with_fallback',
-           'failed_backends', 'triton_tool', 'KernelResources', 'compile_for_gpu', 'report', 'report_markdown']
+__all__ = ['KINDS', 'log', 'BF16_MIN_SPEEDUP', 'T', 'CPU_FAMILIES', 'GPU_TARGETS', 'probe_cpu', 'probe_cuda', 'probe_mps',
+           'package_version', 'probe_xla', 'probe_jax', 'choose_kind', 'Hardware', 'detect', 'torch_device',
+           'load_device', 'jax_devices', 'DtypeChoice', 'best_dtype', 'sync', 'Memory', 'memory', 'Peak', 'CpuFamily',
+           'cpu_family', 'cpu_peak', 'peak_specs', 'triton_available', 'triton_interpreted', 'triton_usable',
+           'triton_kernel', 'backend_unavailable', 'with_fallback', 'failed_backends', 'triton_tool', 'KernelResources',
+           'compile_for_gpu', 'report', 'report_markdown']
 
 # %% ../nbs/00_devices.ipynb #4875356e
 KINDS = ('cuda', 'rocm', 'tpu', 'mps', 'cpu')  # the order in which `detect` looks
@@ -291,24 +292,109 @@ _PEAKS = [
     (r'TPU v5 lite|TPU v5e',(None,   None,  197*T,   None,    819e9)),
     (r'TPU v5p|TPU v5$',    (None,   None,  459*T,   None,    2.765e12)),
     (r'TPU v4',             (None,   None,  275*T,   None,    1.2e12)),
+    # Apple GPUs (MPS): Apple's launch figures for the largest GPU of each chip (fp32; the GPUs compute fp16 at the same rate)
+    (r'M1 Ultra',           (21.2*T, None,  None,    21.2*T,  800e9)),
+    (r'M1 Max',             (10.4*T, None,  None,    10.4*T,  400e9)),
+    (r'M1 Pro',             (5.2*T,  None,  None,    5.2*T,   200e9)),
+    (r'Apple M1\b',         (2.6*T,  None,  None,    2.6*T,   68.25e9)),
+    (r'M2 Ultra',           (27.2*T, None,  None,    27.2*T,  800e9)),
+    (r'M2 Max',             (13.6*T, None,  None,    13.6*T,  400e9)),
+    (r'M2 Pro',             (6.8*T,  None,  None,    6.8*T,   200e9)),
+    (r'Apple M2\b',         (3.6*T,  None,  None,    3.6*T,   100e9)),
 ]
 
+
+# %% ../nbs/00_devices.ipynb #c9a1f002
+@dataclass
+class CpuFamily:
+    "A CPU microarchitecture's FLOPs per core per cycle, and how to recognise it."
+    name: str
+    vendor: str                  # cpuid vendor: 'AuthenticAMD' | 'GenuineIntel'
+    cpuid_family: int
+    models: tuple                # (first, last) cpuid model ranges of this family
+    names: str                   # regex on the marketing name, for when cpuid is not known (another machine's record)
+    flops_per_cycle: dict        # dtype -> FLOPs per core per cycle
+    needs: dict = field(default_factory=dict)  # dtype -> the cpu flag without which the dtype has no units here
+
+CPU_FAMILIES = [
+    CpuFamily('Zen 2', 'AuthenticAMD', 0x17, ((0x30, 0xff),), r'EPYC 7\d\d2|Ryzen \w+ 3\d\d\d', dict(fp32=32)),
+    CpuFamily('Zen 3', 'AuthenticAMD', 0x19, ((0x00, 0x0f), (0x20, 0x5f)), r'EPYC 7\d\d3|Ryzen \w+ 5\d\d\d', dict(fp32=32)),
+    CpuFamily('Zen 4', 'AuthenticAMD', 0x19, ((0x10, 0x1f), (0x60, 0xaf)), r'EPYC (9\d\d4|9R14|8\d\d4|4\d\d4)|Ryzen \w+ 7\d\d\d',
+              dict(fp32=32, bf16=64), dict(bf16='avx512_bf16')),
+    CpuFamily('Zen 5', 'AuthenticAMD', 0x1a, ((0x00, 0xff),), r'EPYC 9\d\d5|Ryzen \w+ 9\d\d\d', dict(fp32=64, bf16=128), dict(bf16='avx512_bf16')),
+    CpuFamily('Skylake-SP/Cascade Lake', 'GenuineIntel', 6, ((0x55, 0x55),), r'Xeon.* (Platinum|Gold|Silver|Bronze) [3-8][12]\d\d', dict(fp32=64)),
+    CpuFamily('Ice Lake-SP', 'GenuineIntel', 6, ((0x6a, 0x6a), (0x6c, 0x6c)), r'Xeon.* (Platinum|Gold|Silver) [3-8]3\d\d', dict(fp32=64)),
+    CpuFamily('Sapphire/Emerald Rapids', 'GenuineIntel', 6, ((0x8f, 0x8f), (0xcf, 0xcf)), r'Xeon.* (Platinum|Gold|Silver|Bronze) [3-9][45]\d\d',
+              dict(fp32=64, bf16=1024, fp16=128), dict(bf16='amx_bf16', fp16='avx512_fp16')),
+]
+
+def cpu_family(name:str='', # marketing name, e.g. 'AMD EPYC 9654 96-Core Processor'
+               vendor:str|None=None, cpuid_family:int|None=None, model:int|None=None, # /proc/cpuinfo's vendor_id, cpu family, model
+              ) -> CpuFamily|None:
+    "The `CPU_FAMILIES` entry of a CPU: by cpuid (vendor, family, model) when given, else by its name; None when unknown."
+    by_id = [f for f in CPU_FAMILIES if (f.vendor, f.cpuid_family) == (vendor, cpuid_family) and any(a <= (model or -1) <= b for a, b in f.models)]
+    return next(iter(by_id), None) or next((f for f in CPU_FAMILIES if re.search(f.names, name or '')), None)
+
+def _one_fma_unit(name:str) -> bool:
+    "Skylake-SP/Cascade Lake Xeon Bronze, Silver and Gold 5xxx have one AVX-512 FMA unit per core, not two."
+    return bool(re.search(r'Xeon.* (Bronze|Silver) |Xeon.* Gold 5\d\d\d', name or ''))
+
+def _flag_flops(flags:set) -> dict:
+    "FLOPs per core per cycle from the cpu flags alone (a family model_lab does not know): 2 FMA pipes of the widest vectors."
+    return dict(fp32=(16 if 'avx512f' in flags else 8 if 'avx2' in flags else 4) * (2 if flags & {'fma', 'avx512f'} else 1) * 2)
+
+def cpu_peak(name:str, # marketing name
+             cores:int, # physical cores (SMT threads share a core's FMA pipes)
+             ghz:float|None, # base clock
+             flags=(), # /proc/cpuinfo flags; empty: trust the family table
+             vendor:str|None=None, cpuid_family:int|None=None, model:int|None=None,
+            ) -> Peak:
+    "Peak FLOP/s per dtype of a CPU: cores x clock x FLOPs per core per cycle of its microarchitecture (`CPU_FAMILIES`)."
+    flags, fam = set(flags), cpu_family(name, vendor, cpuid_family, model)
+    if not ghz: return Peak({}, None, 'unknown: no CPU clock reported')
+    per = dict(fam.flops_per_cycle) if fam else _flag_flops(flags)
+    if fam and fam.name.startswith('Skylake') and _one_fma_unit(name): per['fp32'] //= 2
+    if fam and flags and 'avx512f' not in flags and per['fp32'] == 64: per['fp32'] = 32   # a VM that hides AVX-512
+    if flags: per = {k: v for k, v in per.items() if k == 'fp32' or not fam or fam.needs.get(k, '') in flags}
+    how = fam.name if fam else 'unknown family, from the flags'
+    return Peak({k: cores * ghz * 1e9 * v for k, v in per.items()}, None,
+                f'microarchitecture ({how}): {cores} cores x {ghz:.2f} GHz x FLOPs/cycle {per}')
+
+def _cpuinfo_fields() -> dict:
+    "vendor_id, cpu family, model (ints where numeric) of the first CPU in /proc/cpuinfo; {} elsewhere."
+    out = {}
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                k, _, v = line.partition(':'); k, v = k.strip(), v.strip()
+                if k in ('vendor_id', 'cpu family', 'model') and k not in out: out[k] = int(v) if v.isdigit() else v
+                if not line.strip() and out: break
+    except OSError: pass
+    return out
+
+@functools.lru_cache(maxsize=1)
+def _measured_peak() -> Peak:
+    "The fp32 FLOP/s of the fastest of 3 n=2048 matmuls: the peak of a CPU model_lab cannot compute one for."
+    import time
+    a = torch.randn(2048, 2048); best = float('inf')
+    for _ in range(4): t0 = time.perf_counter(); a @ a; best = min(best, time.perf_counter() - t0)
+    return Peak(dict(fp32=2 * 2048**3 / best), None, 'measured: the fastest of 4 fp32 matmuls, n=2048 (a lower bound)')
+
+def _host_cpu_peak(hw:Hardware) -> Peak:
+    "The peak of the CPU this process runs on (cpuid, flags, physical cores, clock); measured when the clock is unknown."
+    freq, info = psutil.cpu_freq(), _cpuinfo_fields()
+    cores = psutil.cpu_count(logical=False) or hw.cpu_cores
+    pk = cpu_peak(hw.name, cores, (freq.current or freq.max) / 1e3 if freq else None, _cpu_flags(),
+                  info.get('vendor_id'), info.get('cpu family'), info.get('model'))
+    return pk if pk.flops else _measured_peak()
+
 def _cpu_peak(hw:Hardware) -> Peak:
-    "Estimated CPU peak: logical cores x clock x FLOPs per cycle of the widest units the flags show."
-    f, freq = _cpu_flags(), psutil.cpu_freq()
-    mhz = freq.current if freq else 0
-    if not mhz: return Peak({}, None, 'unknown: no CPU clock reported')
-    fmas = 2 if 'fma' in f or 'avx512f' in f else 1                  # FMA ports per core on current x86 cores
-    per_cycle = {'fp32': (16 if 'avx512f' in f else 8 if 'avx2' in f else 4) * fmas * 2}
-    if 'amx_bf16' in f: per_cycle['bf16'] = 1024                      # AMX tile unit: 512 bf16 MACs per cycle
-    elif 'avx512_bf16' in f: per_cycle['bf16'] = 128
-    if 'avx512_fp16' in f: per_cycle['fp16'] = 128
-    hz = hw.cpu_cores * mhz * 1e6
-    return Peak({k: hz * v for k, v in per_cycle.items()}, None,
-                f'estimate: {hw.cpu_cores} logical cores x {mhz/1e3:.2f} GHz x FLOPs/cycle {per_cycle}')
+    "This machine's CPU when `hw` names it, else the family table and `hw`'s cores with no clock known."
+    if hw.name in ('', _cpu_model()): return _host_cpu_peak(hw)
+    return cpu_peak(hw.name, hw.cpu_cores, None)
 
 def peak_specs(hw:Hardware|None=None) -> Peak:
-    "Datasheet peak FLOP/s per dtype and memory bandwidth of one device of `hw`; empty when unknown."
+    "Datasheet peak FLOP/s per dtype and memory bandwidth of one device of `hw` (a CPU's from its microarchitecture); empty when unknown."
     hw = hw or detect()
     if hw.kind == 'cpu': return _cpu_peak(hw)
     for pat, (fp32, tf32, bf16, fp16, bw) in _PEAKS:
@@ -316,6 +402,7 @@ def peak_specs(hw:Hardware|None=None) -> Peak:
             fl = {k: v for k, v in dict(fp32=fp32, tf32=tf32, bf16=bf16, fp16=fp16).items() if v}
             return Peak(fl, bw, f'datasheet ({pat.split("|")[0]}), dense')
     return Peak({}, None, f'unknown for {hw.name!r}')
+
 
 # %% ../nbs/00_devices.ipynb #d95d9c95
 @functools.lru_cache(maxsize=1)
