@@ -144,7 +144,7 @@ def measure(fn:Callable, # called with no arguments; its output is waited for
     method = (memory_method(dev) or '') if peak is not None else ''
     return Timing(min(times), statistics.median(times), max(times), len(times), peak, started, times, warmup, method)
 
-# %% ../nbs/01_bench.ipynb #43639ce9
+# %% ../nbs/01_bench.ipynb #51ff1056
 def _loadavg() -> float|None:
     try: return round(os.getloadavg()[0], 2)
     except (OSError, AttributeError): return None
@@ -178,7 +178,7 @@ class Ratio:
         "What a `Result` stores: value, interval, rounds, baseline, noisy."
         return dict(value=self.value, low=self.low, high=self.high, rounds=self.rounds, baseline=self.baseline, noisy=self.noisy)
 
-# %% ../nbs/01_bench.ipynb #19f87458
+# %% ../nbs/01_bench.ipynb #61f592cc
 def _timed_batch(fn:Callable, calls:int, dev, sync:Callable|None) -> tuple:
     "Seconds per call of `calls` back-to-back calls of `fn`, the device waited for before and after."
     sync() if sync else _wait(None, dev)

@@ -516,7 +516,7 @@ def report_markdown(hw:Hardware|None=None, bf16_speedup:float|None=None) -> str:
     rows += [('note', n) for n in hw.notes]
     return '| | |\n|---|---|\n' + '\n'.join(f'| {k} | {v} |' for k, v in rows)
 
-# %% ../nbs/00_devices.ipynb #e3e17b76
+# %% ../nbs/00_devices.ipynb #5cfc20b1
 # aten ops whose result the host must wait for (a value, or a shape that depends on the values)
 SYNC_OPS = frozenset({'_local_scalar_dense', 'item', 'is_nonzero', 'nonzero', 'masked_select', '_unique', '_unique2',
                       'unique_consecutive', 'unique_dim', 'equal', 'bincount', 'repeat_interleave', '_assert_async'})
