@@ -6,22 +6,42 @@
 from __future__ import annotations
 import os, re, sys, json, time, math, glob, socket, platform, threading, statistics, traceback, datetime
 import importlib, importlib.metadata, tempfile, logging, ctypes, functools
-from dataclasses import dataclass, field, asdict, fields
+from dataclasses import dataclass, field, asdict, fields, replace, MISSING
 from pathlib import Path
 from typing import Callable, Iterable
 import torch, psutil
-from .devices import Hardware, detect, sync, torch_device, peak_specs, report, report_markdown, package_version
+from .devices import Hardware, detect, sync, torch_device, peak_specs, report, report_markdown, package_version, _cpu_flags, _cpu_model
 
 # %% auto #0
-__all__ = ['log', 'LEGACY_CONDITIONS', 'SIZES', 'SUITES', 'SUITE_MODULES', 'heap_in_use', 'MemPeak', 'RSSPeak', 'memory_method',
-           'peak_memory', 'Timing', 'measure', 'median_interval', 'Ratio', 'ratios', 'Result', 'versions',
-           'device_record', 'record', 'ratio_record', 'atomic_write', 'save_results', 'load_results', 'fmt_time',
-           'fmt_bytes', 'table', 'compare', 'plot', 'Suite', 'suite', 'suite_table', 'suite_total', 'suite_notes',
-           'load_suites', 'matmul_record', 'bench_matmul', 'bf16_speedup', 'cpu_bf16_speedup', 'Run', 'run_id',
-           'Progress', 'notes_markdown', 'run_suites']
+__all__ = ['log', 'NOISE', 'LIBRARIES', 'SCHEMA', 'LEGACY_CONDITIONS', 'NOISY', 'SIZES', 'SUITES', 'SUITE_MODULES',
+           'quiet_library_noise', 'heap_in_use', 'MemPeak', 'RSSPeak', 'memory_method', 'peak_memory', 'Timing',
+           'measure', 'median_interval', 'Ratio', 'ratios', 'Result', 'versions', 'device_record', 'record_conditions',
+           'record', 'ratio_record', 'atomic_write', 'save_results', 'NotResults', 'load_results', 'fmt_time',
+           'fmt_bytes', 'fmt_ratio', 'table', 'compare', 'plot', 'bar_plot', 'grouped_bars', 'report_plots', 'Suite',
+           'suite', 'suite_table', 'suite_kwargs', 'headline_table', 'noisy_line', 'measured_table', 'suite_total',
+           'suite_notes', 'load_suites', 'fp16_native', 'matmul_record', 'bench_matmul', 'bf16_speedup',
+           'cpu_bf16_speedup', 'Run', 'run_id', 'Progress', 'notes_markdown', 'run_suites']
 
 # %% ../nbs/01_bench.ipynb #23280c00
 log = logging.getLogger('model_lab')
+
+class _DropMessages(logging.Filter):
+    "Drops one library logger's records whose message matches `pattern`: narrow, at the source, everything else passes."
+    def __init__(self, pattern:str): super().__init__(); self.pattern = re.compile(pattern)
+    def filter(self, rec): return not self.pattern.search(rec.getMessage())
+
+# logger -> message (regex): what every default run printed that says nothing about the run
+NOISE = {'torchao': r'^Failed to load \S*/_C_\w+\S*\.so',                     # torchao's CUDA-only kernels, on a machine without CUDA
+         'torch.utils._pytree': r'is an Enum subclass and is now natively supported'}  # torchao registers its enums the old way
+
+def quiet_library_noise():
+    "Install the `NOISE` filters once (model_lab.bench does at import): the torchao .so lines only where there is no CUDA."
+    for name, pat in NOISE.items():
+        lg = logging.getLogger(name)
+        if name == 'torchao' and torch.cuda.is_available(): continue
+        if not any(isinstance(f, _DropMessages) for f in lg.filters): lg.addFilter(_DropMessages(pat))
+
+quiet_library_noise()
 
 def _leaf(out, pred):
     "The first leaf of a (nested tuple/list/dict) output that satisfies `pred`, or None."
@@ -111,6 +131,10 @@ def peak_memory(fn:Callable, device=None) -> int|None:
 # %% ../nbs/01_bench.ipynb #b22a464b
 def _now(): return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
 
+def _loadavg() -> float|None:
+    try: return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError): return None  # Windows
+
 @dataclass
 class Timing:
     "Seconds per call over `n` timed calls (after `warmup` untimed ones), and the extra peak memory one call needs."
@@ -122,7 +146,10 @@ class Timing:
     started_at: str = ''
     times: list = field(default_factory=list, repr=False)
     warmup: int = 0
-    mem_method: str = ''  # how peak_mem_bytes was measured (`memory_method`)
+    mem_method: str = ''  # how peak_mem_bytes was measured (`memory_method`), or why it was not
+    threads: int|None = None         # torch's intra-op threads while timing
+    loadavg_before: float|None = None # 1-minute load average before the first call
+    loadavg_after: float|None = None  # and after the last
 
 def measure(fn:Callable, # called with no arguments; its output is waited for
             *, warmup:int=1, # untimed calls first (compilation, caches)
@@ -132,7 +159,7 @@ def measure(fn:Callable, # called with no arguments; its output is waited for
            ) -> Timing:
     "Time `fn`: `warmup` untimed calls, then `repeat` timed ones, syncing the device before every clock read."
     if repeat < 1 or warmup < 0: raise ValueError(f'measure needs repeat >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}')
-    dev, started = (torch.device(device) if device is not None else None), _now()
+    dev, started, load0 = (torch.device(device) if device is not None else None), _now(), _loadavg()
     for _ in range(warmup): dev = _wait(fn(), dev)
     times = []
     for _ in range(repeat):
@@ -140,9 +167,11 @@ def measure(fn:Callable, # called with no arguments; its output is waited for
         t0 = time.perf_counter()
         dev = _wait(fn(), dev)
         times.append(time.perf_counter() - t0)
+    load1 = _loadavg()
     peak = peak_memory(fn, dev) if track_memory else None
-    method = (memory_method(dev) or '') if peak is not None else ''
-    return Timing(min(times), statistics.median(times), max(times), len(times), peak, started, times, warmup, method)
+    method = (memory_method(dev) or '') if peak is not None else 'not measured: track_memory=False' if not track_memory else f'not measured: no memory counter on {dev}'
+    return Timing(min(times), statistics.median(times), max(times), len(times), peak, started, times, warmup, method,
+                  torch.get_num_threads(), load0, load1)
 
 # %% ../nbs/01_bench.ipynb #51ff1056
 def _loadavg() -> float|None:
@@ -242,15 +271,34 @@ class Result:
     host: str = ''
     conditions: dict = field(default_factory=dict) # what describes the machine or the run, or was measured: threads, peak_tflops, rtf, ...
     ratio: dict|None = None                        # value, low, high, rounds, baseline, noisy: from `ratios` (alternated rounds)
+    run: dict = field(default_factory=dict)        # id and started_at of the run that wrote it (`run_suites`, `load_results`)
+
+# import name -> distribution: the libraries a suite may run; a record lists those this process has imported
+LIBRARIES = {'torch': 'torch', 'triton': 'triton', 'jax': 'jax', 'jaxlib': 'jaxlib', 'flax': 'flax', 'optax': 'optax',
+             'ctranslate2': 'ctranslate2', 'faster_whisper': 'faster-whisper', 'whisper': 'openai-whisper',
+             'transformers': 'transformers', 'liquid_audio': 'liquid-audio', 'mlstm_kernels': 'mlstm_kernels',
+             'torchao': 'torchao', 'onnxruntime': 'onnxruntime', 'lightning': 'lightning', 'mamba_ssm': 'mamba-ssm'}
 
 def versions(*pkgs) -> dict:
-    "Versions of python, torch, model_lab and `pkgs` (None where not installed)."
-    return {'python': platform.python_version(), **{p: package_version(p) for p in ('torch', 'model_lab', *pkgs)}}
+    "Versions of python, torch, model_lab, `pkgs` and every library of `LIBRARIES` this process has imported (None where not installed)."
+    used = [d for m, d in LIBRARIES.items() if m in sys.modules]
+    return {'python': platform.python_version(), **{p: package_version(p) for p in dict.fromkeys(('torch', 'model_lab', *used, *pkgs))}}
 
 def device_record(hw:Hardware) -> dict:
     return dict(kind=hw.kind, name=hw.name, count=hw.count, memory=hw.memory_bytes[0] if hw.memory_bytes else None)
 
 def _dtype_name(d): return str(d).replace('torch.', '') if d is not None else ''
+
+def record_conditions(timing:Timing, dtype=None, ratio:Ratio|None=None) -> dict:
+    "What every record states about how it was measured: threads, cores, 1-minute load average before and after, how peak memory was measured (or why not)."
+    now, rc = _loadavg(), (ratio.conditions if ratio is not None else {})
+    before, after = rc.get('loadavg_before', timing.loadavg_before), rc.get('loadavg_after', timing.loadavg_after)
+    c = dict(threads=rc.get('threads') or timing.threads or torch.get_num_threads(), cores=_cores(),
+             loadavg_before=before if before is not None else now, loadavg_after=after if after is not None else now)
+    if before is None or after is None: c['loadavg_when'] = 'at record time: the timing carried none'
+    c['peak_mem_method'] = timing.mem_method or ('' if timing.peak_mem_bytes is None else 'unknown') or 'not measured: the timing carried no memory figure'
+    if dtype is None: c['dtype_note'] = 'no dtype: the work is not one tensor dtype'
+    return c
 
 def record(suite:str, name:str, timing:Timing, *, hw:Hardware|None=None, params:dict|None=None, dtype=None,
            work:float|None=None, # work done per call, in the numerator of `unit` (e.g. TFLOP per call)
@@ -262,7 +310,7 @@ def record(suite:str, name:str, timing:Timing, *, hw:Hardware|None=None, params:
     "A `Result` from a `Timing`: throughput = `work` / median time."
     hw = hw or detect()
     thr = dict(value=work / timing.median, unit=unit) if work is not None and unit else None
-    cond = {'peak_mem_method': timing.mem_method} if timing.mem_method else {}
+    cond = record_conditions(timing, dtype, ratio)
     if ratio is not None: cond.update({k: v for k, v in ratio.conditions.items() if k != 'interval'})
     return Result(suite, name, dict(params or {}), device_record(hw), _dtype_name(dtype),
                   dict(min=timing.min, median=timing.median, max=timing.max, n=timing.n, warmup=timing.warmup), thr,
@@ -289,9 +337,11 @@ def atomic_write(path, data:str|bytes, mode:int|None=None, # None: what `open` g
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
 
+SCHEMA = 2  # 1: files without a "schema" key (before ratios and run ids); 2: `Result.ratio`, `Result.run`
+
 def save_results(results:Iterable[Result], path, run:dict|None=None) -> Path:
     "Write `results` (and the `run` metadata) to the JSON file `path`."
-    doc = dict(run=run or {}, results=[asdict(r) for r in results])
+    doc = dict(schema=SCHEMA, run=run or {}, results=[asdict(r) for r in results])
     atomic_write(path, json.dumps(doc, indent=1, default=str))
     return Path(path)
 
@@ -313,21 +363,50 @@ def _upgrade(r:dict) -> dict:
     p = dict(r['params'])
     return {**r, 'params': p, 'conditions': {k: p.pop(k) for k in LEGACY_CONDITIONS if k in p}}
 
-def _load_one(p) -> list:
-    if not os.path.exists(p): raise FileNotFoundError(f'results file {p} does not exist')
-    try: doc = json.loads(Path(p).read_text())
-    except json.JSONDecodeError as e: raise ValueError(f'{p} is not a model_lab results file: invalid JSON ({e})') from None
-    if not isinstance(doc, dict) or not isinstance(doc.get('results'), list):
-        raise ValueError(f'{p} is not a model_lab results file: expected {{"run": ..., "results": [...]}}')
-    names = {f.name for f in fields(Result)}
-    try: return [Result(**{k: v for k, v in _upgrade(r).items() if k in names}) for r in doc['results']]
-    except TypeError as e: raise ValueError(f'{p}: a result lacks a field ({e})') from None
+class NotResults(ValueError): "A file that is not a model_lab results file (another JSON, a PNG, a report): skipped by `load_results(skip=...)`."
 
-def load_results(paths) -> list:
-    "All results in `paths` (files, folders of *.json, glob patterns)."
+def _read_doc(p) -> dict:
+    if not os.path.exists(p): raise FileNotFoundError(f'results file {p} does not exist')
+    try: doc = json.loads(Path(p).read_bytes().decode())
+    except UnicodeDecodeError: raise NotResults(f'{p} is not a model_lab results file: not text (an image?)') from None
+    except json.JSONDecodeError as e: raise NotResults(f'{p} is not a model_lab results file: invalid JSON ({e})') from None
+    if not isinstance(doc, dict) or not isinstance(doc.get('results'), list):
+        raise NotResults(f'{p} is not a model_lab results file: expected {{"run": ..., "results": [...]}}')
+    if (v := doc.get('schema', 1)) > SCHEMA:
+        raise ValueError(f'{p} has schema {v}, newer than this model_lab reads ({SCHEMA}): upgrade model_lab to read it')
+    return doc
+
+def _result(p, i:int, r:dict, run:dict) -> Result:
+    "Result `i` of file `p`, tagged with its run; a field this model_lab does not know, or lacks, is named."
+    names, r = {f.name for f in fields(Result)}, _upgrade(r)
+    if unknown := [k for k in r if k not in names]:
+        raise ValueError(f'{p}: results[{i}] has the field {unknown[0]!r}, which this model_lab does not know '
+                         f'(a newer schema?): upgrade model_lab to read it')
+    required = [f.name for f in fields(Result) if f.default is MISSING and f.default_factory is MISSING]
+    if missing := [k for k in required if k not in r]:
+        raise ValueError(f'{p}: results[{i}] lacks the field {missing[0]!r} (an older or foreign schema): re-run the suite to rewrite it')
+    out = Result(**r)
+    if not out.run: out.run = dict(id=run.get('id') or Path(p).stem, started_at=run.get('started_at') or out.started_at)
+    return out
+
+def _load_one(p) -> list:
+    doc = _read_doc(p)
+    return [_result(p, i, r, doc.get('run') or {}) for i, r in enumerate(doc['results'])]
+
+def load_results(paths, # files, folders (their *.json), glob patterns
+                 skip:Callable|None=None, # skip(path, why) for each file that is not a results file; None: raise
+                ) -> list:
+    "All results in `paths`, each tagged with its run (`Result.run`: the run id and start time)."
     files = _expand(paths)
     if not files: raise FileNotFoundError(f'no results files match {paths!r}')
-    return [r for p in files for r in _load_one(p)]
+    out = []
+    for p in files:
+        try: out += _load_one(p)
+        except (NotResults, ValueError) as e:
+            if skip is None: raise
+            skip(p, str(e).removeprefix(f'{p} is ').removeprefix(f'{p}: '))
+    return out
+
 
 # %% ../nbs/01_bench.ipynb #8d930c74
 def fmt_time(s:float|None) -> str:
@@ -340,6 +419,14 @@ def fmt_bytes(b:float|None) -> str:
         if abs(b) < 1024 or u == 'TiB': return f'{b:.0f} {u}' if u == 'B' else f'{b:.1f} {u}'
         b /= 1024
 
+NOISY = '⚠ noisy'  # the mark of a ratio whose interval is wider than ±15% or that ran above one load per core
+
+def fmt_ratio(d:dict|None, baseline:bool=True) -> str:
+    "A stored ratio as `3.10x [2.95, 3.30] vs fp32`, marked when noisy; '—' without one."
+    if not d: return '—'
+    s = f"{d['value']:.2f}x [{d['low']:.2f}, {d['high']:.2f}]" + (f" vs {d['baseline']}" if baseline and d.get('baseline') else '')
+    return s + (f' {NOISY}' if d.get('noisy') else '')
+
 def _fmt(v):
     if isinstance(v, float): return f'{v:.4g}'
     return str(v)
@@ -349,11 +436,13 @@ def _kv(d:dict) -> str: return ', '.join(f'{k} {_fmt(v)}' for k, v in d.items())
 def _thr(t): return f"{t['value']:.4g} {t['unit']}" if t else '—'
 
 def table(results:Iterable[Result]) -> str:
-    "Markdown table of `results`, one row each."
-    head = '| suite | name | params | device | dtype | median | min | throughput | peak mem | quality |\n|' + '---|' * 10
+    "Markdown table of `results`, one row each; a ratio column (with its interval and the noisy mark) when any carries one."
+    results = list(results); rat = any(r.ratio for r in results)
+    head = ('| suite | name | params | device | dtype | median | min | throughput | ' + ('ratio | ' if rat else '')
+            + 'peak mem | quality |\n|' + '---|' * (11 if rat else 10))
     rows = [f"| {r.suite} | {r.name} | {_params(r.params)} | {r.device.get('kind')}: {r.device.get('name')} | {r.dtype} | "
             f"{fmt_time(r.times_s.get('median'))} | {fmt_time(r.times_s.get('min'))} | {_thr(r.throughput)} | "
-            f"{fmt_bytes(r.peak_mem_bytes)} | {_kv(r.quality)} |" for r in results]
+            + (f'{fmt_ratio(r.ratio)} | ' if rat else '') + f"{fmt_bytes(r.peak_mem_bytes)} | {_kv(r.quality)} |" for r in results]
     return '\n'.join([head, *rows])
 
 def _dev(r): return f"{r.device.get('kind')}: {r.device.get('name')}"
@@ -363,33 +452,83 @@ def _config(r:Result) -> tuple:
     return r.suite, r.name, json.dumps(r.params, sort_keys=True, default=str), r.dtype
 
 def _machine_of(results:list) -> Callable:
-    "Column label of a result: its device, and its host where two hosts share a device name."
+    "Machine label of a result: its device, and its host where two hosts share a device name."
     hosts = {}
     for r in results: hosts.setdefault(_dev(r), set()).add(r.host)
     return lambda r: _dev(r) if len(hosts[_dev(r)]) == 1 else f'{_dev(r)} ({r.host})'
 
+def _run_key(r:Result) -> str: return (r.run or {}).get('id') or r.started_at
+
+def _run_label(r:Result) -> str:
+    "A run as a reader names it: host and start time (UTC, to the minute)."
+    t = ((r.run or {}).get('started_at') or r.started_at or '')[:16].replace('T', ' ')
+    return f'{r.host.split(".")[0]} {t}'.strip()
+
+def _column_of(results:list, merge_runs:bool) -> Callable:
+    "Column label of a result: its machine; and its run (host, start time) where the machine has several runs, unless merged."
+    machine, runs = _machine_of(results), {}
+    for r in results: runs.setdefault(machine(r), set()).add(_run_key(r))
+    return lambda r: machine(r) if merge_runs or len(runs[machine(r)]) == 1 else f'{machine(r)} · {_run_label(r)}'
+
 def _shared_conditions(rs:list) -> dict:
-    "The conditions (and torch version) every one of `rs` ran under with one value."
-    out = {'torch': {r.versions.get('torch') for r in rs}}
+    "The conditions every one of `rs` ran under with one value."
+    out = {}
     for k in dict.fromkeys(k for r in rs for k in r.conditions): out[k] = {json.dumps(r.conditions.get(k), default=str) for r in rs}
-    return {k: json.loads(next(iter(v))) if k != 'torch' else next(iter(v)) for k, v in out.items() if len(v) == 1}
+    return {k: json.loads(next(iter(v))) for k, v in out.items() if len(v) == 1}
+
+def _value(r:Result, value:str) -> float|None:
+    if value == 'throughput': return r.throughput['value'] if r.throughput else None
+    return r.times_s.get(value)
+
+def _cell(rs:list, value:str) -> str:
+    "One configuration on one column: the value; for several runs their median, spread (min-max) and count."
+    show = (lambda v: f"{v:.4g} {rs[0].throughput['unit']}") if value == 'throughput' else fmt_time
+    vs = [v for r in rs if (v := _value(r, value)) is not None]
+    if len(rs) == 1 or not vs: return show(vs[0]) if vs else '—'
+    return f'{show(statistics.median(vs))} ({show(min(vs))}–{show(max(vs))}, {len(vs)} runs)'
+
+def _ratio_cell(rs:list) -> str:
+    "The ratio of one configuration on one column; for several runs the median of their ratios, spread and count."
+    ds = [r.ratio for r in rs if r.ratio]
+    if len(ds) <= 1: return fmt_ratio(ds[0] if ds else None)
+    vals = [d['value'] for d in ds]
+    return (f"{statistics.median(vals):.2f}x ({min(vals):.2f}–{max(vals):.2f}, {len(vals)} runs) vs {ds[0].get('baseline')}"
+            + (f' {NOISY}' if any(d.get('noisy') for d in ds) else ''))
+
+def _version_lines(results:list, col:Callable, cols:list) -> list:
+    "For each column, the versions of the libraries whose version differs between columns."
+    per = {c: {} for c in cols}
+    for r in results:
+        for k, v in r.versions.items(): per[col(r)].setdefault(k, set()).add(v)
+    keys = [k for k in dict.fromkeys(k for d in per.values() for k in d)   # differing between columns, or within a merged one
+            if len({json.dumps(sorted(map(str, d.get(k, {None})))) for d in per.values()}) > 1 or any(len(d.get(k, ())) > 1 for d in per.values())]
+    fmt = lambda vs: '/'.join(sorted(str(v) for v in vs))
+    return [f'- **{c}**: ' + ', '.join(f'{k} {fmt(per[c].get(k, {None}))}' for k in keys) for c in cols] if keys else []
 
 def compare(results:Iterable[Result], value:str='median', # what the cells show: 'median', 'min' or 'throughput'
-            conditions:bool=True, # list each machine's shared conditions under the table
+            conditions:bool=True, # list each column's shared conditions under the table
+            merge_runs:bool=False, # one column per machine, cells the median and spread of its runs; else a column per run
            ) -> str:
-    "Cross-hardware markdown table: one row per configuration (suite, name, params, dtype), one column per machine."
+    "Cross-machine markdown table: one row per configuration, one column per machine and run (or per machine, runs merged); nothing dropped."
     if value not in ('median', 'min', 'throughput'): raise ValueError(f"value must be 'median', 'min' or 'throughput', got {value!r}")
     results = list(results)
-    col = _machine_of(results)
+    col = _column_of(results, merge_runs)
     cols, cells, shown = list(dict.fromkeys(map(col, results))), {}, {}
     for r in results:
         k = _config(r)
         shown.setdefault(k, (r.suite, r.name, _params(r.params), r.dtype))
-        cells.setdefault(k, {})[col(r)] = _thr(r.throughput) if value == 'throughput' else fmt_time(r.times_s.get(value))
-    head = '| suite | name | params | dtype | ' + ' | '.join(cols) + ' |\n|' + '---|' * (4 + len(cols))
-    rows = [f'| {" | ".join(shown[k])} | ' + ' | '.join(c.get(m, '—') for m in cols) + ' |' for k, c in cells.items()]
+        cells.setdefault(k, {}).setdefault(col(r), []).append(r)
+    rat = {c for k in cells for c, rs in cells[k].items() if any(r.ratio for r in rs)}  # columns that get a ratio column
+    heads = [h for c in cols for h in ([c, f'{c}: ratio'] if c in rat else [c])]
+    head = '| suite | name | params | dtype | ' + ' | '.join(heads) + ' |\n|' + '---|' * (4 + len(heads))
+    rows = []
+    for k, c in cells.items():
+        vals = [v for m in cols for v in ([_cell(c[m], value) if m in c else '—'] + ([_ratio_cell(c.get(m, []))] if m in rat else []))]
+        rows.append(f'| {" | ".join(shown[k])} | ' + ' | '.join(vals) + ' |')
     notes = [f'- **{m}**: ' + (_kv(_shared_conditions([r for r in results if col(r) == m])) or '—') for m in cols] if conditions else []
-    return '\n'.join([head, *rows] + ([''] + notes if notes else []))
+    vers = _version_lines(results, col, cols)
+    return '\n'.join([head, *rows] + ([''] + notes if notes else []) + (['', 'Library versions that differ between or within columns:', *vers] if vers else []))
+
 
 # %% ../nbs/01_bench.ipynb #6ee152be
 def _yval(r:Result, y:str):
@@ -402,13 +541,35 @@ def _hue(r:Result, hue:str):
     if hue == 'device': return _dev(r)
     return str(getattr(r, hue)) if hue in ('name', 'dtype', 'suite') else f'{hue}={r.params.get(hue)}'
 
+_YLABEL = {'median': 'median time per call (s)', 'min': 'fastest time per call (s)', 'max': 'slowest time per call (s)',
+           'peak_mem_bytes': 'peak memory per call (bytes)'}
+
+def _ylabel(results:list, y:str) -> str:
+    if y == 'throughput': return next((f"throughput ({r.throughput['unit']})" for r in results if r.throughput), 'throughput')
+    return _YLABEL.get(y, y)
+
+def _save(fig, path):
+    fig.tight_layout()
+    if path: Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return fig
+
+def _title(ax, title:str|None):
+    "The title, wrapped to the figure's width."
+    import textwrap
+    if title: ax.set_title('\n'.join(textwrap.wrap(title, int(ax.figure.get_figwidth() * 10))), fontsize=10)
+
 def plot(results:Iterable[Result], x:str, # a params key (e.g. 'L', 'n')
          y:str='median', # 'min' | 'median' | 'max' | 'throughput' | 'peak_mem_bytes' | a quality or params key
          hue:str='name', # 'name' | 'dtype' | 'device' | 'suite' | a params key: one line each
          path=None, logx:bool=False, logy:bool=False, title:str|None=None,
          ref:str|None=None, # a conditions key holding a limit for each line (e.g. 'peak_tflops'), drawn dashed
+         xlabel:str|None=None, # the x axis with its unit, e.g. 'sequence length L (tokens)'; the key when None
+         kind:str='line', # 'line': scaling; 'bar': a comparison (`bar_plot`)
         ):
-    "Line plot of `y` against the parameter `x`, one line per `hue`; saved as PNG to `path` when given."
+    "Scaling plot: `y` against the parameter `x`, one line per `hue`; saved as PNG to `path` when given."
+    if kind == 'bar': return bar_plot(results, y=y, path=path, title=title)
     import matplotlib.pyplot as plt
     results, groups, refs = list(results), {}, {}
     for r in results:
@@ -421,14 +582,85 @@ def plot(results:Iterable[Result], x:str, # a params key (e.g. 'L', 'n')
         if k in refs: ax.axhline(refs[k], ls='--', lw=1, color=line.get_color(), label=f'{k}: {ref}')
     xs = sorted({p[0] for pts in groups.values() for p in pts})
     if logx and all(isinstance(v, (int, float)) for v in xs): ax.set_xscale('log'); ax.set_xticks(xs, [_fmt(v) for v in xs]); ax.minorticks_off()
-    unit = next((r.throughput['unit'] for r in results if r.throughput), '') if y == 'throughput' else ''
-    ax.set(xlabel=x, ylabel={'median': 'median time (s)', 'min': 'min time (s)', 'peak_mem_bytes': 'peak memory (bytes)'}.get(y, f'{y} {unit}'.strip()),
-           title=title or '', yscale='log' if logy else 'linear')
+    ax.set(xlabel=xlabel or x, ylabel=_ylabel(results, y), yscale='log' if logy else 'linear')
+    _title(ax, title)
     ax.grid(True, which='both', alpha=.3); ax.legend(fontsize=8)
-    fig.tight_layout()
-    if path: Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return fig
+    return _save(fig, path)
+
+def _bar_label(r:Result) -> str:
+    p = _params(r.params)
+    return f'{r.name}\n{p}' if p else r.name
+
+def _bars(ax, vals:list, lo:list, hi:list, **kw):
+    "Bars at 0..n-1 with asymmetric whiskers from lo to hi."
+    err = [[max(v - l, 0) for v, l in zip(vals, lo)], [max(h - v, 0) for v, h in zip(vals, hi)]]
+    return ax.bar(range(len(vals)), vals, yerr=err, capsize=4, **kw)
+
+def _spread(r:Result, y:str) -> tuple:
+    "(value, low, high) of `y` for one result: the fastest..slowest call around the median (throughput = work / time, so inverted)."
+    v, t = _yval(r, y), r.times_s
+    if not (t.get('min') and t.get('max') and t.get('median')) or y not in ('median', 'throughput'): return v, v, v
+    if y == 'throughput': return v, v * t['median'] / t['max'], v * t['median'] / t['min']
+    return v, t['min'], t['max']
+
+def bar_plot(results:Iterable[Result], y:str='median', # 'median' | 'throughput' | 'ratio'
+             path=None, title:str|None=None) -> 'Figure':
+    "Comparison plot: one bar per result; whiskers are the ratio's interval (y='ratio') or the fastest..slowest call; noisy ratios hatched."
+    import matplotlib.pyplot as plt
+    rs = [r for r in results if (r.ratio and r.ratio.get('baseline') != r.name if y == 'ratio' else _yval(r, y) is not None)]
+    if not rs: raise ValueError(f'no results have a value for {y!r}' + (' (other than their baseline)' if y == 'ratio' else ''))
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.1 * len(rs) + 2), 4))
+    if y == 'ratio':
+        vals, lo, hi = zip(*[(r.ratio['value'], r.ratio['low'], r.ratio['high']) for r in rs])
+        bars = _bars(ax, vals, lo, hi, color='tab:blue', width=0.6)
+        for b, r in zip(bars, rs):
+            if r.ratio.get('noisy'): b.set_hatch('//'); b.set_alpha(.6)
+        base = sorted({r.ratio.get('baseline') for r in rs} - {None})
+        ax.axhline(1, color='k', lw=1, ls='--', label=f'{" / ".join(base)} (the baseline, 1×)')
+        ax.set_ylabel(f'times faster than the baseline (×)\nwhiskers: 95% interval')
+        if any(r.ratio.get('noisy') for r in rs): ax.bar([0], [0], color='tab:blue', alpha=.6, hatch='//', label=NOISY)
+        ax.legend(fontsize=8)
+    else:
+        vals, lo, hi = zip(*[_spread(r, y) for r in rs])
+        _bars(ax, vals, lo, hi, color='tab:green', width=0.6)
+        ax.set_ylabel(_ylabel(rs, y) + ', whiskers: fastest..slowest call')
+    ax.set_xticks(range(len(rs)), [_bar_label(r) for r in rs], fontsize=8, rotation=20 if len(rs) > 4 else 0, ha='right' if len(rs) > 4 else 'center')
+    ax.set_xlim(-0.7, len(rs) - 0.3)
+    _title(ax, title); ax.grid(True, axis='y', alpha=.3)
+    return _save(fig, path)
+
+def grouped_bars(results:Iterable[Result], column:Callable, # result -> its bar's label (a machine, a run)
+                 y:str='median', path=None, title:str|None=None) -> 'Figure':
+    "Cross-machine comparison: one group per configuration, one bar per `column` (whiskers: fastest..slowest call); a log axis when values span > 50x."
+    import matplotlib.pyplot as plt
+    rs = [r for r in results if _yval(r, y) is not None]
+    if not rs: raise ValueError(f'no results have a value for {y!r}')
+    cols, confs = list(dict.fromkeys(map(column, rs))), list(dict.fromkeys(map(_config, rs)))
+    lab = {_config(r): _bar_label(r) for r in rs}
+    w = 0.8 / len(cols)
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(confs) * max(1, len(cols) / 2) + 2), 4.2))
+    for j, c in enumerate(cols):
+        got = {_config(r): r for r in rs if column(r) == c}
+        xs = [i + (j - (len(cols) - 1) / 2) * w for i, k in enumerate(confs) if k in got]
+        vs, lo, hi = zip(*[_spread(got[k], y) for k in confs if k in got])
+        ax.bar(xs, vs, w, yerr=[[v - l for v, l in zip(vs, lo)], [h - v for v, h in zip(vs, hi)]], capsize=3, label=c)
+    allv = [_yval(r, y) for r in rs if _yval(r, y)]
+    if allv and max(allv) / min(allv) > 50: ax.set_yscale('log')
+    ax.set_xticks(range(len(confs)), [lab[k] for k in confs], fontsize=8, rotation=20 if len(confs) > 4 else 0, ha='right' if len(confs) > 4 else 'center')
+    ax.set_ylabel(_ylabel(rs, y)); _title(ax, title); ax.grid(True, axis='y', alpha=.3); ax.legend(fontsize=8)
+    return _save(fig, path)
+
+def report_plots(results:Iterable[Result], out, value:str='median', merge_runs:bool=False) -> list:
+    "One grouped-bar PNG per suite under `out` (`report-<suite>.png`): each configuration's bars, one per machine (and run)."
+    results = list(results); col, pngs = _column_of(results, merge_runs), []
+    for s in dict.fromkeys(r.suite for r in results):
+        rs = [r for r in results if r.suite == s]
+        q = 'throughput' if value == 'throughput' else 'time per call'
+        p = Path(out) / f'report-{s}.png'
+        try: grouped_bars(rs, col, y=value, path=p, title=f'{s}: {q} of each configuration on each machine'); pngs.append(p)
+        except (ValueError, KeyError, ZeroDivisionError) as e: log.warning(f'report: no plot for {s}: {e}')
+    return pngs
+
 
 # %% ../nbs/01_bench.ipynb #31c157db
 SIZES = ('quick', 'default', 'full')
@@ -460,6 +692,56 @@ def suite_table(s:Suite, results:list) -> str:
         log.warning(f'suite {s.name}: its table function failed ({type(e).__name__}: {e}); showing the generic table')
         return table(results)
 
+def suite_kwargs(s:Suite, options:dict) -> dict:
+    "The `options` (model, preset, random_weights, ...) that suite `s`'s function takes as keyword arguments."
+    import inspect
+    ps = inspect.signature(s.fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in ps.values()): return dict(options)
+    return {k: v for k, v in options.items() if k in ps}
+
+def headline_table(results:Iterable[Result]) -> str:
+    "One line per suite: its comparisons (each ratio with its 95% interval against its baseline) and their quality figures, from the records that carry a ratio."
+    by = {}
+    for r in results: by.setdefault(r.suite, []).append(r)
+    rows = []
+    for s, rs in by.items():
+        rat = [r for r in rs if r.ratio and r.ratio.get('baseline') != r.name]
+        if not rat: rows.append(f'| {s} | no comparison in this run ({len(rs)} results) | — | {_kv(rs[0].quality) or "—"} |'); continue
+        comp = '; '.join(f'{r.name} vs {r.ratio["baseline"]}' + (f' ({_params(r.params)})' if r.params else '') for r in rat)
+        rows.append(f'| {s} | {comp} | ' + '; '.join(fmt_ratio(r.ratio, baseline=False) for r in rat)
+                    + ' | ' + ('; '.join(_kv(r.quality) for r in rat if r.quality) or '—') + ' |')
+    return '| suite | comparison | times faster [95% interval] | quality |\n|---|---|---|---|\n' + '\n'.join(rows)
+
+def noisy_line(results:Iterable[Result]) -> str:
+    "One line saying how many ratios are noisy and what to do ('' when none is)."
+    rs = [r for r in results if r.ratio and r.ratio.get('baseline') != r.name]   # a baseline against itself is no comparison
+    noisy = [r for r in rs if r.ratio.get('noisy')]
+    if not noisy: return ''
+    load = max(_load1(r) or 0 for r in noisy)
+    return (f'{len(noisy)} of {len(rs)} ratios are noisy ({NOISY}: interval wider than ±15% or load average above the core count; '
+            f'load average up to {load:.1f} on {os.cpu_count()} cores): rerun with --threads 1 or at a quieter moment')
+
+def _load1(r:Result) -> float|None:
+    "The highest 1-minute load average a record states (after, before, or an older file's `load_avg_1min`)."
+    c = r.conditions
+    vs = [v[0] if isinstance(v, (list, tuple)) and v else v for v in (c.get('loadavg_before'), c.get('loadavg_after'), c.get('load_avg_1min'))]
+    vs = [v for v in vs if isinstance(v, (int, float))]
+    return max(vs) if vs else None
+
+def measured_table(paths) -> str:
+    "The README's table: a line per suite and device in the results files `paths` with its alternated comparisons (ratio, 95% interval, noisy mark), the threads and the load it ran under."
+    by = {}
+    for r in load_results(paths, skip=lambda p, why: None): by.setdefault((r.suite, _dev(r)), []).append(r)
+    rows = []
+    for (s, dev), rs in sorted(by.items()):
+        rat = [r for r in rs if r.ratio and r.ratio.get('baseline') != r.name]
+        loads = [l for r in (rat or rs) if (l := _load1(r)) is not None]
+        thr = sorted({r.conditions.get('threads') for r in (rat or rs)} - {None})
+        comp = ('<br>'.join(f'{r.name} vs {r.ratio["baseline"]}' + (f' ({_params(r.params)})' if r.params else '') + f': {fmt_ratio(r.ratio, baseline=False)}' for r in rat)
+                if rat else f'{len(rs)} records, no alternated comparison (timed one after the other)')
+        rows.append(f'| {s} | {dev} | {comp} | {"/".join(map(str, thr)) or "—"} | {max(loads):.1f} |' if loads else f'| {s} | {dev} | {comp} | {"/".join(map(str, thr)) or "—"} | — |')
+    return '| suite | device | times faster [95% interval] | threads | load average (1 min, max) |\n|---|---|---|---|---|\n' + '\n'.join(rows)
+
 def suite_total(s:Suite, hw:Hardware, size:str) -> int|None:
     "How many results suite `s` will yield on `hw` at `size`, when it says."
     if s.total is None: return None
@@ -490,38 +772,64 @@ def load_suites() -> tuple:
 
 # %% ../nbs/01_bench.ipynb #a6d7ea00
 _SHORT = {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}
-_MATMUL_SIZES = dict(quick=(256, 512), default=(512, 1024, 2048), full=(1024, 2048, 4096, 8192))
+_MATMUL_SIZES = dict(quick=(256,), default=(512, 1024), full=(1024, 2048, 4096, 8192))
 
-def _matmul_dtypes(hw:Hardware) -> list:
-    if hw.kind in ('cuda', 'rocm'): return [torch.float32, torch.float16] + ([torch.bfloat16] if hw.bf16 else [])
+def fp16_native(hw:Hardware) -> bool:
+    "Whether `hw` computes fp16 in hardware: every GPU and TPU; a CPU only with AVX512-FP16 or AMX-FP16 (else PyTorch emulates it, ~100x slower)."
+    if hw.kind != 'cpu': return True
+    return hw.name in ('', _cpu_model()) and bool(_cpu_flags() & {'avx512_fp16', 'amx_fp16'})
+
+def _matmul_dtypes(hw:Hardware, size:str='default') -> list:
+    "The dtypes the suite times: fp32 first (the baseline), bf16, and fp16 where native (an emulated fp16 only with `full`)."
     if hw.kind == 'tpu': return [torch.float32, torch.bfloat16]
-    return [torch.float32, torch.bfloat16, torch.float16]
+    if hw.kind in ('cuda', 'rocm') and not hw.bf16: return [torch.float32, torch.float16]
+    return [torch.float32, torch.bfloat16] + ([torch.float16] if fp16_native(hw) or size == 'full' else [])
 
 def _matmul_plan(hw:Hardware, size:str) -> list:
     "(dtype, n) pairs the matmul suite measures on `hw` at `size`."
-    sizes = _MATMUL_SIZES[size] if hw.kind != 'cpu' else tuple(n for n in _MATMUL_SIZES[size] if n <= 4096)
-    return [(dt, n) for dt in _matmul_dtypes(hw) for n in sizes]
+    sizes = _MATMUL_SIZES[size] if hw.kind != 'cpu' else tuple(n for n in _MATMUL_SIZES[size] if n <= 2048)
+    return [(dt, n) for n in sizes for dt in _matmul_dtypes(hw, size)]
+
+def _operands(dev, dt, n:int) -> tuple:
+    g = torch.Generator().manual_seed(n)
+    return tuple(torch.randn(n, n, generator=g).to(dev, dt) for _ in range(2))
 
 def _matmul_timing(dev, dt, n:int, warmup:int=2, repeat:int|None=None, track_memory:bool=True) -> Timing:
-    g = torch.Generator().manual_seed(n)
-    a, b = (torch.randn(n, n, generator=g).to(dev, dt) for _ in range(2))
+    a, b = _operands(dev, dt, n)
     return measure(lambda: a @ b, warmup=warmup, repeat=repeat or (5 if n <= 2048 else 3), device=dev, track_memory=track_memory)
 
-def matmul_record(hw:Hardware, dt, n:int, t:Timing) -> Result:
-    "The matmul record of an n x n `dt` product timed as `t` on `hw`: the configuration in params, the peak in conditions."
+def matmul_record(hw:Hardware, dt, n:int, t:Timing, ratio=None) -> Result:
+    "The matmul record of an n x n `dt` product timed as `t` on `hw`: the configuration in params, the peak in conditions; an emulated fp16 is named so."
     peak, work = peak_specs(hw), 2 * n**3 / 1e12  # TFLOP per call
     pk = peak.flops.get(_SHORT[dt])
-    cond = dict(peak_tflops=pk / 1e12 if pk else None, peak_source=re.sub(r' \(.*\)', '', peak.source.split(':')[0]))  # 'datasheet, dense', 'estimate'
-    if hw.kind == 'cpu': cond['threads'] = torch.get_num_threads()
-    return record('matmul', f'matmul {_dtype_name(dt)}', t, hw=hw, dtype=dt, work=work, unit='TFLOP/s', params=dict(n=n),
-                  conditions=cond, quality=dict(fraction_of_peak=round(work / t.median / (pk / 1e12), 4)) if pk else {})
+    cond = dict(peak_tflops=pk / 1e12 if pk else None, peak_source=re.sub(r' \(.*\)', '', peak.source.split(':')[0]))  # 'datasheet, dense', 'microarchitecture'
+    emulated = dt == torch.float16 and not fp16_native(hw)
+    if emulated: cond['emulated'] = 'no fp16 units: PyTorch converts to fp32 and back'
+    return record('matmul', _matmul_name(hw, dt), t, hw=hw, dtype=dt, work=work, unit='TFLOP/s', params=dict(n=n), conditions=cond, ratio=ratio,
+                  quality=dict(fraction_of_peak=round(work / t.median / (pk / 1e12), 4)) if pk else {})
 
-@suite('matmul', plots=[dict(x='n', y='throughput', hue='dtype', logx=True, ref='peak_tflops')],
+def _matmul_name(hw:Hardware, dt) -> str:
+    return f'matmul {_dtype_name(dt)}' + (' (emulated)' if dt == torch.float16 and not fp16_native(hw) else '')
+
+def _matmul_size(hw, dev, dts:list, n:int) -> list:
+    "The records of one size: the dtypes alternated round by round (`ratios`, fp32 the baseline), then each one's peak memory."
+    ops = {dt: _operands(dev, dt, n) for dt in dts}
+    fns = {_matmul_name(hw, dt): (lambda a=ops[dt][0], b=ops[dt][1]: a @ b) for dt in dts}
+    rs = ratios(fns, _matmul_name(hw, dts[0]), rounds=7, warmup=1, sync=lambda: sync(dev))
+    out = []
+    for dt in dts:
+        nm = _matmul_name(hw, dt)
+        t = replace(rs[nm].timing, peak_mem_bytes=peak_memory(fns[nm], dev), mem_method=memory_method(dev) or 'not measured: no memory counter here')
+        out.append(matmul_record(hw, dt, n, t, ratio=rs[nm]))
+    return out
+
+@suite('matmul', plots=[dict(x='n', y='throughput', hue='dtype', logx=True, logy=True, ref='peak_tflops', xlabel='matrix size n (n x n @ n x n)',
+                             title='matmul: how close does each dtype get to its peak as n grows?')],
        total=lambda hw, size: len(_matmul_plan(hw, size)))
 def bench_matmul(hw:Hardware, size:str='default'):
-    "Square matmul: achieved TFLOP/s per dtype beside the device's peak."
-    dev = torch_device(hw)
-    for dt, n in _matmul_plan(hw, size): yield matmul_record(hw, dt, n, _matmul_timing(dev, dt, n))
+    "Square matmul: TFLOP/s per dtype beside the device's peak, and how many times faster bf16 (fp16) is than fp32, alternated."
+    dev, plan = torch_device(hw), _matmul_plan(hw, size)
+    for n in dict.fromkeys(n for _, n in plan): yield from _matmul_size(hw, dev, [dt for dt, m in plan if m == n], n)
 
 _BF16_SPEEDUP = {}
 
@@ -542,6 +850,7 @@ def cpu_bf16_speedup(hw:Hardware|None=None) -> float|None:
     hw = hw or detect()
     return bf16_speedup(hw) if hw.kind == 'cpu' and hw.bf16 else None
 
+
 # %% ../nbs/01_bench.ipynb #426f64a2
 @dataclass
 class Run:
@@ -553,6 +862,8 @@ class Run:
     errors: dict
     by_suite: dict = field(default_factory=dict)  # suite name -> the results it yielded
     notes: dict = field(default_factory=dict)     # suite name -> what it left out here and how to add it
+    suites: dict = field(default_factory=dict)    # suite name -> its `Suite`
+    seconds: dict = field(default_factory=dict)   # suite name -> wall seconds it took
 
 def run_id(hw:Hardware) -> str:
     ts = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S')
@@ -561,7 +872,7 @@ def run_id(hw:Hardware) -> str:
 def _secs(s:float) -> str: return f'{s:.1f} s' if s < 60 else f'{int(s // 60)} min {s % 60:02.0f} s'
 
 class Progress:
-    "Progress of one suite on `stream` (stderr): a tqdm bar on a terminal, else one plain line per result; ETA when `total` is known."
+    "Progress of a whole run on `stream` (stderr): a tqdm bar on a terminal, else one plain line per result; ETA when `total` is known."
     def __init__(self, desc:str, total:int|None=None, stream=None, clock:Callable=time.perf_counter, tty:bool|None=None):
         self.desc, self.total, self.stream, self.clock = desc, total, stream or sys.stderr, clock
         self.tty = (hasattr(self.stream, 'isatty') and self.stream.isatty()) if tty is None else tty
@@ -573,6 +884,11 @@ class Progress:
     def eta(self, now:float) -> float|None:
         "Seconds left at the rate so far; None until something is done or without a total."
         return (now - self.t0) / self.done * max(self.total - self.done, 0) if self.total and self.done else None
+
+    def grow(self, n:int):
+        "A suite yielded `n` more results than its total said (or had none): the total grows, so the ETA stays honest."
+        self.total = (self.total or 0) + n
+        if self.bar is not None: self.bar.total = self.total; self.bar.refresh()
 
     def update(self, what:str=''):
         "One more result done (`what` names it)."
@@ -590,24 +906,47 @@ def notes_markdown(notes:list) -> str:
     "A suite's notes as markdown bullets (empty without any)."
     return '\n'.join(f'- {n}' for n in notes)
 
-def _markdown_report(rid, hw, by_suite:dict, errors:dict, size, suites:dict, notes:dict|None=None) -> str:
-    parts, notes = [f'# model_lab bench run {rid}', f'size: `{size}`', '', report_markdown(hw)], notes or {}
+def _markdown_report(rid, hw, by_suite:dict, errors:dict, size, suites:dict, notes:dict|None=None, seconds:dict|None=None) -> str:
+    rs = [r for v in by_suite.values() for r in v]
+    parts, notes = [f'# model_lab bench run {rid}', f'size: `{size}`', '', report_markdown(hw), '', '## Headline', '', headline_table(rs)], notes or {}
+    if line := noisy_line(rs): parts += ['', line]
     for name, rs in by_suite.items():
-        parts += ['', f'## {name}', '', suite_table(suites[name], rs)] + (['', notes_markdown(notes[name])] if notes.get(name) else [])
+        took = f' ({_secs(seconds[name])})' if seconds and name in seconds else ''
+        parts += ['', f'## {name}{took}', '', suite_table(suites[name], rs)] + (['', notes_markdown(notes[name])] if notes.get(name) else [])
     for name, err in errors.items(): parts += ['', f'## {name}: FAILED', '', '```', err.strip(), '```']
     return '\n'.join(parts) + '\n'
 
 def _suite_pngs(s:Suite, rs:list, out:Path, rid:str) -> list:
-    pngs = []
-    for i, kw in enumerate(s.plots):
+    "The suite's PNGs: a bar chart of its ratios (when its records carry any), then its declared plots; titles ask the suite's question."
+    pngs, dev = [], rs[0].device.get('name')
+    base = ' / '.join(dict.fromkeys(r.ratio['baseline'] for r in rs if r.ratio))
+    specs = ([dict(kind='bar', y='ratio', title=f'{s.name}: how many times faster than {base}? ({dev})')]
+             if any(r.ratio for r in rs) else []) + [dict(kw) for kw in s.plots]
+    for i, kw in enumerate(specs):
         p = out / f'{rid}-{s.name}{"-" + str(i) if i else ""}.png'
-        try: plot(rs, path=p, title=f'{s.name} on {rs[0].device.get("name")}', **kw); pngs.append(p)
-        except ValueError as e: log.warning(f'{s.name}: no plot {kw}: {e}')
+        kw.setdefault('title', f'{s.name}: {s.help} ({dev})')
+        try: (bar_plot(rs, y=kw['y'], path=p, title=kw['title']) if kw.pop('kind', 'line') == 'bar' else plot(rs, path=p, **kw)); pngs.append(p)
+        except (ValueError, KeyError) as e: log.warning(f'{s.name}: no plot {kw}: {e}')
     return pngs
 
+def _run_one(s:Suite, hw, size, options:dict, bar, meta:dict, got:list) -> list:
+    "Append the results of suite `s` to `got` as they come (its error recorded in `meta` when it fails); progress on `bar`."
+    expected = suite_total(s, hw, size)
+    if expected is None: bar and bar.grow(1)        # unknown: one result counted until more arrive
+    try:
+        for r in s.fn(hw, size, **suite_kwargs(s, options)):
+            got.append(r)
+            if bar:
+                if len(got) > (expected or 1): bar.grow(1)
+                bar.update(f'{s.name}: {r.name} {_params(r.params)}'.strip())
+    except Exception: meta['errors'][s.name] = traceback.format_exc(); log.error(f'suite {s.name} failed:\n{meta["errors"][s.name]}')
+    if bar and (short := (expected or 1) - len(got)) > 0: bar.grow(-short)  # fewer than announced: the rest is not coming
+    return got
+
 def run_suites(names:Iterable[str]|None=None, *, size:str='default', out='results', hw:Hardware|None=None,
-               progress:bool=True, # report progress on `stream`
+               progress:bool=True, # one progress bar for the whole run on `stream`
                stream=None, # where progress goes (sys.stderr when None)
+               options:dict|None=None, # keyword arguments (model, preset, random_weights) for the suites whose function takes them
               ) -> Run:
     "Run the bench suites `names` (all when None) at `size`; write JSON, markdown and PNGs under `out`."
     suites, unavailable = load_suites()
@@ -619,22 +958,31 @@ def run_suites(names:Iterable[str]|None=None, *, size:str='default', out='result
     hw, out = hw or detect(), Path(out)
     rid = run_id(hw)
     meta = dict(id=rid, started_at=_now(), host=socket.gethostname(), argv=sys.argv, size=size, suites=names,
-                hardware=report(hw), unavailable=unavailable, errors={}, notes={})
+                hardware=report(hw), unavailable=unavailable, errors={}, notes={}, seconds={})
     res_by, pngs, jpath = {}, [], out / f'{rid}.json'
-    for i, name in enumerate(names, 1):
-        s, got = suites[name], []
-        if ns := suite_notes(s, hw, size): meta['notes'][name] = ns
-        bar = Progress(f'[{i}/{len(names)}] {name}', suite_total(s, hw, size), stream) if progress else None
-        try:
-            for r in s.fn(hw, size):
-                got.append(r)
-                if bar: bar.update(f'{r.name} {_params(r.params)}'.strip())
-        except Exception: meta['errors'][name] = traceback.format_exc(); log.error(f'suite {name} failed:\n{meta["errors"][name]}')
-        finally:
-            if bar: bar.close()
-        if got: res_by[name] = got; pngs += _suite_pngs(s, got, out, rid)
+    totals = {n: suite_total(suites[n], hw, size) for n in names}
+    bar = Progress('bench', sum(t for t in totals.values() if t) or None, stream) if progress else None
+    mpath = out / f'{rid}.md'
+    def save(name=None, got=()):
+        if got: res_by[name] = list(got)
+        for r in (r for rs in res_by.values() for r in rs): r.run = dict(id=rid, started_at=meta['started_at'])
         meta['finished_at'] = _now()
         save_results([r for rs in res_by.values() for r in rs], jpath, run=meta)
-    mpath = out / f'{rid}.md'
-    atomic_write(mpath, _markdown_report(rid, hw, res_by, meta['errors'], size, suites, meta['notes']))
-    return Run(rid, jpath, mpath, pngs, [r for rs in res_by.values() for r in rs], meta['errors'], res_by, meta['notes'])
+    try:
+        for name in names:
+            s, t0, got = suites[name], time.perf_counter(), []
+            if ns := suite_notes(s, hw, size): meta['notes'][name] = ns
+            try: _run_one(s, hw, size, options or {}, bar, meta, got)
+            except KeyboardInterrupt:                              # keep what was measured, then stop
+                meta['errors'][name] = 'interrupted (Ctrl-C): the results before it are kept'; save(name, got)
+                atomic_write(mpath, _markdown_report(rid, hw, res_by, meta['errors'], size, suites, meta['notes'], meta['seconds']))
+                raise
+            meta['seconds'][name] = round(time.perf_counter() - t0, 1)
+            save(name, got)
+            if got: pngs += _suite_pngs(s, got, out, rid)
+    finally:
+        if bar: bar.close()
+    atomic_write(mpath, _markdown_report(rid, hw, res_by, meta['errors'], size, suites, meta['notes'], meta['seconds']))
+    return Run(rid, jpath, mpath, pngs, [r for rs in res_by.values() for r in rs], meta['errors'], res_by, meta['notes'],
+               {n: suites[n] for n in names}, meta['seconds'])
+

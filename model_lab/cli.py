@@ -8,8 +8,8 @@ import argparse, json, os, sys, platform, traceback, importlib.metadata
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['COMMANDS', 'command', 'UsageError', 'CommandError', 'parser', 'main', 'devices_cmd', 'bench_cmd', 'report_cmd',
-           'check_cmd', 'transcribe_cmd', 'train_cmd', 'generate_cmd']
+__all__ = ['COMMANDS', 'command', 'UsageError', 'CommandError', 'parser', 'main', 'devices_cmd', 'suite_index', 'bench_cmd',
+           'report_cmd', 'check_cmd', 'transcribe_cmd', 'train_cmd', 'generate_cmd']
 
 # %% ../nbs/95_cli.ipynb #be4977b9
 COMMANDS = {}
@@ -80,69 +80,167 @@ def devices_cmd(ns) -> int:
     print(json.dumps(report(hw, sp), indent=1) if ns.json else report_markdown(hw, sp))
     return 0
 
+# %% ../nbs/95_cli.ipynb #c7d1a001
+def _module_file(mod:str) -> Path|None:
+    "The source file of the model_lab module `mod`, found without importing it (or its package)."
+    import importlib.util
+    root = Path(importlib.util.find_spec('model_lab').origin).parent
+    p = root.joinpath(*mod.split('.')[1:]).with_suffix('.py')
+    return p if p.is_file() else None
+
+def _suite_modules() -> tuple:
+    "`model_lab.bench.SUITE_MODULES`, read from bench.py's source (importing bench would import torch)."
+    import ast, re
+    m = re.search(r'^SUITE_MODULES = (\([^)]*\))', _module_file('model_lab.bench').read_text(), re.M)
+    return ast.literal_eval(m.group(1))
+
+def _missing_imports(src:str) -> list:
+    "Top-level packages the module's own top-level (column 0) imports need that are not installed."
+    import re, importlib.util
+    tops = {m.group(1) for m in re.finditer(r'^(?:import|from) +([A-Za-z_]\w*)', src, re.M)} - {'__future__'}
+    return sorted(t for t in tops if importlib.util.find_spec(t) is None)
+
+def _definition(lines:list, i:int) -> str:
+    "The source of the decorators starting at line `i`, the `def` header and the docstring: enough for `ast` (a few lines, not the module)."
+    j = next(k for k in range(i, len(lines)) if lines[k].startswith('def '))
+    while not lines[j].rstrip().endswith(':'): j += 1                     # the header's last line
+    k = j + 1
+    body = lines[k].strip() if k < len(lines) else ''
+    q = body[:3] if body[:3] in ('"""', "'''") else body[:1] if body[:1] in '"\'' and body else ''
+    if q and not (len(body) > len(q) and body.rstrip().endswith(q) and len(body.rstrip()) >= 2 * len(q)):
+        while q not in lines[k + 1]: k += 1
+        k += 1
+    return '\n'.join(lines[i:k + 1]) + '\n    pass\n'
+
+def _suites_in(mod:str) -> dict:
+    "{suite name: dict(module, help, params, missing)} for each `@suite(...)` function in the source of `mod`."
+    import ast, re
+    if (p := _module_file(mod)) is None: return {}
+    src, out = p.read_text(), {}
+    lines, missing = src.splitlines(), _missing_imports(src)
+    for i in (n for n, l in enumerate(lines) if re.match(r'@(\w+\.)?suite\(', l)):
+        fn = ast.parse(_definition(lines, i)).body[0]
+        d = fn.decorator_list[0]
+        if not d.args or not isinstance(d.args[0], ast.Constant): continue
+        kw = {k.arg: k.value.value for k in d.keywords if isinstance(k.value, ast.Constant)}
+        doc = (ast.get_docstring(fn) or '').strip().split('\n')[0]
+        args = [a.arg for a in fn.args.args + fn.args.kwonlyargs]
+        out[d.args[0].value] = dict(module=mod, help=kw.get('help') or doc, params=args, missing=missing)
+    return out
+
+def suite_index() -> dict:
+    "Every `model-lab bench` suite from the suite modules' source, without importing them: {name: dict(module, help, params, missing)}."
+    return {k: v for m in _suite_modules() for k, v in _suites_in(m).items()}
+
+
 # %% ../nbs/95_cli.ipynb #ab996397
+_SUITE_OPTIONS = ('model', 'preset', 'random_weights')  # passed to the suite functions whose signature takes them
+
 @command('bench', 'Run benchmark suites; write results/<run-id>.json, a markdown table and PNG plots.', [
     (('suites',), dict(nargs='*', metavar='SUITE', help='suites to run (default: all available); see --list')),
     (('--out',), dict(default='results', help='output folder (default: results/)')),
     (('--quick',), dict(action='store_true', help='smallest sizes: seconds per suite')),
-    (('--full',), dict(action='store_true', help='the complete sweep (meant for accelerators)')),
+    (('--full',), dict(action='store_true', help='the complete sweeps (meant for accelerators); on a CPU without fp16 units also the emulated fp16 matmuls')),
     (('--list',), dict(action='store_true', help='list the suites and exit')),
+    (('--model',), dict(default=None, help='suites that take a model (see --list): its name or a local folder')),
+    (('--preset',), dict(default=None, help='suites that take a preset (see --list): its name')),
+    (('--random-weights',), dict(action='store_true', help='suites that take a model: build it with random weights (offline)')),
+    (('--threads',), dict(type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's own choice); fewer than the cores leaves room for other work")),
     (('--dataset',), dict(default=None, metavar='NAME', help='audio only: score WER and RTFx on this HF dataset (streamed) or local folder')),
     (('--dataset-config',), dict(default=None, help='the dataset config (e.g. clean for openslr/librispeech_asr)')),
     (('--split',), dict(default='test', help='the dataset split (default test)')),
     (('--limit',), dict(type=int, default=100, help='dataset rows to score (default 100)')),
 ])
 def bench_cmd(ns) -> int:
-    from model_lab.bench import load_suites, run_suites, suite_table, notes_markdown
-    if ns.quick and ns.full: raise UsageError('--quick and --full exclude each other')
-    if ns.dataset:
-        if ns.suites not in ([], ['audio']): raise UsageError(f'--dataset scores the audio suite only, got suites {" ".join(ns.suites)}')
-        if ns.limit < 1: raise UsageError(f'--limit must be >= 1, got {ns.limit}')
-        from model_lab.audio import dataset_run, headline, DataUnavailable
-        try: results, path = dataset_run(ns.dataset, ns.dataset_config, ns.split, ns.limit, out=ns.out)
-        except DataUnavailable as e: print(f'model-lab bench: {e}', file=sys.stderr); return 1
-        except ValueError as e: raise UsageError(str(e)) from None
-        print(headline(results)); print(f'\nwrote {path}')
-        return 0
-    suites, unavailable = load_suites()
-    if ns.list:
-        for s in suites.values(): print(f'{s.name:12s} {s.help}')
-        for m, why in unavailable.items(): print(f'{"(" + m + ")":12s} unavailable: {why}')
-        return 0
-    try: run = run_suites(ns.suites or None, size='quick' if ns.quick else 'full' if ns.full else 'default', out=ns.out)
+    if ns.quick and ns.full: raise UsageError('--quick and --full exclude each other: pass one of them')
+    if ns.threads is not None and ns.threads < 1: raise UsageError(f'--threads must be >= 1 (CPU threads for PyTorch), got {ns.threads}')
+    if ns.dataset: return _bench_dataset(ns)
+    index = suite_index()
+    if ns.list: return _list_suites(index)
+    names, opts = _check_bench(ns, index)
+    from model_lab.bench import run_suites, suite_table, notes_markdown, headline_table, noisy_line
+    if ns.threads: import torch; torch.set_num_threads(ns.threads)
+    try: run = run_suites(names or None, size='quick' if ns.quick else 'full' if ns.full else 'default', out=ns.out, options=opts)
     except ValueError as e: raise UsageError(str(e)) from None
+    print(f'{headline_table(run.results)}\n')
     for name, rs in run.by_suite.items():
-        print(f'## {name}\n\n{suite_table(suites[name], rs)}\n' + (f'\n{notes_markdown(run.notes[name])}\n' if run.notes.get(name) else ''))
+        print(f'## {name}\n\n{suite_table(run.suites[name], rs)}\n' + (f'\n{notes_markdown(run.notes[name])}\n' if run.notes.get(name) else ''))
+    if line := noisy_line(run.results): print(line, file=sys.stderr)
     print(f'wrote {run.json_path}, {run.md_path}' + ''.join(f', {p}' for p in run.pngs))
     for name in run.errors: print(f'suite {name} FAILED (see {run.md_path})', file=sys.stderr)
     return 1 if run.errors else 0
 
+def _list_suites(index:dict) -> int:
+    "Print one line per suite (and the options it takes, and what it lacks here); no suite module is imported."
+    for name, s in index.items():
+        opts = [f'--{o.replace("_", "-")}' for o in _SUITE_OPTIONS if o in s['params']]
+        print(f'{name:15s} {s["help"]}' + (f' [options: {" ".join(opts)}]' if opts else '')
+              + (f' (unavailable here: missing {", ".join(s["missing"])}; pip install "model_lab[dev]")' if s['missing'] else ''))
+    return 0
+
+def _check_bench(ns, index:dict) -> tuple:
+    "(suite names, options for the suites) after checking both against the suites' source: a usage error comes before any import."
+    if bad := [n for n in ns.suites if n not in index]:
+        raise UsageError(f'unknown suite(s) {", ".join(bad)}: available are {", ".join(index)}; see model-lab bench --list')
+    given = {o: getattr(ns, o) for o in _SUITE_OPTIONS if getattr(ns, o) not in (None, False)}
+    chosen = ns.suites or list(index)
+    for o in given:
+        if not any(o in index[n]['params'] for n in chosen):
+            takers = [n for n in index if o in index[n]['params']]
+            raise UsageError(f'--{o.replace("_", "-")} is not an option of suite(s) {", ".join(chosen)}: '
+                             f'suites that take it: {", ".join(takers) or "none"}')
+    return ns.suites, given
+
+def _bench_dataset(ns) -> int:
+    "`bench audio --dataset NAME`: score WER and RTFx on a dataset."
+    if ns.suites not in ([], ['audio']): raise UsageError(f'--dataset scores the audio suite only, got suites {" ".join(ns.suites)}')
+    if ns.limit < 1: raise UsageError(f'--limit must be >= 1, got {ns.limit}')
+    from model_lab.audio import dataset_run, headline, DataUnavailable
+    try: results, path = dataset_run(ns.dataset, ns.dataset_config, ns.split, ns.limit, out=ns.out)
+    except DataUnavailable as e: print(f'model-lab bench: {e}', file=sys.stderr); return 1
+    except ValueError as e: raise UsageError(str(e)) from None
+    print(headline(results)); print(f'\nwrote {path}')
+    return 0
+
+
 # %% ../nbs/95_cli.ipynb #be777d08
-@command('report', 'Merge results files from several machines into one cross-hardware table (and plots).', [
-    (('files',), dict(nargs='+', metavar='FILE', help='results JSON files, folders or glob patterns')),
+def _expand_paths(paths:list) -> list:
+    "Files named by `paths` (files, folders: every file in them, glob patterns), in order; a usage error for one that names nothing."
+    import glob
+    out = []
+    for p in paths:
+        if os.path.isdir(p): out += sorted(f for f in glob.glob(os.path.join(p, '*')) if os.path.isfile(f))
+        elif any(c in p for c in '*?['):
+            if not (hits := sorted(f for f in glob.glob(p) if os.path.isfile(f))): raise UsageError(f'no files match {p}: check the pattern')
+            out += hits
+        elif not os.path.exists(p): raise UsageError(f'results file {p} does not exist')
+        else: out.append(p)
+    if not out: raise UsageError(f'no files in {" ".join(paths)}: pass results JSON files written by model-lab bench')
+    return list(dict.fromkeys(out))
+
+@command('report', 'Merge results files from several machines and runs into one table (and plots); nothing is dropped.', [
+    (('files',), dict(nargs='+', metavar='FILE', help='results JSON files, folders or glob patterns (other files are skipped with a line)')),
     (('--value',), dict(default='median', choices=['median', 'min', 'throughput'], help='what the cells show')),
+    (('--merge-runs',), dict(action='store_true', help="one column per machine: each cell the median of the machine's runs, their spread and how many")),
     (('--out',), dict(default=None, help='also write report.md and one PNG per suite here')),
 ])
 def report_cmd(ns) -> int:
-    from model_lab.bench import load_results, compare, plot
-    try: results = load_results(ns.files)
-    except (FileNotFoundError, ValueError) as e: raise UsageError(str(e)) from None
-    md = compare(results, value=ns.value)
+    files = _expand_paths(ns.files)
+    from model_lab.bench import load_results, compare, report_plots
+    results = load_results(files, skip=lambda p, why: print(f'model-lab report: skipped {p}: {why}', file=sys.stderr))
+    if not results: raise UsageError(f'none of {" ".join(ns.files)} holds model_lab results: pass the JSON files model-lab bench wrote')
+    md = compare(results, value=ns.value, merge_runs=ns.merge_runs)
     if any(r.suite == 'diffucoder' for r in results):   # a DiffuCoder run also gets the seeds' results summary
         from model_lab.diffucoder import summary_markdown
         md += '\n\n' + summary_markdown([r for r in results if r.suite == 'diffucoder'])
     print(md)
     if ns.out:
-        out = Path(ns.out); out.mkdir(parents=True, exist_ok=True)
-        (out / 'report.md').write_text(md + '\n')
-        for s in dict.fromkeys(r.suite for r in results):
-            rs = [r for r in results if r.suite == s]
-            x = next(iter(rs[0].params), None)
-            if x is None: continue
-            y = 'throughput' if ns.value == 'throughput' else ns.value
-            try: plot(rs, x=x, y=y, hue='device', path=out / f'report-{s}.png', title=s, logx=True)
-            except ValueError: pass
+        from model_lab.bench import atomic_write
+        out = Path(ns.out)
+        atomic_write(out / 'report.md', md + '\n')
+        for p in report_plots(results, out, value=ns.value): print(f'wrote {p}', file=sys.stderr)
     return 0
+
 
 # %% ../nbs/95_cli.ipynb #d46655b5
 @command('check', 'Will this project run on this runtime? One line per finding with its fix; exit 1 if something fails.', [
