@@ -351,23 +351,38 @@ def train_cmd(ns) -> int:
     return 0
 
 # %% ../nbs/95_cli.ipynb #76d642bb
-@command('generate', 'Write Python with the bundled tiny diffusion coder (offline): Dream\'s sampler, or Fast-dLLM\'s faster decoding.', [
-    (('prompt',), dict(metavar='PROMPT', help='code to continue, e.g. "def fib(n):"')),
-    (('--alg',), dict(default='entropy', choices=['entropy', 'maskgit_plus', 'topk_margin', 'origin'], help='confidence that orders unmasking (default: entropy)')),
-    (('--steps',), dict(type=int, default=None, help='diffusion steps (default: --max-new-tokens)')),
+@command('generate', 'Write code with a DiffuCoder/Dream checkpoint (default: the bundled tiny coder, offline): Dream\'s sampler or Fast-dLLM\'s decoders.', [
+    (('prompt',), dict(metavar='PROMPT', help='code to continue (Base) or a request (Instruct, chat template), e.g. "def fib(n):"')),
+    (('--model',), dict(default='diffucoder-tiny', help='bundled name (diffucoder-tiny), a HF folder (config.json + *.safetensors) or a hub name (online)')),
     (('--max-new-tokens',), dict(type=int, default=128, help='length of the answer canvas (default 128)')),
-    (('--threshold',), dict(type=float, default=None, help='confidence-threshold parallel decoding: unmask every token with p > THRESHOLD')),
-    (('--block-size',), dict(type=int, default=None, help='semi-autoregressive blocks of this many tokens')),
-    (('--cache',), dict(action='store_true', help='approximate prefix KV cache (with --block-size)')),
-    (('--model',), dict(default=None, help='a folder written by save_tiny (default: the bundled diffucoder-tiny)')),
-    (('--json',), dict(action='store_true', help='print the text, the raw completion, forward passes and time as JSON')),
+    (('--steps',), dict(type=int, default=None, help='diffusion steps (default: --max-new-tokens, one token per step)')),
+    (('--temperature',), dict(type=float, default=None, help="sampling temperature (default: the checkpoint's, 0.4 Instruct / 0.2 Base; 0 greedy)")),
+    (('--top-p',), dict(type=float, default=None, help='nucleus sampling (default 0.95)')),
+    (('--alg',), dict(default=None, choices=['entropy', 'maskgit_plus', 'topk_margin', 'origin'], help='confidence that orders unmasking (default entropy)')),
+    (('--chat',), dict(action=argparse.BooleanOptionalAction, default=None, help='wrap the prompt in the chat template (default: on for Instruct checkpoints)')),
+    (('--seed',), dict(type=int, default=None, help='random seed (default: a fresh one, printed)')),
+    (('--decoder',), dict(default='dream', choices=['dream', 'threshold', 'block', 'dual'],
+                          help="dream: Dream's sampler; Fast-dLLM: threshold (no cache), block (prefix cache), dual (dual cache)")),
+    (('--threshold',), dict(type=float, default=0.9, help="Fast-dLLM's confidence threshold (default 0.9)")),
+    (('--block-size',), dict(type=int, default=32, help="Fast-dLLM's block length (default 32)")),
+    (('--dtype',), dict(default='float32', help='parameter dtype: float32/fp32, bfloat16/bf16, float16/fp16 (default float32)')),
+    (('--json',), dict(action='store_true', help='print the text, the answer, forward passes, time and tokens/s as JSON')),
 ])
 def generate_cmd(ns) -> int:
+    for name, v, lo in (('--max-new-tokens', ns.max_new_tokens, 1), ('--steps', ns.steps, 1), ('--block-size', ns.block_size, 1)):
+        if v is not None and v < lo: raise UsageError(f'{name} must be >= {lo}, got {v}')
+    if ns.temperature is not None and ns.temperature < 0: raise UsageError(f'--temperature must be >= 0 (0: greedy), got {ns.temperature}')
+    if not 0 < ns.threshold <= 1: raise UsageError(f'--threshold must be in (0, 1], got {ns.threshold}')
+    if not ns.prompt.strip(): raise UsageError('PROMPT is empty: give the code to continue, e.g. model-lab generate "def fib(n):"')
     from model_lab.diffucoder_fast import generate_text
-    try: r = generate_text(ns.prompt, max_new_tokens=ns.max_new_tokens, steps=ns.steps, alg=ns.alg, threshold=ns.threshold,
-                           block_size=ns.block_size, cache=ns.cache, model_dir=ns.model)
-    except (ValueError, FileNotFoundError) as e: raise UsageError(str(e)) from None
-    print(json.dumps(r, indent=1) if ns.json else r['text'])
+    try: r = generate_text(ns.prompt, model=ns.model, max_new_tokens=ns.max_new_tokens, steps=ns.steps, temperature=ns.temperature,
+                           top_p=ns.top_p, alg=ns.alg, chat=ns.chat, seed=ns.seed, decoder=ns.decoder, threshold=ns.threshold,
+                           block_size=ns.block_size, dtype=ns.dtype)
+    except (ValueError, FileNotFoundError, KeyError) as e: raise UsageError(str(e).strip('"\'')) from None
+    if ns.json: print(json.dumps(r, indent=1)); return 0
+    print(r['text'])
+    print(f"# {r['decoder']}: {r['max_new_tokens']} tokens in {r['seconds']:.2f} s ({r['tokens_per_second']:.0f} tokens/s, compile included), "
+          f"{r['forward_passes']} forward passes, seed {r['seed']}, loaded in {r['load_seconds']:.2f} s", file=sys.stderr)
     return 0
 
 # %% ../nbs/95_cli.ipynb #0945d58d

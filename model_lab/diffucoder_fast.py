@@ -4,7 +4,7 @@
 
 # %% ../nbs/41_diffucoder_fast.ipynb #0e921695
 from __future__ import annotations
-import os, re, json, math, time, logging, functools, importlib.util
+import os, re, ast, json, math, time, logging, functools, importlib.util
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 import numpy as np
@@ -15,7 +15,8 @@ from . import bench
 from .devices import package_version
 from .diffucoder import (DreamConfig, DreamModel, PRESETS, rms_norm, rope_tables, apply_rope, attention_keep,
                                   dream_positions, prepare_inputs, sample_tokens, transfer_count, dream_timesteps,
-                                  diffusion_generate, param_sharding_rules, abstract_model, make_mesh, load_hf_checkpoint)
+                                  diffusion_generate, param_sharding_rules, abstract_model, make_mesh, load_hf_checkpoint,
+                                  torch_sample_tokens, DiffuCoderInference)
 from tokenizers import Tokenizer
 from .diffucoder_train import (load_tiny, body_parses, function_body, eval_prompts, stdlib_files, is_validation, EOS_ID,
                                         encode_prompts, completions, parse_fraction)
@@ -23,11 +24,12 @@ from .diffucoder_train import (load_tiny, body_parses, function_body, eval_promp
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'FAST_ALGS', 'GiB', 'TPU_SLICES', 'DECODERS', 'HALVES', 'layer_kv', 'forward_kv', 'forward_cached',
-           'select_step', 'DecodeStats', 'fast_generate', 'tpu_compiler_available', 'topology_mesh', 'abstract_sharded',
-           'compile_on', 'memory_figures', 'fit_record', 'largest_batch', 'fit_results', 'tpu_fit_sweep', 'fit_table',
-           'fit_plot', 'decode', 'compare_decoders', 'decoding_table', 'goal_met', 'halves_table', 'samples_markdown',
-           'generate_text', 'bench_fast']
+__all__ = ['log', 'FAST_ALGS', 'FDL_CACHES', 'FDL_TRACES', 'GiB', 'TPU_SLICES', 'DECODERS', 'HALVES', 'BARE', 'DECODER_CHOICES',
+           'layer_kv', 'forward_kv', 'forward_cached', 'select_step', 'DecodeStats', 'fast_generate', 'forward_window',
+           'fastdllm_select', 'fastdllm_generate', 'torch_fastdllm_generate', 'tpu_compiler_available', 'topology_mesh',
+           'abstract_sharded', 'compile_on', 'memory_figures', 'fit_record', 'largest_batch', 'fit_results',
+           'tpu_fit_sweep', 'fit_table', 'fit_plot', 'decode', 'compare_decoders', 'decoding_table', 'goal_met',
+           'halves_table', 'body_facts', 'body_table', 'samples_markdown', 'generate_text', 'bench_fast']
 
 # %% ../nbs/41_diffucoder_fast.ipynb #fcefa77a
 def _attend(q, k, v, keep, cfg:DreamConfig):
@@ -167,6 +169,191 @@ def fast_generate(model:DreamModel, input_ids, attention_mask=None, *, max_new_t
             stats.per_step.append(int(jnp.sum(blk == mid)) - n_left)
             if n_left == 0: break
     return np.asarray(x), stats
+
+# %% ../nbs/41_diffucoder_fast.ipynb #970b30f3
+def _layer_window(x, w:dict, cos, sin, keep, cfg:DreamConfig, kc, vc, start, fresh):
+    "One layer on a window x (B, Lw, D) that starts at canvas position `start`: its keys/values replace the cache's (kc, vc: (B, L, K, hd)) where `fresh` (Lw,) is True; attends over the whole canvas."
+    h = rms_norm(x, w['input_layernorm'], cfg.rms_norm_eps)
+    q = jnp.einsum('bld,dhk->blhk', h, w['q_proj']) + w['q_bias']          # (B, Lw, H, hd)
+    k = jnp.einsum('bld,dhk->blhk', h, w['k_proj']) + w['k_bias']          # (B, Lw, K, hd)
+    v = jnp.einsum('bld,dhk->blhk', h, w['v_proj']) + w['v_bias']
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    Lw, f = x.shape[1], fresh[None, :, None, None]
+    k = jnp.where(f, k, jax.lax.dynamic_slice_in_dim(kc, start, Lw, 1))
+    v = jnp.where(f, v, jax.lax.dynamic_slice_in_dim(vc, start, Lw, 1))
+    ka, va = jax.lax.dynamic_update_slice_in_dim(kc, k, start, 1), jax.lax.dynamic_update_slice_in_dim(vc, v, start, 1)   # (B, L, K, hd)
+    x = x + jnp.einsum('blhk,hkd->bld', _attend(q, ka, va, keep, cfg), w['o_proj'])
+    h = rms_norm(x, w['post_attention_layernorm'], cfg.rms_norm_eps)
+    return x + (jax.nn.silu(h @ w['gate_proj']) * (h @ w['up_proj'])) @ w['down_proj']
+
+def forward_window(model:DreamModel, ids, # (B, Lw) the window's tokens
+                   positions, keep, # (B, Lw) positions; (B, Lw, L) bool or None
+                   kv, # the refresh pass's (k, v), each (layers, B, L, K, hd)
+                   start, # the window's first canvas position (may be traced)
+                   fresh, # (Lw,) bool: window positions whose keys/values are recomputed (the others keep the cache's)
+                  ):
+    "Raw logits (B, Lw, V) of a window attending to the whole canvas: cached keys/values outside `fresh`, this pass's inside."
+    cfg = model.config
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    def body(x, wkv):
+        w, kc, vc = wkv
+        return _layer_window(x, w, cos, sin, keep, cfg, kc, vc, start, fresh), None
+    x, _ = jax.lax.scan(body, jnp.take(model.embed_tokens[...], ids, axis=0), (model.layers.stacked(), *kv))
+    return model.logits(rms_norm(x, model.norm[...], cfg.rms_norm_eps))
+
+def fastdllm_select(logits, # (B, Lb, V) shifted logits of the block
+                    blk, # (B, Lb) the block's tokens
+                    key, *, threshold, # float: Fast-dLLM's confidence-threshold rule; None: Dream's entropy schedule
+                    t=None, s=None, last=None, temperature:float=0.0, top_p=None, top_k=None, mask_token_id:int):
+    "The block after one Fast-dLLM step."
+    mask = blk == mask_token_id
+    if threshold is not None:                                                   # top-1 plus every p(x0) >= threshold
+        conf, x0 = sample_tokens(logits, key, temperature=temperature, top_p=top_p, top_k=top_k, alg='maskgit_plus')
+        score = jnp.where(mask, conf, -jnp.inf)
+        first = jnp.argmax(score, -1)[:, None] == jnp.arange(blk.shape[1])[None]
+        return jnp.where(mask & (first | (conf >= threshold)), x0, blk)
+    conf, x0 = sample_tokens(logits, key, temperature=temperature, top_p=top_p, top_k=top_k, alg='entropy')
+    k = transfer_count(mask, t, s, last)
+    rank = jnp.argsort(jnp.argsort(-jnp.where(mask, conf, -jnp.inf), axis=-1, stable=True), axis=-1)
+    return jnp.where(rank < k, jnp.where(mask, x0, mask_token_id), blk)
+
+FDL_CACHES = ('prefix', 'dual', None)
+FDL_TRACES = dict(generate=0)   # counted while tracing: one compile per shape and setting, however many blocks
+
+def _fastdllm(graphdef, state, x, pos, keep, key, timesteps, *, P0, block_size, threshold, cache, temperature, top_p, top_k, mask_token_id):
+    FDL_TRACES['generate'] += 1
+    model = nnx.merge(graphdef, state)
+    B, L = x.shape
+    nblocks, spb = (L - P0) // block_size, timesteps.shape[0] - 1
+    Lw = dict(prefix=L - P0, dual=block_size).get(cache, L)                          # the window's length
+    sk = dict(temperature=temperature, top_p=top_p, top_k=top_k, mask_token_id=mask_token_id)
+    def block(b, carry):
+        x, key, passes = carry
+        bs = P0 + b * block_size
+        logits, kv = forward_kv(model, x, pos, keep)                                     # the refresh pass
+        logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], 1)
+        key, k0 = jax.random.split(key)
+        _, x0 = sample_tokens(jax.lax.dynamic_slice_in_dim(logits, bs, 1, 1).astype(model.dtype), k0, temperature=temperature, top_p=top_p, top_k=top_k)
+        x = jax.lax.dynamic_update_slice_in_dim(x, x0, bs, 1)                           # the block's first token
+        ws = dict(prefix=P0, dual=bs).get(cache, 0)                                    # the window's start (no cache: the canvas)
+        fresh = jnp.arange(P0, L) >= bs if cache == 'prefix' else jnp.ones(Lw, bool)
+        def more(c):
+            x, _, i, _ = c
+            left = jnp.any(jax.lax.dynamic_slice_in_dim(x, bs, block_size, 1) == mask_token_id)
+            return left & (i <= block_size) if threshold is not None else left & (i < spb)   # threshold: >= 1 token a step
+        def step(c):
+            x, key, i, n = c
+            xw = jax.lax.dynamic_slice_in_dim(x, ws, Lw, 1)
+            kw = None if keep is None else jax.lax.dynamic_slice_in_dim(keep, ws, Lw, 1)
+            lg = forward_window(model, xw, jax.lax.dynamic_slice_in_dim(pos, ws, Lw, 1), kw, kv, ws, fresh)
+            lg = jnp.concatenate([lg[:, :1], lg[:, :-1]], 1)                                   # shifted within the window
+            lg = jax.lax.dynamic_slice_in_dim(lg, bs - ws, block_size, 1).astype(model.dtype)
+            key, ks = jax.random.split(key)
+            blk = jax.lax.dynamic_slice_in_dim(x, bs, block_size, 1)
+            ti = jnp.minimum(i, spb - 1)
+            new = fastdllm_select(lg, blk, ks, threshold=threshold, t=timesteps[ti], s=timesteps[ti + 1], last=i == spb - 1, **sk)
+            return jax.lax.dynamic_update_slice_in_dim(x, new, bs, 1), key, i + 1, n + 1
+        x, key, _, n = jax.lax.while_loop(more, step, (x, key, jnp.int32(1), jnp.int32(0)))
+        return x, key, passes + 1 + n
+    x, _, passes = jax.lax.fori_loop(0, nblocks, block, (x, key, jnp.int32(0)))
+    return x, passes
+
+_fastdllm_jit = jax.jit(_fastdllm, static_argnames=('graphdef', 'P0', 'block_size', 'threshold', 'cache', 'temperature', 'top_p', 'top_k', 'mask_token_id'))
+
+def fastdllm_generate(model:DreamModel, input_ids, attention_mask=None, *, max_new_tokens:int,
+                      steps:int|None=None, # Dream's schedule only (threshold=None): steps over all blocks
+                      block_size:int=32, threshold:float|None=0.9,
+                      cache:str|None='prefix', # 'prefix' (Fast-dLLM's default), 'dual' (prefix and suffix), None (a full pass every step)
+                      temperature:float=0.0, top_p=None, top_k=None, eps:float=1e-3, rng=None) -> tuple:
+    "Fast-dLLM's Dream sampler (prefix or dual cache, threshold or entropy schedule): (token ids (B, prompt + max_new_tokens), forward passes)."
+    if cache not in FDL_CACHES: raise ValueError(f'cache must be one of {FDL_CACHES}, got {cache!r}')
+    if max_new_tokens < 1 or block_size < 1 or max_new_tokens % block_size:
+        raise ValueError(f'block_size={block_size} must divide max_new_tokens={max_new_tokens} (both >= 1)')
+    nblocks = max_new_tokens // block_size
+    if threshold is not None and not 0 < threshold <= 1: raise ValueError(f'threshold must be in (0, 1] or None, got {threshold}')
+    steps = steps or max_new_tokens
+    if threshold is None and (steps % nblocks or steps // nblocks < 2):
+        raise ValueError(f'steps={steps} must be a multiple of the {nblocks} blocks with >= 2 steps each (the refresh pass is one)')
+    mid = model.config.mask_token_id
+    x, am, pos = prepare_inputs(input_ids, attention_mask, max_new_tokens, mid)
+    B, L = x.shape
+    pos = jnp.asarray(pos) if pos is not None else jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    keep = attention_keep(jnp.asarray(am)) if am is not None else None
+    key = rng if isinstance(rng, jax.Array) else jax.random.key(0 if rng is None else rng)
+    graphdef, state = nnx.split(model)
+    out, passes = _fastdllm_jit(graphdef, state, jnp.asarray(x), pos, keep, key, jnp.asarray(dream_timesteps(steps // nblocks, eps)),
+                                P0=L - max_new_tokens, block_size=block_size, threshold=None if threshold is None else float(threshold),
+                                cache=cache, temperature=float(temperature), top_p=top_p, top_k=top_k, mask_token_id=mid)
+    return np.asarray(out), int(passes)
+
+# %% ../nbs/41_diffucoder_fast.ipynb #ccd278b6
+def _torch_cache(layers:list):
+    "A transformers DynamicCache holding the given per-layer (k, v) tensors (B, K, n, hd)."
+    from transformers import DynamicCache
+    c = DynamicCache()
+    for l, (k, v) in enumerate(layers): c.update(k, v, l)
+    return c
+
+def torch_fastdllm_generate(hf_model, input_ids, attention_mask=None, *, max_new_tokens:int, mask_token_id:int, steps:int|None=None,
+                            block_size:int=32, threshold:float|None=0.9, cache:str|None='prefix', temperature:float=0.0,
+                            top_p=None, top_k=None, eps:float=1e-3, seed:int=0) -> tuple:
+    "Fast-dLLM's Dream `_sample` ported to PyTorch on a transformers (bidirectional) Qwen2 with its DynamicCache: (ids, forward passes)."
+    import torch, torch.nn.functional as F
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+    x = F.pad(ids, (0, max_new_tokens), value=mask_token_id)
+    B, L = x.shape; P0 = ids.shape[1]
+    am = torch.ones(B, L, dtype=torch.long)
+    if attention_mask is not None: am[:, :P0] = torch.as_tensor(np.asarray(attention_mask)).long()
+    pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 1)
+    add = torch.zeros(B, L).masked_fill(am == 0, torch.finfo(torch.float32).min)       # additive mask over keys
+    nblocks = max_new_tokens // block_size
+    spb = (steps or max_new_tokens) // nblocks
+    ts, passes = torch.linspace(1, eps, spb + 1), 0
+    shift = lambda lg: torch.cat([lg[:, :1], lg[:, :-1]], 1)
+    with torch.inference_mode():
+        for b in range(nblocks):
+            bs, be = P0 + b * block_size, P0 + (b + 1) * block_size
+            out = hf_model(input_ids=x, attention_mask=add[:, None, None, :].expand(B, 1, L, L), position_ids=pos, use_cache=True)
+            passes += 1
+            x[:, bs] = torch_sample_tokens(shift(out.logits.float())[:, bs], temperature, top_p, top_k, generator=g)[1]
+            kv = [(l.keys, l.values) for l in out.past_key_values.layers]                      # each (B, K, L, hd)
+            keys_at = dict(prefix=torch.arange(bs), dual=torch.cat([torch.arange(bs), torch.arange(be, L)])).get(cache)
+            win = dict(prefix=slice(bs, L), dual=slice(bs, be)).get(cache, slice(0, L))
+            i = 1
+            while True:
+                if threshold is None and i == spb: break                                         # Fast-dLLM breaks here after one more (unused) pass
+                if cache is None: lg = shift(hf_model(input_ids=x, attention_mask=add[:, None, None, :].expand(B, 1, L, L), position_ids=pos).logits.float())
+                else:
+                    past = _torch_cache([(k[:, :, keys_at], v[:, :, keys_at]) for k, v in kv])  # cached keys, then the window's own
+                    nw = x[:, win].shape[1]
+                    mask = torch.cat([add[:, keys_at], add[:, win]], 1)[:, None, None, :].expand(B, 1, nw, len(keys_at) + nw)
+                    lg = shift(hf_model(input_ids=x[:, win], attention_mask=mask, position_ids=pos[:, win], past_key_values=past, use_cache=True).logits.float())
+                passes += 1
+                blk_lg, blk = lg[:, bs - win.start:bs - win.start + block_size], x[:, bs:be]
+                m = blk == mask_token_id
+                if threshold is not None:
+                    for r in range(B):                                                           # Fast-dLLM: row 0; here every row
+                        if not m[r].any(): continue
+                        conf, x0 = torch_sample_tokens(blk_lg[r][m[r]], temperature, top_p, top_k, generator=g)
+                        order = torch.argsort(conf, descending=True)
+                        take = torch.zeros_like(conf, dtype=torch.bool); take[order[0]] = True; take |= conf >= threshold
+                        idx = m[r].nonzero()[:, 0]
+                        x[r, bs + idx[take]] = x0[take]
+                else:
+                    t, s = ts[i], ts[i + 1]
+                    conf, x0 = torch_sample_tokens(blk_lg[m], temperature, top_p, top_k, neg_entropy=True, generator=g)
+                    n = m.sum() / B
+                    k = int(n * (1 - s / t)) if i < spb - 1 else int(n)
+                    full = torch.full(blk.shape, -torch.inf); full[m] = conf
+                    if k > 0:
+                        sel = torch.topk(full, k).indices
+                        x_ = torch.full_like(blk, mask_token_id); x_[m] = x0
+                        rows = torch.arange(B)[:, None].expand_as(sel)
+                        x[rows, bs + sel] = x_[rows, sel]
+                    i += 1
+                if not (x[:, bs:be] == mask_token_id).any(): break
+    return x.numpy(), passes
 
 # %% ../nbs/41_diffucoder_fast.ipynb #0de36c3b
 GiB = 2**30
@@ -429,6 +616,34 @@ def halves_table(results:list, samples:dict, halves:dict=HALVES, base:str='dream
         rows.append(f"| {n} | {b / r.quality['forward_passes']:.2f}x | " + ' | '.join(cells) + ' |')
     return '\n'.join(rows)
 
+# %% ../nbs/41_diffucoder_fast.ipynb #a3b1d750
+BARE = ('return', 'return self', 'pass')
+
+def body_facts(prompt:str, completion:str, hit_end:bool=False) -> dict:
+    "What one written body is: parses, its non-empty lines, whether it is a bare `return`/`return self`/`pass`, whether it defines or uses a local name."
+    body = function_body(completion, hit_end)
+    lines = [l for l in body.split('\n') if l.strip()]
+    facts = dict(parses=body_parses(prompt, completion, hit_end), lines=len(lines), bare=' '.join(body.split()) in BARE, local=False)
+    if facts['parses']:
+        fn = next((n for n in ast.walk(ast.parse(prompt + body)) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+        if fn is not None:
+            a = fn.args
+            params = {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs + [v for v in (a.vararg, a.kwarg) if v]} - {'self', 'cls'}
+            names = [n for s in fn.body for n in ast.walk(s) if isinstance(n, ast.Name)]
+            stored = {n.id for n in names if isinstance(n.ctx, ast.Store)}
+            facts['local'] = bool(stored) or any(n.id in params for n in names if isinstance(n.ctx, ast.Load))
+    return facts
+
+def body_table(samples:dict, # {decoder: [(prompt, completion, hit_end)]}, as compare_decoders fills it
+               ) -> str:
+    "Markdown: per decoder, the parse rate beside what the bodies are: mean lines, share of bare returns/pass, share with a local name."
+    rows = ['| decoder | bodies | parse | mean body lines | bare `return`/`return self`/`pass` | defines or uses a local name |', '|---|---|---|---|---|---|']
+    for name, s in samples.items():
+        f = [body_facts(p, c, h) for p, c, h in s]
+        m = lambda k: np.mean([x[k] for x in f])
+        rows.append(f"| {name} | {len(f)} | {m('parses'):.3f} | {m('lines'):.2f} | {m('bare'):.3f} | {m('local'):.3f} |")
+    return '\n'.join(rows)
+
 # %% ../nbs/41_diffucoder_fast.ipynb #c4afee39
 def samples_markdown(samples:dict, decoders=('dream', 'block 128 + cache + 0.9'), n:int=4) -> str:
     "Markdown: the first `n` prompts' functions as each of `decoders` wrote them."
@@ -441,21 +656,35 @@ def samples_markdown(samples:dict, decoders=('dream', 'block 128 + cache + 0.9')
     return '\n'.join(out)
 
 # %% ../nbs/41_diffucoder_fast.ipynb #2f007e98
-def generate_text(prompt:str, *, max_new_tokens:int=128, steps:int|None=None, alg:str='entropy', threshold:float|None=None,
-                  block_size:int|None=None, cache:bool=False, model_dir=None) -> dict:
-    "Continue `prompt` with the tiny diffusion coder: the function text, the raw completion, and what it cost."
+DECODER_CHOICES = {  # --decoder: how fastdllm_generate runs (None: Dream's own sampler)
+    'dream': None, 'threshold': dict(cache=None), 'block': dict(cache='prefix'), 'dual': dict(cache='dual')}
+
+def generate_text(prompt:str, *, model='diffucoder-tiny', # bundled name, HF folder or hub name
+                  max_new_tokens:int=128, steps:int|None=None, temperature:float|None=None, top_p:float|None=None,
+                  alg:str|None=None, chat:bool|None=None, seed:int|None=None, # None: the checkpoint's defaults (DiffuCoder's README)
+                  decoder:str='dream', # 'dream', or Fast-dLLM's 'threshold' (no cache), 'block' (prefix cache), 'dual' (dual cache)
+                  threshold:float|None=0.9, block_size:int=32, dtype='float32', inference:DiffuCoderInference|None=None) -> dict:
+    "Continue `prompt` with a DiffuCoder/Dream checkpoint: the text, the answer, and what it cost (load, seconds, tokens/s, forward passes)."
+    if decoder not in DECODER_CHOICES: raise ValueError(f'decoder must be one of {", ".join(DECODER_CHOICES)}, got {decoder!r}')
     if not isinstance(prompt, str) or not prompt.strip(): raise ValueError(f'prompt must be a non-empty string, got {prompt!r}')
-    model, tok, _ = load_tiny(model_dir)
-    fast = threshold is not None or block_size is not None or cache
-    dec = dict(threshold=threshold or 1.0, block_size=block_size, cache=cache) if fast else None
+    if decoder != 'dream' and (block_size < 1 or max_new_tokens % block_size):
+        raise ValueError(f'--block-size {block_size} must divide --max-new-tokens {max_new_tokens}')
+    inf = inference or DiffuCoderInference(model, dtype=dtype)
+    ids, am, kw = inf.prepare(prompt, max_new_tokens, temperature, steps, top_p=top_p, alg=alg, chat=chat, seed=seed)
     t0 = time.perf_counter()
-    out, P0, nf = decode(model, tok, [prompt], max_new_tokens=max_new_tokens, decoder=dec, steps=steps, alg=alg)
+    if DECODER_CHOICES[decoder] is None:
+        out, passes = np.asarray(diffusion_generate(inf.model, ids, am, **kw)), kw['steps']
+    else:
+        out, passes = fastdllm_generate(inf.model, ids, am, max_new_tokens=max_new_tokens, steps=None if threshold is not None else kw['steps'],
+                                        block_size=block_size, threshold=threshold, temperature=kw['temperature'], top_p=kw['top_p'],
+                                        rng=kw['rng'], **DECODER_CHOICES[decoder])
     secs = time.perf_counter() - t0
-    (comp, hit_end), = completions(tok, out, P0, eos=model.config.eos_token_id)
-    from model_lab.diffucoder_train import function_body
-    return dict(prompt=prompt, text=prompt + function_body(comp, hit_end), completion=comp, parses=body_parses(prompt, comp, hit_end),
-                decoder='fast_generate' if fast else 'dream', alg=alg, steps=steps or max_new_tokens, max_new_tokens=max_new_tokens,
-                threshold=threshold, block_size=block_size, cache=cache, forward_passes=int(nf), seconds=secs)
+    answer = inf.decode(out, ids.shape[1])[0]
+    return dict(prompt=prompt, text=(prompt if not inf.instruct and chat is not True else '') + answer, answer=answer,
+                model=str(model), decoder=decoder, alg=kw['alg'], steps=kw['steps'], max_new_tokens=max_new_tokens,
+                temperature=kw['temperature'], top_p=kw['top_p'], seed=kw['rng'], chat=bool(inf.defaults['chat'] if chat is None else chat),
+                threshold=threshold if decoder != 'dream' else None, block_size=block_size if decoder != 'dream' else None,
+                forward_passes=int(passes), load_seconds=inf.load_time_s, seconds=secs, tokens_per_second=max_new_tokens / secs)
 
 # %% ../nbs/41_diffucoder_fast.ipynb #549d4e56
 @bench.suite('diffucoder_fast', plots=[dict(x='decoder', y='median')])

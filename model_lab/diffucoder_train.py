@@ -12,7 +12,7 @@ import jax, jax.numpy as jnp
 import optax
 from flax import nnx
 from .bench import atomic_write
-from .diffucoder import DreamConfig, DreamModel, param_count, diffusion_generate
+from .diffucoder import DreamConfig, DreamModel, param_count, diffusion_generate, save_hf_checkpoint, load_hf_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -195,31 +195,21 @@ def _flat_state(model) -> dict:
     return {'.'.join(map(str, k)): v for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 def save_tiny(path, model, tokenizer, *, dtype=jnp.bfloat16, meta:dict|None=None) -> Path:
-    "Write `model` (weights cast to `dtype`), its config and `tokenizer` to the folder `path`."
-    from safetensors.numpy import save as st_save
-    path = Path(path); path.mkdir(parents=True, exist_ok=True)
-    arrays = {k: np.asarray(jnp.asarray(v[...], dtype)) for k, v in _flat_state(model).items()}
+    "Write `model` (weights cast to `dtype`) as a HF folder (DiffuCoder's layout), its config with `meta`, and `tokenizer`, to `path`."
+    path = save_hf_checkpoint(model, path, dtype)
     cfg = dict(model.config.to_hf(), torch_dtype=jnp.dtype(dtype).name, model_lab=meta or {})
-    atomic_write(path / 'model.safetensors', st_save(arrays, metadata={'format': 'flax-nnx'}))
     atomic_write(path / 'config.json', json.dumps(cfg, indent=1))
     atomic_write(path / 'tokenizer.json', tokenizer.to_str())
     return path
 
 def load_tiny(path=None, dtype=jnp.float32):
-    "(model, tokenizer, config dict) from a folder written by `save_tiny` (default: the packaged asset)."
-    from safetensors.numpy import load_file
+    "(model, tokenizer, config dict) from a folder written by `save_tiny` (default: the packaged asset); model_lab's older layout too."
     from tokenizers import Tokenizer
     path = Path(path) if path is not None else asset_dir()
     for f in ('config.json', 'model.safetensors', 'tokenizer.json'):
         if not (path / f).exists(): raise FileNotFoundError(f'{path} has no {f}: expected a folder written by save_tiny')
-    meta = json.loads((path / 'config.json').read_text())
-    model = DreamModel(DreamConfig.from_hf(meta), dtype=dtype, rngs=nnx.Rngs(0))
-    arrays, want = load_file(path / 'model.safetensors'), _flat_state(model)
-    if set(arrays) != set(want): raise ValueError(f'{path}/model.safetensors: expected tensors {sorted(want)}, got {sorted(arrays)}')
-    for k, v in want.items():
-        if arrays[k].shape != v[...].shape: raise ValueError(f'tensor {k}: expected shape {v[...].shape}, got {arrays[k].shape}')
-        v[...] = jnp.asarray(arrays[k]).astype(dtype)
-    return model, Tokenizer.from_file(str(path / 'tokenizer.json')), meta
+    _, model = load_hf_checkpoint(path, dtype)
+    return model, Tokenizer.from_file(str(path / 'tokenizer.json')), json.loads((path / 'config.json').read_text())
 
 # %% ../nbs/42_diffucoder_train.ipynb #c4f2bc50
 def function_body(completion:str, hit_end:bool=False) -> str:
