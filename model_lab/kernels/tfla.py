@@ -115,31 +115,37 @@ class _ChunkGates(NamedTuple):
     lb: torch.Tensor    # (B, H, Sp) log lower bound of the normalizer: -m_t
     m_last: torch.Tensor  # (B, H) max state after the last step
 
-def _max_state(lf, li, m0):
-    "m_t = max(F_t + m0, max_{s<=t} F_t - F_s + li_s) for every t at once (float64), F = cumsum(lf)."
-    Fc = lf.double().cumsum(-1)
-    run = torch.cummax(li.double() - Fc, -1).values
-    if m0 is not None: run = torch.maximum(run, m0.double()[..., None])
-    return Fc + run
+def _first_m(g, m0):
+    "(B, H, 1): the max state entering the first chunk, m0 or -inf (no state yet)."
+    return m0.to(g.dtype)[..., None] if m0 is not None else torch.full_like(g[..., :1], -math.inf)
+
+def _entering_max(g, R, m0):
+    """m entering each chunk (B, H, NC), the solution of m_in[c+1] = g[c] + max(m_in[c], R[c]): G[c-1] + max(m0, cummax_{j<c}
+    R[j] - G[j-1]) with G = cumsum(g) over the NC chunks. Only the stabilizer's row scale comes from it (see below)."""
+    G = g.cumsum(-1)                                                            # (B, H, NC) log forget up to each chunk end
+    run = torch.cummax(R - F.pad(G[..., :-1], (1, 0)), -1).values               # R[j] - G[j-1], G[-1] = 0
+    if m0 is not None: run = torch.maximum(run, m0.to(g.dtype)[..., None])
+    return torch.cat([_first_m(g, m0), (G + run)[..., :-1]], -1)
 
 def _chunk_gates(i, f, L:int, variant:str, m0, ct) -> _ChunkGates:
-    "All gate log-weights of the chunkwise form, padded to a multiple of the chunk size L."
+    "All gate log-weights of the chunkwise form, padded to a multiple of the chunk size L, in `ct` (float32 unless float64 inputs)."
     B, H, S = i.shape
     NC = -(-S // L); Sp = NC * L
     lf, li = _log_gates(i, f, variant, ct)
     if Sp > S: lf, li = F.pad(lf, (0, Sp - S)), F.pad(li, (0, Sp - S), value=-math.inf)  # padded steps keep the state
-    b = lf.view(B, H, NC, L).cumsum(-1).view(B, H, Sp)                          # log forget since the chunk start
-    m = _max_state(lf, li, m0) if variant == 'exp' else torch.zeros_like(lf, dtype=torch.float64)
-    mu = (m - b.double()).to(ct)
-    mc = m.to(ct).view(B, H, NC, L)
-    m_end = mc[..., -1]                                                         # (B, H, NC) state m after each chunk
-    m_in = torch.cat([m0.to(ct)[..., None] if m0 is not None else torch.full_like(m_end[..., :1], -math.inf),
-                      m_end[..., :-1]], -1)                                     # (B, H, NC) state m entering each chunk
-    g = b.view(B, H, NC, L)[..., -1]                                            # (B, H, NC) log forget across a chunk
-    u = li - b
-    la = (g[..., None] + u.view(B, H, NC, L) - m_end[..., None]).view(B, H, Sp)
-    lw = (m_in[..., None] - mu.view(B, H, NC, L)).view(B, H, Sp)
-    return _ChunkGates(u, mu, la, g + m_in - m_end, lw, -m.to(ct), m_end[..., -1])
+    b = lf.view(B, H, NC, L).cumsum(-1)                                         # (B, H, NC, L) log forget since the chunk start
+    u = li.view(B, H, NC, L) - b
+    g = b[..., -1]                                                              # (B, H, NC) log forget across a chunk
+    if variant == 'exp':
+        run = torch.cummax(u, -1).values                                        # max of the chunk's u_s, s <= t
+        mu = torch.maximum(run, _entering_max(g, run[..., -1], m0)[..., None])  # m_t - b_t, >= every u_s (s <= t) exactly
+    else: mu = -b                                                               # m = 0
+    m_end = g + mu[..., -1]                                                     # (B, H, NC) state m after each chunk
+    m_in = torch.cat([_first_m(g, m0), m_end[..., :-1]], -1)                    # the same values on both sides of a boundary
+    flat = lambda x: x.reshape(B, H, Sp)
+    return _ChunkGates(flat(u), flat(mu), flat(g[..., None] + u - m_end[..., None]), g + m_in - m_end,
+                       flat(m_in[..., None] - mu), -flat(b + mu), m_end[..., -1])
+
 
 # %% ../../nbs/11_kernels_tfla.ipynb #05d74358
 FLOOR = -80.  # exponents are clamped here: exp(-80) ~ 2e-35 is still a normal float32 (fast exp path)
