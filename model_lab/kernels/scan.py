@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from ..devices import (Hardware, detect, torch_device, best_dtype, peak_specs, triton_kernel, triton_interpreted,
                                triton_available, triton_usable, with_fallback)
-from ..bench import suite, measure, record, fmt_time
+from ..bench import suite, measure, record, fmt_time, ratios, ratio_record
 
 # %% ../../nbs/10_kernels_scan.ipynb #6f0b43f4
 LAYOUTS = ('fixed', 'selective', 'grouped')
@@ -852,9 +852,10 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
                          'torch', lambda: _state_update_torch(*args), dtype=x.dtype, device=x.device)
 
 # %% ../../nbs/10_kernels_scan.ipynb #cc56ba24
-_SCAN_SIZES = dict(quick=dict(dims=(64,), lengths=(128, 256), repeat=2),
-                   default=dict(dims=(256,), lengths=(256, 1024, 4096), repeat=3),
-                   full=dict(dims=(256, 768, 2048), lengths=(1024, 4096, 16384), repeat=5))
+# B=2, N=16 throughout; `default` is the issue's reference size (D=256, L=1024), ~20 s on an idle 2-core CPU
+_SCAN_SIZES = dict(quick=dict(dims=(64,), lengths=(256,), rounds=3, min_time=0.01),
+                   default=dict(dims=(256,), lengths=(1024,), rounds=7, min_time=0.05),
+                   full=dict(dims=(256, 768, 2048), lengths=(1024, 4096, 16384), rounds=9, min_time=0.1))
 
 def _scan_bytes(b, d, n, l, esize, backward:bool) -> int:
     "The least memory traffic: u, delta, z, y and B, C forward; backward adds u, delta, z, dy, B, C read, 5 gradients written."
@@ -895,16 +896,21 @@ def _scan_backends(hw:Hardware) -> dict:
     if hw.kind == 'cuda' and (m := _mamba_ssm_scan()): fns['mamba_ssm'] = m
     return fns
 
-def _scan_conditions(hw:Hardware, peak) -> dict:
-    import os
-    return dict(threads=torch.get_num_threads(), cpu=hw.cpu_model, cpu_cores=hw.cpu_cores,
-                load_avg_1min=round(os.getloadavg()[0], 2), peak_bandwidth_GBps=peak.bandwidth / 1e9 if peak.bandwidth else None,
+def _scan_conditions(hw:Hardware, peak, r) -> dict:
+    "The run's conditions: the ratio's (threads, load before/after, rounds, calls per round) and the machine's."
+    return dict(r.conditions, cpu=hw.cpu_model, cpu_cores=hw.cpu_cores, rounds=r.rounds,
+                peak_bandwidth_GBps=peak.bandwidth / 1e9 if peak.bandwidth else None,
                 baseline='seq: selective_scan_seq, the fair sequential baseline (fp32, unbind steps, one addcmul per step)')
 
-@suite('scan', plots=[dict(x='L', y='median', hue='name', logx=True, logy=True),
-                      dict(x='L', y='peak_mem_bytes', hue='name', logx=True, logy=True)])
+def _scan_quality(fn, kw, y_ref, p) -> dict:
+    "The forward's error against the float64 reference on the first 8 channels (channels are independent)."
+    if p != 'fwd': return {}
+    with torch.no_grad(): return dict(max_rel_err=_rel_err(fn(**kw, delta_softplus=True)[:, :8], y_ref))
+
+@suite('scan', plots=[dict(x='L', y='median', hue='name', logx=True, logy=True)])
 def bench_scan(hw:Hardware, size:str='default'):
-    "Selective scan: the fair sequential baseline vs PyTorch, compiled CPU, Triton and mamba_ssm, forward and forward+backward, over L."
+    """Selective scan: the fair sequential baseline vs PyTorch, compiled CPU, Triton and mamba_ssm, forward and forward+backward,
+    timed alternated round by round (`bench.ratios`): each backend's speed-up over the baseline with its interval."""
     cfg, dev, peak = _SCAN_SIZES[size], torch_device(hw), peak_specs(hw)
     gpu = hw.kind in ('cuda', 'rocm')
     dtype = best_dtype(hw).dtype if gpu else torch.float32
@@ -913,32 +919,32 @@ def bench_scan(hw:Hardware, size:str='default'):
             kw = scan_inputs(2, d, 16, l, dtype=dtype, device=dev, seed=l)
             kw.pop('initial_state')
             y_ref = selective_scan_ref(**{k: v.double() for k, v in _first_channels(kw, 8).items()}, delta_softplus=True)
-            base = {}
-            for be, fn in _scan_backends(hw).items():
-                if be == 'seq' and 2 * d * l * 16 * 4 > 2**30: continue   # the baseline's (L, B, D, N) float32 tensors
-                for p, call in zip(('fwd', 'fwd+bwd'), _scan_calls(fn, kw)):
-                    quality = {}
-                    if p == 'fwd': quality['max_rel_err'] = _rel_err(call()[:, :8], y_ref)
-                    t = measure(call, warmup=int(p == 'fwd+bwd' or gpu), repeat=cfg['repeat'] if l <= 4096 else 2, device=dev)
-                    if be == 'seq': base[p] = t.median
-                    elif p in base: quality['speedup_vs_seq'] = round(base[p] / t.median, 2)
+            fns = {be: fn for be, fn in _scan_backends(hw).items() if be != 'seq' or 2 * d * l * 16 * 4 <= 2**30}  # seq's (L, B, D, N) tensors
+            base = 'seq' if 'seq' in fns else 'torch'
+            for i, p in enumerate(('fwd', 'fwd+bwd')):
+                calls = {be: _scan_calls(fn, kw)[i] for be, fn in fns.items()}
+                rs = ratios(calls, base, rounds=cfg['rounds'], min_time=cfg['min_time'], warmup=1 + (i == 1))
+                for be, r in rs.items():
                     gb = _scan_bytes(2, d, 16, l, kw['u'].element_size(), p == 'fwd+bwd') / 1e9
-                    if peak.bandwidth: quality['fraction_of_peak_bw'] = round(gb / t.median / (peak.bandwidth / 1e9), 4)
-                    yield record('scan', f'{be} {p} D={d}', t, hw=hw, dtype=dtype, work=gb, unit='GB/s', quality=quality,
-                                 params={'B': 2, 'D': d, 'N': 16, 'L': l, 'backend': be, 'pass': p},
-                                 pkgs=('mamba_ssm',) if be == 'mamba_ssm' else (), conditions=_scan_conditions(hw, peak))
+                    q = _scan_quality(fns[be], kw, y_ref, p) | (dict(speedup_vs_seq=round(r.value, 2)) if base == 'seq' and be != 'seq' else {})
+                    if peak.bandwidth: q['fraction_of_peak_bw'] = round(gb / r.timing.median / (peak.bandwidth / 1e9), 4)
+                    yield ratio_record('scan', f'{be} {p} D={d}', r, hw=hw, dtype=dtype, work=gb, unit='GB/s', quality=q,
+                                       params={'B': 2, 'D': d, 'N': 16, 'L': l, 'backend': be, 'pass': p},
+                                       pkgs=('mamba_ssm',) if be == 'mamba_ssm' else (), conditions=_scan_conditions(hw, peak, r))
+
 
 # %% ../../nbs/10_kernels_scan.ipynb #e8a22e53
 def scan_table(results, # `Result`s of the scan suite
                ) -> str:
-    "Markdown table: one row per (D, L), per pass the fair baseline's median time and every backend's time (its speed-up)."
+    """Markdown table: one row per (D, L), per pass every backend's median time per call and its speed-up over the fair
+    baseline, alternated in one run, with the interval of that median ratio."""
     rs = [r for r in results if r.suite == 'scan']
     bes = list(dict.fromkeys(r.params['backend'] for r in rs))
     cell = {(r.params['D'], r.params['L'], r.params['pass'], r.params['backend']): r for r in rs}
     def fmt(r):
         if r is None: return '—'
-        x = r.quality.get('speedup_vs_seq')
-        return fmt_time(r.times_s['median']) + (f' ({x:.1f}x)' if x is not None else '')
+        x = r.ratio if r.ratio and r.params['backend'] != r.ratio['baseline'] else None
+        return fmt_time(r.times_s['median']) + (f" ({x['value']:.1f}x [{x['low']:.1f}, {x['high']:.1f}])" if x else '')
     cols = [(p, be) for p in ('fwd', 'fwd+bwd') for be in bes]
     head = '| D | L | ' + ' | '.join(f'{be} {p}' for p, be in cols) + ' |\n|' + '---|' * (2 + len(cols))
     rows = sorted({(d, l) for d, l, _, _ in cell})
@@ -946,9 +952,12 @@ def scan_table(results, # `Result`s of the scan suite
                                 for d, l in rows])
 
 def scan_conditions(results) -> str:
-    "The conditions of a scan run, one line: device, dtype, threads, load, versions."
-    r = next(r for r in results if r.suite == 'scan')
-    c = r.conditions
+    "The conditions of a scan run, one line: device, dtype, threads, load before and after, rounds, versions."
+    rs = [r for r in results if r.suite == 'scan']
+    r, c = rs[0], rs[0].conditions
+    loads = [x for q in rs for x in (q.conditions.get('loadavg_before'), q.conditions.get('loadavg_after')) if x is not None]
+    load = f'load average {min(loads):.1f}-{max(loads):.1f}' if loads else 'load average unknown'
     return (f"{r.device.get('kind')}: {r.device.get('name')} ({c.get('cpu')}, {c.get('cpu_cores')} cores), {r.dtype}, "
-            f"torch {r.versions.get('torch')}, {c.get('threads')} threads, load average {c.get('load_avg_1min')} at the start, "
+            f"torch {r.versions.get('torch')}, {c.get('threads')} threads, {load}, {c.get('rounds')} alternated rounds, "
             f"{r.started_at}; B=2, N=16, selective B and C, D, z and delta_bias on; {c.get('baseline')}")
+

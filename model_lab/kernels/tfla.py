@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch, torch.nn.functional as F
 from ..devices import (Hardware, triton_kernel, triton_interpreted, triton_usable, with_fallback, torch_device,
                                best_dtype, peak_specs)
-from ..bench import measure, record, suite
+from ..bench import measure, record, suite, ratios, ratio_record
 
 try:
     import triton, triton.language as tl
@@ -18,9 +18,9 @@ except ImportError:  # the PyTorch paths work without triton
     logging.getLogger('model_lab').info("triton is not installed: mlstm runs its PyTorch paths (pip install 'model_lab[kernels]')")
 
 # %% auto #0
-__all__ = ['FLOOR', 'TILE_MAX', 'MAXNREG', 'BACKENDS', 'VARIANTS', 'PEERS', 'mlstm_inputs', 'mlstm_parallel', 'MLSTMState',
-           'mlstm_recurrent', 'default_chunk_size', 'mlstm', 'mlstm_step', 'mlstm_flops', 'bench_tfla',
-           'bench_tfla_peers']
+__all__ = ['FLOOR', 'TILE_MAX', 'MAXNREG', 'MAXNREG_SM90_LOWP', 'BACKENDS', 'VARIANTS', 'PEERS', 'BASELINE', 'mlstm_inputs',
+           'mlstm_parallel', 'MLSTMState', 'mlstm_recurrent', 'default_chunk_size', 'mlstm', 'mlstm_step',
+           'mlstm_flops', 'bench_tfla', 'bench_tfla_peers']
 
 # %% ../../nbs/11_kernels_tfla.ipynb #bfd67d1b
 def mlstm_inputs(B:int=1, H:int=4, S:int=256, Dqk:int=64, Dv:int|None=None, *,
@@ -518,10 +518,13 @@ def _precision(x:torch.Tensor) -> str:
     return 'tf32' if cap is not None and cap >= (8, 0) and torch.backends.cuda.matmul.allow_tf32 else 'ieee'
 
 MAXNREG = 255  # registers per thread the CUDA kernels may use: ptxas otherwise caps some at 128 (or 80-96) and spills
+MAXNREG_SM90_LOWP = 128  # sm_90, fp16/bf16, 8 warps: two blocks per SM (25% occupancy instead of 12.5%), no spills (compile_report)
 
-def _launch_opts(warps:int, capability:tuple|None) -> dict:
+def _launch_opts(warps:int, capability:tuple|None, prec:str='lowp') -> dict:
     "Launch options: the warps, and on CUDA the register limit (without it ptxas trades spills for occupancy, see below)."
-    return dict(num_warps=warps, **({'maxnreg': MAXNREG} if capability is not None else {}))
+    if capability is None: return dict(num_warps=warps)
+    two_blocks = tuple(capability) >= (9, 0) and prec == 'lowp' and warps == 8
+    return dict(num_warps=warps, maxnreg=MAXNREG_SM90_LOWP if two_blocks else MAXNREG)
 
 def _f32(*xs): return [x.float().contiguous() for x in xs]
 
@@ -535,7 +538,7 @@ class _TritonCore(torch.autograd.Function):
         lgam, C0, n0 = _f32(lgam.reshape(BH, NC), C0.reshape(BH, Dk, Dv), n0.reshape(BH, Dk))
         prec, cap = _precision(q), _capability(q)
         BT, BK, BV, W = _tiles(L, Dk, Dv, _launch_config(prec, cap))
-        opts = _launch_opts(W, cap)
+        opts = _launch_opts(W, cap, prec)
         f32 = dict(device=q.device, dtype=torch.float32)
         CS, NS = torch.empty(BH, NC + 1, Dk, Dv, **f32), torch.empty(BH, NC + 1, Dk, **f32)
         _fw_states_kernel[(BH, triton.cdiv(Dk, BK), triton.cdiv(Dv, BV))](
@@ -732,8 +735,9 @@ def mlstm_step(q, k, v, i, f, # q, k (B, H, Dqk); v (B, H, Dv); i, f (B, H)
     return _step_torch(q, k, v, i, f, state, variant, eps)
 
 # %% ../../nbs/11_kernels_tfla.ipynb #4a2589b2
-_BENCH_SIZES = dict(quick=dict(S=(64, 128), D=(64,)), default=dict(S=(256, 1024, 4096), D=(64,)),
-                    full=dict(S=(256, 512, 1024, 2048, 4096, 8192, 16384), D=(64, 128, 256)))
+_BENCH_SIZES = dict(quick=dict(S=(64, 128), D=(64,), rounds=3, min_time=0.01),
+                    default=dict(S=(1024, 4096), D=(64,), rounds=7, min_time=0.05),   # ~20 s on an idle 2-core CPU
+                    full=dict(S=(256, 512, 1024, 2048, 4096, 8192, 16384), D=(64, 128, 256), rounds=7, min_time=0.1))
 # the largest S each slow reference runs at: (forward, forward+backward), per device kind
 _REF_LIMITS = dict(cpu=dict(parallel=(4096, 2048), recurrent=(1024, 256)),
                    gpu=dict(parallel=(8192, 4096), recurrent=(2048, 1024)))
@@ -775,39 +779,55 @@ def _timed_call(fn, x, backward:bool):
     gy = torch.ones_like(x[2])
     return lambda: torch.autograd.grad(fn(*x), x, grad_outputs=gy)
 
-def _bench_one(hw, name, fn, chunk, x, backward, S, D, dtype):
-    "Time one implementation at one size and make its Result; throughput counts the FLOPs at the device's chunk size."
-    slow = name in ('parallel', 'recurrent')  # references: fewer repeats; the recurrent loop's memory is not profiled
-    t = measure(_timed_call(fn, x, backward), warmup=0 if slow else 1, repeat=3 if slow else 5, track_memory=name != 'recurrent')
-    work = mlstm_flops(1, 4, S, D, D, 128 if hw.kind in ('cuda', 'rocm') else 64, backward) / 1e12
+BASELINE = 'mlstm_kernels chunkwise--native_custbw'   # the ratios' baseline when installed (else ours)
+
+def _tfla_conditions(hw, dtype, work, r) -> dict:
+    "Threads, load before/after and rounds (the ratio's), the device's peak for the dtype and the fraction of it reached."
     pk = peak_specs(hw).flops.get({torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[dtype])
-    cond = dict(threads=torch.get_num_threads(), load_avg=round(os.getloadavg()[0], 2) if hasattr(os, 'getloadavg') else None,
-                peak_tflops=pk / 1e12 if pk else None, fraction_of_peak=round(work / t.median / (pk / 1e12), 5) if pk else None)
-    return record('tfla', f'{name} {"fwd+bwd" if backward else "fwd"} D={D}', t, hw=hw, dtype=dtype, work=work, unit='TFLOP/s',
-                  params=dict(S=S, B=1, H=4, D=D, chunk=chunk, mode='fwd+bwd' if backward else 'fwd'),
-                  pkgs=('triton', 'mlstm_kernels'), conditions=cond)
+    return dict(r.conditions, rounds=r.rounds, peak_tflops=pk / 1e12 if pk else None,
+                fraction_of_peak=round(work / r.timing.median / (pk / 1e12), 5) if pk else None)
+
+def _runnable(impl:dict, x, backward:bool) -> dict:
+    "name -> timed call, for the implementations that run here (a peer that fails is logged and left out)."
+    calls = {}
+    for name, (fn, _) in impl.items():
+        calls[name] = _timed_call(fn, x, backward)
+        if not name.startswith('mlstm_kernels'): continue
+        try: calls[name]()
+        except Exception as e:
+            del calls[name]
+            logging.getLogger('model_lab').warning(f'tfla bench: {name} cannot run here ({type(e).__name__}: {str(e)[:200]})')
+    return calls
+
+def _bench_size(hw, S:int, D:int, backward:bool, dtype, dev, cfg:dict, references:bool):
+    "Every implementation at one (S, D, pass), alternated round by round: one Result each, with its ratio to the baseline."
+    x = mlstm_inputs(1, 4, S, D, dtype=dtype, device=dev, requires_grad=backward)
+    impl = _implementations(hw, S, backward, references)
+    calls = _runnable(impl, x, backward)
+    base = BASELINE if BASELINE in calls else 'chunkwise torch'
+    work = mlstm_flops(1, 4, S, D, D, 128 if hw.kind in ('cuda', 'rocm') else 64, backward) / 1e12
+    mode = 'fwd+bwd' if backward else 'fwd'
+    for name, r in ratios(calls, base, rounds=cfg['rounds'], min_time=cfg['min_time']).items():
+        yield ratio_record('tfla', f'{name} {mode} D={D}', r, hw=hw, dtype=dtype, work=work, unit='TFLOP/s',
+                           params=dict(S=S, B=1, H=4, D=D, chunk=impl[name][1], mode=mode), pkgs=('triton', 'mlstm_kernels'),
+                           conditions=_tfla_conditions(hw, dtype, work, r))
 
 def _bench_sizes(hw, sizes:dict, references:bool=True):
-    "Every implementation at every (D, S), forward and forward+backward; a peer that fails here is logged and skipped."
+    "Every implementation at every (D, S), forward and forward+backward, each size's contenders alternated."
     dev = torch_device(hw)
     dtype = best_dtype(hw).dtype if hw.kind in ('cuda', 'rocm') else torch.float32
     for D in sizes['D']:
         for S in sizes['S']:
-            for backward in (False, True):
-                x = mlstm_inputs(1, 4, S, D, dtype=dtype, device=dev, requires_grad=backward)
-                for name, (fn, chunk) in _implementations(hw, S, backward, references).items():
-                    try: yield _bench_one(hw, name, fn, chunk, x, backward, S, D, dtype)
-                    except Exception as e:
-                        if not name.startswith('mlstm_kernels'): raise
-                        logging.getLogger('model_lab').warning(f'tfla bench: {name} cannot run here ({type(e).__name__}: {str(e)[:200]})')
+            for backward in (False, True): yield from _bench_size(hw, S, D, backward, dtype, dev, sizes, references)
 
-@suite('tfla', plots=[dict(x='S', y='median', hue='name', logx=True, logy=True),
-                      dict(x='S', y='peak_mem_bytes', hue='name', logx=True, logy=True)])
+@suite('tfla', plots=[dict(x='S', y='median', hue='name', logx=True, logy=True)])
 def bench_tfla(hw:Hardware, size:str='default'):
-    """mLSTM: parallel vs recurrent vs chunkwise PyTorch vs Triton TFLA vs mlstm_kernels' chunkwise implementations (native
-    autograd and custom backward; on a GPU also its Triton TFLA kernels), forward and forward+backward."""
-    yield from _bench_sizes(hw, _BENCH_SIZES[size])
+    """mLSTM: chunkwise PyTorch vs Triton TFLA vs mlstm_kernels' chunkwise implementations (native autograd and custom backward;
+    on a GPU its Triton TFLA kernels), with the parallel and recurrent references where they are fast enough, forward and
+    forward+backward, alternated round by round: each one's speed-up over mlstm_kernels' native_custbw."""
+    yield from _bench_sizes(hw, _BENCH_SIZES[size], references=size != 'default')
 
 def bench_tfla_peers(hw:Hardware, S:tuple=(1024, 4096), D:int=64) -> list:
     "Ours against mlstm_kernels' chunkwise implementations only (no O(S^2) or O(S) references), at the given S."
-    return list(_bench_sizes(hw, dict(S=S, D=(D,)), references=False))
+    return list(_bench_sizes(hw, dict(_BENCH_SIZES['default'], S=S, D=(D,)), references=False))
+
