@@ -579,7 +579,7 @@ def plot(results:Iterable[Result], x:str, # a params key (e.g. 'L', 'n')
     fig, ax = plt.subplots(figsize=(6.4, 4))
     for k, pts in groups.items():
         pts.sort(); line, = ax.plot(*zip(*pts), marker='o', label=k)
-        if k in refs: ax.axhline(refs[k], ls='--', lw=1, color=line.get_color(), label=f'{k}: {ref}')
+        if k in refs: ax.axhline(refs[k], ls='--', lw=1, color=line.get_color(), label=f'{k}: {ref.replace("_", " ")}')
     xs = sorted({p[0] for pts in groups.values() for p in pts})
     if logx and all(isinstance(v, (int, float)) for v in xs): ax.set_xscale('log'); ax.set_xticks(xs, [_fmt(v) for v in xs]); ax.minorticks_off()
     ax.set(xlabel=xlabel or x, ylabel=_ylabel(results, y), yscale='log' if logy else 'linear')
