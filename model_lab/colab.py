@@ -572,12 +572,12 @@ def _module(name:str, given):
     except Exception: return None
 
 def _module_estimator(est:Callable, cfg, family:str, seq:int) -> Callable:
-    "Our estimator signature over the module's `estimate_memory`; None (use the formula) for activation checkpointing."
+    "Our estimator signature over the module's `estimate_memory`; None (use the formula) for activation checkpointing and hybrid int8 training."
     def run(dtype, training, batch, checkpointing):
         if checkpointing: return None
         if family == 'hybrid':
-            prec, opt = ('bf16', 'adamw8bit') if training and dtype == 'int8' else (dtype, 'adamw')
-            d = est(cfg, prec, optimizer=opt, batch=batch, seq_len=seq, training=training)
+            if training and dtype == 'int8': return None   # the hybrid trainer has no 8-bit optimizer: the formula's 8-bit AdamW answers
+            d = est(cfg, dtype, optimizer='adamw', batch=batch, seq_len=seq, training=training)
         else: d = est(cfg, dtype, batch=batch, seq_len=seq, training=training)
         parts = [int(d.get(k) or 0) for k in ('weights', 'gradients', 'optimizer', 'activations')]
         return Estimate(*parts, int(d.get('total') or sum(parts)) - sum(parts))

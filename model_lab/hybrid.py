@@ -9,21 +9,23 @@ from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from .devices import Hardware, detect, torch_device, peak_specs
-from .bench import suite, measure, record, atomic_write, peak_memory, Timing, fmt_bytes
+from .bench import suite, measure, record, atomic_write, peak_memory, Timing, fmt_bytes, ratios, ratio_record
 from .kernels.scan import selective_scan, selective_state_update
 from .kernels.tfla import mlstm, mlstm_step
 
 # %% auto #0
-__all__ = ['BLOCK_LETTERS', 'DTYPES', 'SCAN_BACKEND', 'BLOCKS', 'WEIGHTS_NAME', 'CONFIG_NAME', 'hybrid_350m', 'hybrid_1_3b',
-           'hybrid_7b', 'PRESETS', 'NOMINAL', 'PRECISIONS', 'OPTIMIZERS', 'DEVICE_MEMORY', 'USABLE', 'RUNTIME_DEVICES',
-           'UTIL_CFG', 'STDLIB_FILES', 'HELD_OUT', 'HybridConfig', 'RMSNorm', 'SwiGLU', 'soft_cap', 'head_rms_norm',
-           'HybridBlock', 'MambaBlock', 'mLSTMBlock', 'slstm_cell', 'sLSTMBlock', 'rope', 'AttentionBlock', 'check_ids',
-           'HybridLM', 'filter_logits', 'sample_next', 'check_state', 'meta_model', 'param_count', 'activation_values',
-           'infer_values', 'state_values', 'estimate_memory', 'measured_train_peak', 'measured_infer_peak',
-           'per_device_bytes', 'fit_table', 'matmul_params', 'flops_per_token', 'device_peak', 'runtime_estimates',
-           'measure_utilisation', 'stdlib_bytes', 'random_windows', 'lm_loss', 'train_briefly', 'perplexity',
-           'quantize_int8', 'weight_bytes', 'bench_hybrid', 'generation_table', 'blocks_table', 'int8_table',
-           'runtime_table']
+__all__ = ['BLOCK_LETTERS', 'DTYPES', 'HEAD_NORMS', 'SCAN_BACKEND', 'BLOCKS', 'WEIGHTS_NAME', 'CONFIG_NAME', 'HF_LAYOUTS',
+           'hybrid_350m', 'hybrid_1_3b', 'hybrid_7b', 'PRESETS', 'NOMINAL', 'PRECISIONS', 'OPTIMIZERS',
+           'TRAIN_PRECISIONS', 'DEVICE_MEMORY', 'USABLE', 'RUNTIME_DEVICES', 'PUBLISHED_MFU', 'UTIL_CFG',
+           'STDLIB_FILES', 'HELD_OUT', 'MODEL_PRESETS', 'HybridConfig', 'RMSNorm', 'SwiGLU', 'soft_cap',
+           'head_rms_norm', 'head_layer_norm', 'HybridBlock', 'MambaBlock', 'mLSTMBlock', 'slstm_cell', 'sLSTMBlock',
+           'rope', 'AttentionBlock', 'check_ids', 'HybridLM', 'filter_logits', 'sample_next', 'safetensors_index',
+           'CheckpointTensors', 'int8_rowwise', 'check_state', 'hf_layout', 'hf_config', 'hf_name_map', 'load_hf',
+           'save_hf', 'meta_model', 'param_count', 'activation_values', 'infer_values', 'state_values',
+           'estimate_memory', 'measured_train_peak', 'measured_infer_peak', 'per_device_bytes', 'fit_table',
+           'matmul_params', 'flops_per_token', 'device_peak', 'runtime_estimates', 'measure_utilisation',
+           'stdlib_bytes', 'random_windows', 'lm_loss', 'train_briefly', 'perplexity', 'quantize_int8', 'weight_bytes',
+           'bench_hybrid', 'random_model', 'generation_table', 'blocks_table', 'int8_table', 'runtime_table']
 
 # %% ../nbs/20_hybrid_model.ipynb #b637af16
 BLOCK_LETTERS = {'M': 'mamba', 'm': 'mlstm', 's': 'slstm', 'A': 'attention'}
@@ -56,12 +58,19 @@ class HybridConfig:
     chunk_size: int = 64                # mLSTM chunk length
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
-    tie_embeddings: bool = True
+    tie_embeddings: bool = True         # LM head = embedding (mamba_ssm and transformers' Mamba: `tie_embeddings` / `tie_word_embeddings`)
     dtype: str = 'float32'              # parameters: float32 | bfloat16 | float16 | float64
+    ffn_multiple: int = 64              # SwiGLU widths rounded up to this multiple (xLSTM-7B: `ffn_round_up_to_multiple_of`)
+    head_norm: str = 'rms'              # mLSTM per-head norm: 'rms' | 'layer' (xLSTM-7B's `multihead_norm`: a LayerNorm, no bias)
+    mlstm_eps: float = 1e-6             # mLSTM h = num / (max(|q·n|, exp(-m)) + eps) (xLSTM-7B: `eps`)
+    final_norm: bool = True             # RMSNorm before the LM head (xLSTM-7B: `add_out_norm`; Mamba: `norm_f`)
+    pad_vocab_size_multiple: int = 1    # embedding / LM-head rows rounded up to a multiple (mamba_ssm `MambaLMHeadModel`)
+    residual_in_fp32: bool = False      # residual stream kept in fp32 under 16-bit weights (mamba_ssm / transformers Mamba)
 
     def __post_init__(self):
         if isinstance(self.dtype, torch.dtype): self.dtype = str(self.dtype).replace('torch.', '')
-        for f in ('vocab', 'd_model', 'n_layers', 'd_state', 'd_conv', 'expand', 'slstm_heads', 'chunk_size'):
+        for f in ('vocab', 'd_model', 'n_layers', 'd_state', 'd_conv', 'expand', 'slstm_heads', 'chunk_size', 'ffn_multiple',
+                  'pad_vocab_size_multiple'):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1: raise _bad(f, 'a positive int', v)
         for f in ('dt_rank', 'mlstm_heads', 'attn_heads'):
@@ -71,6 +80,8 @@ class HybridConfig:
         self._check_widths()
         if self.dtype not in DTYPES: raise _bad('dtype', f'one of {", ".join(DTYPES)}', self.dtype)
         if not self.norm_eps > 0: raise _bad('norm_eps', 'a positive float', self.norm_eps)
+        if not self.mlstm_eps > 0: raise _bad('mlstm_eps', 'a positive float', self.mlstm_eps)
+        if self.head_norm not in ('rms', 'layer'): raise _bad('head_norm', "'rms' or 'layer'", self.head_norm)
         for f in ('gate_soft_cap', 'logit_soft_cap'):
             v = getattr(self, f)
             if v is not None and not v > 0: raise _bad(f, 'a positive float' + (' or None' if f == 'logit_soft_cap' else ''), v)
@@ -99,6 +110,8 @@ class HybridConfig:
     @property
     def vocab_size(self) -> int: return self.vocab
     @property
+    def padded_vocab(self) -> int: return _round_up(self.vocab, self.pad_vocab_size_multiple)   # rows of embedding and LM head
+    @property
     def d_inner(self) -> int: return self.expand * self.d_model
     @property
     def mamba_dt_rank(self) -> int: return self.dt_rank or math.ceil(self.d_model / 16)
@@ -109,9 +122,9 @@ class HybridConfig:
     @property
     def qk_dim(self) -> int: return int(round(self.d_model * self.qk_factor))
     @property
-    def ffn_dim(self) -> int: return _round_up(self.ffn_factor * self.d_model, 64)
+    def ffn_dim(self) -> int: return _round_up(self.ffn_factor * self.d_model, self.ffn_multiple)
     @property
-    def slstm_ffn_dim(self) -> int: return _round_up(self.slstm_ffn_factor * self.d_model, 64)
+    def slstm_ffn_dim(self) -> int: return _round_up(self.slstm_ffn_factor * self.d_model, self.ffn_multiple)
     @property
     def torch_dtype(self) -> torch.dtype: return DTYPES[self.dtype]
 
@@ -157,6 +170,14 @@ def head_rms_norm(h, weight, eps:float):
     hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
     return (hf * weight.to(hf.dtype).view(h.shape[-2], h.shape[-1])).to(h.dtype)
 
+def head_layer_norm(h, weight, eps:float):
+    "LayerNorm (no bias) of each head of h (..., H, Dh), then scale by weight (H * Dh,): xLSTM-7B's `multihead_norm`."
+    hf = _up(h)
+    hf = (hf - hf.mean(-1, keepdim=True)) * torch.rsqrt(hf.var(-1, keepdim=True, unbiased=False) + eps)
+    return (hf * weight.to(hf.dtype).view(h.shape[-2], h.shape[-1])).to(h.dtype)
+
+HEAD_NORMS = {'rms': head_rms_norm, 'layer': head_layer_norm}
+
 # %% ../nbs/20_hybrid_model.ipynb #bf306e65
 class HybridBlock(nn.Module):
     "Base of the four blocks: pre-norm mixer + residual, then an optional pre-norm feed-forward + residual."
@@ -167,22 +188,31 @@ class HybridBlock(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, ffn_dim, cfg.norm_eps) if ffn_dim else None
 
+    def _normed(self, x):
+        "The mixer's input: norm(x) in the weights' dtype (x may be an fp32 residual stream)."
+        xn = self.norm(x)
+        return xn.to(self.norm.weight.dtype) if self.cfg.residual_in_fp32 else xn
+
+    def _residual(self, x):
+        "The residual stream, in fp32 when `residual_in_fp32` (mamba_ssm: `residual = residual.to(torch.float32)`)."
+        return x.float() if self.cfg.residual_in_fp32 and x.dtype in (torch.bfloat16, torch.float16) else x
+
     def mix(self, xn, state=None):      raise NotImplementedError  # (B, L, d) -> (B, L, d), state
     def mix_step(self, xn, state):      raise NotImplementedError  # (B, d) -> (B, d), state
 
     def forward(self, x, # (B, L, d)
                 return_state:bool=False):
         "The block over a whole sequence: (B, L, d), and with `return_state` the state after the last position."
-        y, state = self.mix(self.norm(x))
-        x = x + y
+        y, state = self.mix(self._normed(x))
+        x = self._residual(x) + y
         if self.ffn is not None: x = x + self.ffn(x)
         return (x, state) if return_state else x
 
     def step(self, x, # (B, d): one position
              state=None):
         "One position: (y (B, d), the new state). The state passed in is not modified."
-        y, state = self.mix_step(self.norm(x), state)
-        x = x + y
+        y, state = self.mix_step(self._normed(x), state)
+        x = self._residual(x) + y
         if self.ffn is not None: x = x + self.ffn(x)
         return x, state
 
@@ -282,17 +312,20 @@ class mLSTMBlock(HybridBlock):
 
     def _out(self, h, o):
         "Per-head norm, output gate, out-projection: h (..., H, Dv/H) -> (..., d)."
-        return self.out_proj(torch.sigmoid(o) * head_rms_norm(h, self.head_norm, self.cfg.norm_eps).flatten(-2))
+        return self.out_proj(torch.sigmoid(o) * HEAD_NORMS[self.cfg.head_norm](h, self.head_norm, self.cfg.norm_eps).flatten(-2))
 
     def mix(self, xn, state=None):
         q, k, v, o, i, f = self._project(xn)                                 # q (B, L, H, Dqk/H) ...
         tr = lambda t: t.transpose(1, 2)                                     # -> (B, H, L, ...)
-        h, st = mlstm(tr(q), tr(k), tr(v), tr(i), tr(f), return_last_state=True, chunk_size=self.cfg.chunk_size)
+        with torch.autocast(xn.device.type, enabled=False):                  # the kernel picks its own precisions (bf16-mixed)
+            h, st = mlstm(tr(q), tr(k), tr(v), tr(i), tr(f), return_last_state=True, chunk_size=self.cfg.chunk_size,
+                          eps=self.cfg.mlstm_eps)
         return self._out(tr(h), o), st                                       # h (B, H, L, Dv/H)
 
     def mix_step(self, xn, state):
         q, k, v, o, i, f = self._project(xn)                                 # q (B, H, Dqk/H), i (B, H)
-        h, st = mlstm_step(q, k, v, i, f, state)
+        with torch.autocast(xn.device.type, enabled=False):
+            h, st = mlstm_step(q, k, v, i, f, state, eps=self.cfg.mlstm_eps)
         return self._out(h, o), st
 
 # %% ../nbs/20_hybrid_model.ipynb #d4887b2a
@@ -416,10 +449,10 @@ class HybridLM(nn.Module):
         super().__init__()
         if not isinstance(cfg, HybridConfig): raise ValueError(f'cfg must be a HybridConfig, got {type(cfg).__name__}')
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab, cfg.d_model)
+        self.embed = nn.Embedding(cfg.padded_vocab, cfg.d_model)
         self.blocks = nn.ModuleList(BLOCKS[c](cfg) for c in cfg.layers)
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab, bias=False)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.final_norm else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab, bias=False)
         self.reset_parameters()
         if cfg.tie_embeddings: self.lm_head.weight = self.embed.weight
         self.to(cfg.torch_dtype)
@@ -437,7 +470,7 @@ class HybridLM(nn.Module):
             for fn in ('reset_ssm', 'reset_gates', 'reset_recurrence'):
                 if hasattr(b, fn): getattr(b, fn)()
 
-    def _logits(self, x): return soft_cap(_up(self.lm_head(self.norm(x))), self.cfg.logit_soft_cap)
+    def _logits(self, x): return soft_cap(_up(self.lm_head(self.norm(x).to(self.embed.weight.dtype))), self.cfg.logit_soft_cap)
 
     def forward(self, ids, # (B, L) token ids
                 return_state:bool=False): # also return each block's state after the last position
@@ -515,6 +548,100 @@ def _generate(self:HybridLM, ids, # (B, L) prompt token ids
 
 HybridLM.generate = _generate
 
+# %% ../nbs/20_hybrid_model.ipynb #a7143c4e
+_ST_DTYPES = {'F64': torch.float64, 'F32': torch.float32, 'F16': torch.float16, 'BF16': torch.bfloat16, 'I64': torch.int64,
+              'I32': torch.int32, 'I16': torch.int16, 'I8': torch.int8, 'U8': torch.uint8, 'BOOL': torch.bool}
+
+def safetensors_index(path) -> dict:
+    "name -> (byte offset of its data in the file, safetensors dtype, shape), from the file's header (8-byte length + JSON)."
+    with open(path, 'rb') as f:
+        n = int.from_bytes(f.read(8), 'little')
+        head = json.loads(f.read(n))
+    return {k: (8 + n + v['data_offsets'][0], v['dtype'], tuple(v['shape'])) for k, v in head.items() if k != '__metadata__'}
+
+class CheckpointTensors:
+    """The tensors of a checkpoint folder, read one at a time: (sharded) safetensors, else a `pytorch_model.bin` through
+    `torch.load(weights_only=True, mmap=True)` (no code runs). Safetensors are read with plain file reads at the offsets
+    of their header, not through safetensors' memory map: mapped pages count as resident while a tensor made from them
+    lives (a 36.5 MB checkpoint read through `safe_open` held 75 MB), and `rows` reads a block without the rest."""
+    def __init__(self, path):
+        self.path, self.index = Path(path), {}
+        index = self.path / 'model.safetensors.index.json'
+        names = sorted(set(json.loads(index.read_text())['weight_map'].values())) if index.is_file() else \
+                ['model.safetensors'] if (self.path / 'model.safetensors').is_file() else []
+        self._bin = None
+        for fn in names: self.index |= {k: (fn, *v) for k, v in safetensors_index(self.path / fn).items()}
+        self.shapes = {k: v[3] for k, v in self.index.items()}
+        if not names:
+            if not (self.path / 'pytorch_model.bin').is_file():
+                raise FileNotFoundError(f'{self.path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin')
+            self._bin = torch.load(self.path / 'pytorch_model.bin', map_location='cpu', weights_only=True, mmap=True)
+            self.shapes = {k: tuple(v.shape) for k, v in self._bin.items()}
+
+    def rows(self, name:str, start:int, stop:int) -> torch.Tensor:
+        "Rows start:stop (dim 0) of a tensor, read into memory of their own without the rest."
+        if self._bin is not None: return self._bin[name][start:stop].clone()
+        fn, off, dt, shape = self.index[name]
+        if dt not in _ST_DTYPES: raise ValueError(f'tensor {name!r} in {self.path / fn} has dtype {dt}; model_lab reads {", ".join(_ST_DTYPES)}')
+        out = torch.empty((stop - start, *shape[1:]), dtype=_ST_DTYPES[dt])
+        with open(self.path / fn, 'rb') as f:
+            f.seek(off + start * out[:1].nbytes)
+            f.readinto(out.reshape(-1).view(torch.uint8).numpy())
+        return out
+
+    def get(self, name:str) -> torch.Tensor:
+        "One whole tensor, in memory of its own."
+        shape = self.shapes[name]
+        return self.rows(name, 0, shape[0]) if shape else self.rows(name, 0, 1).reshape(()) if self._bin is None else self._bin[name].clone()
+
+def _set_param(model:nn.Module, name:str, t:torch.Tensor, grad:bool=True):
+    mod, _, attr = name.rpartition('.')
+    setattr(model.get_submodule(mod), attr, nn.Parameter(t, requires_grad=grad and t.is_floating_point()))
+
+def int8_rowwise(chunks, # row blocks (n_i, K) of one weight, in order
+                 shape:tuple, dtype, device) -> torch.Tensor:
+    "torchao's int8 weight-only tensor (`Int8Tensor.from_hp(w, PerRow())`, as `Int8WeightOnlyConfig` makes) of the stacked rows, built block by block."
+    from torchao.quantization.quantize_.workflows.int8.int8_tensor import Int8Tensor
+    from torchao.quantization.granularity import PerRow
+    (n, k), r = shape, 0
+    q, s, z = (torch.empty(n, k, dtype=torch.int8, device=device), torch.empty(n, 1, dtype=torch.float32, device=device),
+               torch.empty(n, 1, dtype=torch.int8, device=device))
+    for c in chunks:                                      # per-row scales: each block is quantized exactly as in the whole
+        t = Int8Tensor.from_hp(c.to(device, dtype), PerRow())
+        q[r:r + len(c)], s[r:r + len(c)], z[r:r + len(c)] = t.qdata, t.scale.view(-1, 1), t.zero_point.view(-1, 1)
+        r += len(c)
+    return Int8Tensor(q, s, [1, k], dtype, zero_point=z)
+
+def _row_blocks(src:CheckpointTensors, names:tuple, rows:int=64):
+    "Blocks of `rows` rows of the source tensors `names`, in order (their concatenation, never whole)."
+    for s in names:
+        n = src.shapes[s][0]
+        for r in range(0, n, rows): yield src.rows(s, r, min(n, r + rows))
+
+def _int8_target(model:nn.Module, name:str, tied:bool) -> bool:
+    "Is `name` the weight of a linear layer that int8 weight-only quantizes (every one but an LM head tied to the embedding)?"
+    mod = name.rpartition('.')[0]
+    return name.endswith('.weight') and isinstance(model.get_submodule(mod), nn.Linear) and not (tied and mod == 'lm_head')
+
+def _malloc_trim():
+    "glibc's `malloc_trim`, or None (other C libraries): gives freed heap memory back to the OS."
+    try:
+        import ctypes
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError): return None
+_TRIM = _malloc_trim()
+
+def _load_one(model:nn.Module, src:CheckpointTensors, ours:str, theirs:tuple, dev, dtype, int8:bool):
+    "Read model tensor `ours` from the source tensors `theirs` (concatenated on dim 0), cast, placed, int8 if asked."
+    p = model.get_parameter(ours)
+    dt = dtype or p.dtype
+    if int8:
+        _set_param(model, ours, int8_rowwise(_row_blocks(src, theirs), tuple(p.shape), dt, dev), grad=False)
+        if _TRIM: _TRIM(0)        # the freed fp32 blocks go back to the OS instead of staying in the heap (1.43x -> 1.13x at d=512)
+        return
+    t = torch.cat([src.get(s) for s in theirs]) if len(theirs) > 1 else src.get(theirs[0])
+    _set_param(model, ours, t.to(dev, dt) if t.is_floating_point() else t.to(dev))
+
 # %% ../nbs/20_hybrid_model.ipynb #1205e49c
 WEIGHTS_NAME, CONFIG_NAME = 'model.safetensors', 'config.json'
 
@@ -542,24 +669,213 @@ def check_state(found:dict, want:dict, source:str=''):
 
 @classmethod
 def _from_pretrained(cls, path, device=None, # where to put the weights (default: cpu)
-                     dtype=None): # cast the floating-point weights (default: the config's dtype)
-    "Load a folder written by `save_pretrained`."
-    from safetensors import safe_open
+                     dtype=None, # cast the floating-point weights (default: as stored)
+                     quantize:str|None=None): # 'int8': torchao int8 weight-only, each linear layer as soon as it is loaded
+    "Load a folder written by `save_pretrained`, tensor by tensor onto a meta-device model (with `quantize`, the float model never exists)."
+    if quantize not in (None, 'int8'): raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     path = Path(path)
     for f in (CONFIG_NAME, WEIGHTS_NAME):
         if not (path / f).is_file(): raise FileNotFoundError(f'{path} has no {f}: not a folder written by save_pretrained')
     cfg = HybridConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
     with torch.device('meta'): model = cls(cfg)
-    with safe_open(str(path / WEIGHTS_NAME), framework='pt', device=str(device or 'cpu')) as f:
-        check_state({k: f.get_slice(k).get_shape() for k in f.keys()}, _expected_tensors(model), str(path / WEIGHTS_NAME))
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    if dtype is not None: sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    if cfg.tie_embeddings: sd['lm_head.weight'] = sd['embed.weight']
-    model.load_state_dict(sd, assign=True)
+    src, dev = CheckpointTensors(path), torch.device(device or 'cpu')
+    check_state(src.shapes, _expected_tensors(model), str(path / WEIGHTS_NAME))
+    for k in src.shapes:
+        _load_one(model, src, k, (k,), dev, dtype, quantize and _int8_target(model, k, cfg.tie_embeddings))
     if cfg.tie_embeddings: model.lm_head.weight = model.embed.weight
     return model
 
 HybridLM.save_pretrained, HybridLM.from_pretrained = _save_pretrained, _from_pretrained
+
+# %% ../nbs/20_hybrid_model.ipynb #f52b14c5
+HF_LAYOUTS = ('transformers-mamba', 'mamba_ssm', 'transformers-xlstm')   # what `load_hf` reads and `save_hf` writes
+
+def _hf_error(path, what:str) -> ValueError: return ValueError(f'{path}: {what}')
+
+def hf_layout(conf:dict, path='') -> str:
+    "Which public layout a config.json describes: transformers' Mamba, mamba_ssm's MambaLMHeadModel or transformers' xLSTM."
+    mt = conf.get('model_type')
+    if mt == 'mamba': return 'transformers-mamba'
+    if mt == 'xlstm': return 'transformers-xlstm'
+    if mt is None and {'d_model', 'n_layer', 'vocab_size'} <= set(conf): return 'mamba_ssm'
+    raise _hf_error(path, f'config.json has model_type={mt!r}; load_hf reads mamba (MambaForCausalLM), xlstm '
+                          f'(xLSTMForCausalLM) or a mamba_ssm config (d_model, n_layer, vocab_size): convert the checkpoint first')
+
+def _refuse(path, conf:dict, key:str, ok, what:str):
+    "ValueError naming a config value model_lab does not implement."
+    if key in conf and conf[key] not in ok:
+        raise _hf_error(path, f'config.json has {key}={conf[key]!r}; model_lab supports {what} only')
+
+def _mamba_hf_config(conf:dict, path) -> dict:
+    for k, ok, what in (('use_bias', (False,), 'use_bias=False'), ('use_conv_bias', (True,), 'use_conv_bias=True'),
+                        ('hidden_act', ('silu',), "hidden_act='silu'")): _refuse(path, conf, k, ok, what)
+    d, r = conf['hidden_size'], conf.get('time_step_rank', 'auto')
+    if conf.get('intermediate_size', 2 * d) % d: raise _hf_error(path, f"intermediate_size={conf['intermediate_size']} is not a multiple of hidden_size={d}")
+    return dict(vocab=conf['vocab_size'], d_model=d, n_layers=conf['num_hidden_layers'], pattern='M', d_state=conf.get('state_size', 16),
+                d_conv=conf.get('conv_kernel', 4), expand=conf.get('intermediate_size', 2 * d) // d, dt_rank=None if r == 'auto' else r,
+                norm_eps=conf.get('layer_norm_epsilon', 1e-5), logit_soft_cap=None, tie_embeddings=conf.get('tie_word_embeddings', True),
+                residual_in_fp32=conf.get('residual_in_fp32', True))
+
+def _mamba_ssm_config(conf:dict, path) -> dict:
+    ssm = conf.get('ssm_cfg') or {}
+    _refuse(path, ssm, 'layer', ('Mamba1',), "ssm_cfg.layer='Mamba1' (Mamba-2 is not implemented)")
+    for k, ok, what in (('bias', (False,), 'bias=False'), ('conv_bias', (True,), 'conv_bias=True')): _refuse(path, ssm, k, ok, f'ssm_cfg.{what}')
+    _refuse(path, conf, 'rms_norm', (True,), 'rms_norm=True')
+    if conf.get('d_intermediate') or conf.get('attn_layer_idx'):
+        raise _hf_error(path, 'config.json has d_intermediate / attn_layer_idx (MLP or attention layers); model_lab reads pure Mamba-1 stacks only')
+    r = ssm.get('dt_rank', 'auto')
+    return dict(vocab=conf['vocab_size'], d_model=conf['d_model'], n_layers=conf['n_layer'], pattern='M', d_state=ssm.get('d_state', 16),
+                d_conv=ssm.get('d_conv', 4), expand=ssm.get('expand', 2), dt_rank=None if r == 'auto' else r,
+                norm_eps=conf.get('norm_epsilon', 1e-5), logit_soft_cap=None, tie_embeddings=conf.get('tie_embeddings', True),
+                pad_vocab_size_multiple=conf.get('pad_vocab_size_multiple', 8), residual_in_fp32=conf.get('residual_in_fp32', True))
+
+def _xlstm_config(conf:dict, path) -> dict:
+    for k, ok, what in (('weight_mode', ('single',), "weight_mode='single'"), ('use_bias', (False,), 'use_bias=False'),
+                        ('v_dim_factor', (1, 1.0), 'v_dim_factor=1.0')): _refuse(path, conf, k, ok, what)
+    d = conf.get('hidden_size') or conf['embedding_dim']
+    if conf.get('embedding_dim', d) != d: raise _hf_error(path, f"embedding_dim={conf['embedding_dim']} differs from hidden_size={d}; model_lab needs them equal")
+    qk = conf.get('qk_dim_factor', 0.5)
+    if int(d * qk) != int(round(d * qk)): raise _hf_error(path, f'hidden_size * qk_dim_factor = {d * qk} is not a whole number; pick a qk_dim_factor that gives one')
+    return dict(vocab=conf['vocab_size'], d_model=d, n_layers=conf.get('num_blocks') or conf['num_hidden_layers'], pattern='m',
+                mlstm_heads=conf.get('num_heads', 8), qk_factor=qk, ffn_factor=conf.get('ffn_proj_factor', 2.667),
+                ffn_multiple=conf.get('ffn_round_up_to_multiple_of', 64), gate_soft_cap=conf.get('gate_soft_cap', 15.0),
+                logit_soft_cap=conf.get('output_logit_soft_cap', 30.0), chunk_size=conf.get('chunk_size', 64),
+                norm_eps=conf.get('norm_eps', 1e-6), mlstm_eps=conf.get('eps', 1e-6), head_norm='layer',
+                final_norm=conf.get('add_out_norm', True), tie_embeddings=conf.get('tie_word_embeddings', False))
+
+def hf_config(conf:dict, layout:str, dtype=None, path='') -> HybridConfig:
+    "The HybridConfig of a public config.json (`layout` from `hf_layout`); settings model_lab does not implement are a ValueError."
+    fn = dict(zip(HF_LAYOUTS, (_mamba_hf_config, _mamba_ssm_config, _xlstm_config)))[layout]
+    dt = dtype or conf.get('dtype') or conf.get('torch_dtype') or 'float32'
+    return HybridConfig(**fn(conf, path), dtype=str(dt).replace('torch.', ''))
+
+# %% ../nbs/20_hybrid_model.ipynb #0132f912
+def _map_mamba(cfg:HybridConfig, layout:str) -> dict:
+    "Our tensor name -> (source names, their rows) for a Mamba checkpoint (rows None: one source, as is)."
+    emb = 'backbone.embeddings.weight' if layout == 'transformers-mamba' else 'backbone.embedding.weight'
+    m = {'embed.weight': ((emb,), None), 'norm.weight': (('backbone.norm_f.weight',), None)}
+    for i in range(cfg.n_layers):
+        src, dst = f'backbone.layers.{i}.', f'blocks.{i}.'
+        m[dst + 'norm.weight'] = ((src + 'norm.weight',), None)
+        for ours, theirs in (('in_proj.weight', 'in_proj.weight'), ('conv.weight', 'conv1d.weight'), ('conv.bias', 'conv1d.bias'),
+                             ('x_proj.weight', 'x_proj.weight'), ('dt_proj.weight', 'dt_proj.weight'), ('dt_proj.bias', 'dt_proj.bias'),
+                             ('A_log', 'A_log'), ('D', 'D'), ('out_proj.weight', 'out_proj.weight')):
+            m[dst + ours] = ((src + 'mixer.' + theirs,), None)
+    return m
+
+def _map_xlstm(cfg:HybridConfig) -> dict:
+    "Our tensor name -> (source names, their rows) for transformers' xLSTM (weight mode 'single')."
+    d, H, qk, f = cfg.d_model, cfg.n_mlstm_heads, cfg.qk_dim, cfg.ffn_dim
+    m = {'embed.weight': (('backbone.embeddings.weight',), None)}
+    if cfg.final_norm: m['norm.weight'] = (('backbone.out_norm.weight',), None)
+    for i in range(cfg.n_layers):
+        src, dst, lay = f'backbone.blocks.{i}.', f'blocks.{i}.', f'backbone.blocks.{i}.mlstm_layer.'
+        m |= {dst + 'norm.weight': ((src + 'norm_mlstm.weight',), None), dst + 'head_norm': ((lay + 'multihead_norm.weight',), None),
+              dst + 'out_proj.weight': ((lay + 'out_proj.weight',), None), dst + 'ffn.norm.weight': ((src + 'norm_ffn.weight',), None),
+              dst + 'ffn.w_out.weight': ((src + 'ffn.proj_down.weight',), None)}
+        m |= {dst + 'in_proj.weight': (tuple(lay + p + '.weight' for p in ('q', 'k', 'v', 'ogate_preact')), (qk, qk, d, d)),
+              dst + 'gates.weight': ((lay + 'igate_preact.weight', lay + 'fgate_preact.weight'), (H, H)),
+              dst + 'gates.bias': ((lay + 'igate_preact.bias', lay + 'fgate_preact.bias'), (H, H)),
+              dst + 'ffn.w_in.weight': ((src + 'ffn.proj_up_gate.weight', src + 'ffn.proj_up.weight'), (f, f))}
+    return m
+
+def hf_name_map(cfg:HybridConfig, layout:str) -> dict:
+    "model_lab tensor name -> (source tensor names, rows of each along dim 0, or None for a single source) in `layout`."
+    if layout == 'transformers-xlstm': m = _map_xlstm(cfg)
+    elif layout in HF_LAYOUTS: m = _map_mamba(cfg, layout)
+    else: raise ValueError(f'layout must be one of {", ".join(HF_LAYOUTS)}, got {layout!r}')
+    if not cfg.tie_embeddings: m['lm_head.weight'] = (('lm_head.weight',), None)
+    return m
+
+# %% ../nbs/20_hybrid_model.ipynb #aede3f78
+def _check_sources(src:CheckpointTensors, names:dict, model:nn.Module, tied:bool):
+    "ValueError naming the first missing, unexpected or mis-shaped source tensor (with both shapes)."
+    want = {}
+    for ours, (theirs, rows) in names.items():
+        shape = tuple(model.get_parameter(ours).shape)
+        for s, r in zip(theirs, rows or (None,)): want[s] = (shape if r is None else (r, *shape[1:]), ours)
+    if missing := sorted(set(want) - set(src.shapes)): raise ValueError(f'{src.path} is missing tensors {missing[:5]}{" ..." if len(missing) > 5 else ""}')
+    extra = sorted(set(src.shapes) - set(want) - ({'lm_head.weight'} if tied else set()))   # mamba_ssm stores its tied head too
+    if extra: raise ValueError(f'{src.path} has tensors model_lab does not know: {extra[:5]}; is the config.json the one of these weights?')
+    for s, (shape, ours) in want.items():
+        if src.shapes[s] != shape: raise ValueError(f'tensor {s!r} in {src.path} has shape {src.shapes[s]}, the config needs {shape} (for {ours})')
+
+def _resolve_checkpoint(path_or_name) -> Path:
+    "A local folder as is; an `owner/model` hub name through huggingface_hub (online users only)."
+    p = Path(path_or_name)
+    if p.is_dir(): return p
+    if p.exists() or str(path_or_name).count('/') != 1 or str(path_or_name).startswith(('.', '/', '~')):
+        raise FileNotFoundError(f'{path_or_name} is neither a checkpoint folder nor a hub name like state-spaces/mamba-130m-hf')
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(str(path_or_name), allow_patterns=['*.json', '*.safetensors', 'pytorch_model.bin']))
+
+def load_hf(path_or_name, # a folder with config.json + (sharded) safetensors, or a hub name (downloads)
+            dtype=None, # torch dtype or name for the floating-point weights (default: the checkpoint's `dtype`, else float32)
+            device=None, # where the weights go (default: cpu)
+            quantize:str|None=None) -> HybridLM: # 'int8': torchao int8 weight-only, each linear layer as soon as it is loaded
+    "A HybridLM with the weights of transformers' `MambaForCausalLM`, mamba_ssm's `MambaLMHeadModel` or transformers' `xLSTMForCausalLM`."
+    if quantize not in (None, 'int8'): raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    path = _resolve_checkpoint(path_or_name)
+    if not (path / CONFIG_NAME).is_file(): raise FileNotFoundError(f'{path} has no config.json: not a transformers / mamba_ssm checkpoint folder')
+    conf = json.loads((path / CONFIG_NAME).read_text())
+    layout = hf_layout(conf, path)
+    cfg = hf_config(conf, layout, str(dtype).replace('torch.', '') if dtype else None, path)
+    with torch.device('meta'): model = HybridLM(cfg)                           # shapes only: the weights arrive one by one
+    names, src, dev = hf_name_map(cfg, layout), CheckpointTensors(path), torch.device(device or 'cpu')
+    _check_sources(src, names, model, cfg.tie_embeddings)
+    for ours, (theirs, rows) in names.items():
+        _load_one(model, src, ours, theirs, dev, None, quantize and _int8_target(model, ours, cfg.tie_embeddings))
+    if cfg.tie_embeddings: model.lm_head.weight = model.embed.weight
+    if left := [n for n, p in model.named_parameters() if p.is_meta]: raise ValueError(f'{path}: tensors {left} were not loaded')
+    model.hf_source = dict(layout=layout, config=conf, path=str(path))
+    return model.eval()
+
+# %% ../nbs/20_hybrid_model.ipynb #c01dec7a
+def _hf_config_dict(cfg:HybridConfig, layout:str) -> dict:
+    "A config.json for `cfg` in `layout` (when the model was not loaded from that layout)."
+    c = cfg
+    if layout == 'mamba_ssm':
+        return dict(d_model=c.d_model, n_layer=c.n_layers, vocab_size=c.vocab, rms_norm=True, residual_in_fp32=c.residual_in_fp32,
+                    fused_add_norm=True, pad_vocab_size_multiple=c.pad_vocab_size_multiple, tie_embeddings=c.tie_embeddings,
+                    norm_epsilon=c.norm_eps, ssm_cfg=dict(d_state=c.d_state, d_conv=c.d_conv, expand=c.expand, dt_rank=c.mamba_dt_rank))
+    if layout == 'transformers-mamba':
+        return dict(architectures=['MambaForCausalLM'], model_type='mamba', vocab_size=c.padded_vocab, hidden_size=c.d_model,
+                    num_hidden_layers=c.n_layers, state_size=c.d_state, conv_kernel=c.d_conv, expand=c.expand, intermediate_size=c.d_inner,
+                    time_step_rank=c.mamba_dt_rank, layer_norm_epsilon=c.norm_eps, use_bias=False, use_conv_bias=True,
+                    residual_in_fp32=c.residual_in_fp32, tie_word_embeddings=c.tie_embeddings, dtype=c.dtype)
+    return dict(architectures=['xLSTMForCausalLM'], model_type='xlstm', vocab_size=c.padded_vocab, hidden_size=c.d_model,
+                embedding_dim=c.d_model, num_hidden_layers=c.n_layers, num_blocks=c.n_layers, num_heads=c.n_mlstm_heads,
+                qk_dim_factor=c.qk_factor, v_dim_factor=1.0, ffn_proj_factor=c.ffn_factor, ffn_round_up_to_multiple_of=c.ffn_multiple,
+                gate_soft_cap=c.gate_soft_cap, output_logit_soft_cap=c.logit_soft_cap, chunk_size=c.chunk_size, norm_eps=c.norm_eps,
+                eps=c.mlstm_eps, add_out_norm=c.final_norm, tie_word_embeddings=c.tie_embeddings, weight_mode='single', use_bias=False, dtype=c.dtype)
+
+def _check_layout_fits(cfg:HybridConfig, layout:str):
+    "ValueError unless the model can be written in `layout` (pure Mamba for the Mamba layouts, xLSTM-7B mLSTM for xLSTM)."
+    xl = layout == 'transformers-xlstm'
+    ok = set(cfg.layers) == ({'m'} if xl else {'M'}) and (not xl or (cfg.head_norm == 'layer' and cfg.logit_soft_cap is not None))
+    ok = ok and (xl or (cfg.final_norm and cfg.logit_soft_cap is None))
+    if not ok: raise ValueError(f'a model with pattern {cfg.pattern!r} (head_norm={cfg.head_norm!r}, logit_soft_cap={cfg.logit_soft_cap}, '
+                                f'final_norm={cfg.final_norm}) has no {layout} layout; save it with save_pretrained instead')
+
+def save_hf(model:HybridLM, path, # folder to write config.json + model.safetensors into
+            layout:str|None=None) -> Path: # one of HF_LAYOUTS; default: the layout it was loaded from
+    "Write `model` in a public layout (tensor for tensor what `load_hf` read: a round trip is byte-identical); returns the folder."
+    from safetensors.torch import save
+    src = getattr(model, 'hf_source', None) or {}
+    layout = layout or src.get('layout')
+    if layout not in HF_LAYOUTS: raise ValueError(f'layout must be one of {", ".join(HF_LAYOUTS)}, got {layout!r} (pass layout=...)')
+    _check_layout_fits(model.cfg, layout)
+    if any(hasattr(p, 'tensor_data_names') for p in model.parameters()):
+        raise ValueError('model has quantized weights; save_hf writes floating-point checkpoints: load it again without quantize')
+    conf = src['config'] if src.get('layout') == layout else _hf_config_dict(model.cfg, layout)
+    sd, out = model.state_dict(), {}
+    for ours, (theirs, rows) in hf_name_map(model.cfg, layout).items():
+        t = sd[ours].detach().cpu()
+        out |= {s: piece.contiguous() for s, piece in zip(theirs, t.split(list(rows)) if rows else (t,))}
+    path = Path(path); path.mkdir(parents=True, exist_ok=True)
+    atomic_write(path / WEIGHTS_NAME, save(out, metadata={'format': 'pt'}))
+    atomic_write(path / CONFIG_NAME, json.dumps(conf, indent=2))
+    return path
 
 # %% ../nbs/20_hybrid_model.ipynb #9ecdd74b
 hybrid_350m = HybridConfig(vocab=50304, d_model=1024, n_layers=32, pattern='MmMmMs')
@@ -585,7 +901,8 @@ def param_count(cfg:HybridConfig) -> int:
 # %% ../nbs/20_hybrid_model.ipynb #e96fe909
 PRECISIONS = ('fp32', 'bf16', 'fp16', 'int8')
 OPTIMIZERS = {'adamw': 2, 'adam': 2, 'sgd': 1, 'none': 0}        # states per parameter
-_TRAIN_BYTES = dict(fp32=(4, 4, 4), bf16=(6, 4, 4), fp16=(6, 4, 4), int8=(2, 2, 1))   # weights, grads, bytes per optimizer state
+TRAIN_PRECISIONS = ('fp32', 'bf16', 'fp16')   # int8 is weight-only inference: the trainer has no 8-bit optimizer
+_TRAIN_BYTES = dict(fp32=(4, 4, 4), bf16=(4, 4, 4), fp16=(4, 4, 4))   # weights, grads, bytes per optimizer state (Lightning '*-mixed': all fp32)
 _ACT_BYTES = dict(fp32=4, bf16=2, fp16=2, int8=2)
 
 def _ffn_values(d:int, h:int) -> int: return 2 * d + 4 * h          # norm in/out; gate, up, silu(gate), their product
@@ -635,8 +952,11 @@ def _count_int8(cfg:HybridConfig) -> int:
         total += p.numel() + 4 * p.shape[0] if id(p) in quantized else 2 * p.numel()
     return total
 
-def _check_estimate_args(precision, optimizer, batch, seq_len):
+def _check_estimate_args(precision, optimizer, batch, seq_len, training=False):
     if precision not in PRECISIONS: raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
+    if training and precision not in TRAIN_PRECISIONS:
+        raise ValueError(f"precision={precision!r} is inference-only (torchao int8 weight-only): train with one of {', '.join(TRAIN_PRECISIONS)} "
+                         "(Lightning bf16-mixed), or pass training=False")
     if optimizer not in OPTIMIZERS: raise ValueError(f'optimizer must be one of {", ".join(OPTIMIZERS)}, got {optimizer!r}')
     for name, v in (('batch', batch), ('seq_len', seq_len)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1: raise ValueError(f'{name} must be a positive int, got {v!r}')
@@ -645,8 +965,8 @@ def estimate_memory(cfg:HybridConfig, precision:str, # 'fp32' | 'bf16' | 'fp16' 
                     optimizer:str='adamw', # 'adamw' | 'adam' | 'sgd' (momentum) | 'none'
                     batch:int=1, seq_len:int=2048, training:bool=True) -> dict:
     "Bytes for weights, gradients, optimizer state, activations and the peak `total` of a training step or a forward."
-    _check_estimate_args(precision, optimizer, batch, seq_len)
-    P, tok, d, V = param_count(cfg), batch * seq_len, cfg.d_model, cfg.vocab
+    _check_estimate_args(precision, optimizer, batch, seq_len, training)
+    P, tok, d, V = param_count(cfg), batch * seq_len, cfg.d_model, cfg.padded_vocab
     if not training:
         w = _int8_weight_bytes(cfg) if precision == 'int8' else P * {'fp32': 4}.get(precision, 2)
         a = _ACT_BYTES[precision]
@@ -700,17 +1020,20 @@ def per_device_bytes(est:dict, devices:int) -> int:
     state = est['weights'] + est['gradients'] + est['optimizer']
     return int(est['total'] - state + state / devices)
 
-def fit_table(presets:dict|None=None, precisions=('fp32', 'bf16', 'int8'), seq_len:int=2048) -> str:
-    "Markdown: GB needed per preset and precision, and ✓ / ✗ (inference / training) per device in DEVICE_MEMORY."
-    presets = presets or PRESETS
-    head = '| preset | precision | inference | training | ' + ' | '.join(DEVICE_MEMORY) + ' |\n|' + '---|' * (4 + len(DEVICE_MEMORY))
+def fit_table(presets:dict|None=None, precisions=('fp32', 'bf16', 'int8'), seq_len:int=2048, batch:int=1,
+              devices:dict|None=None) -> str: # name -> (bytes per device, devices); default DEVICE_MEMORY
+    "Markdown: GB needed per preset and precision, and ✓ / ✗ (inference / training; — : int8 trains nowhere) per device."
+    presets, devices = presets or PRESETS, devices or DEVICE_MEMORY
+    head = '| preset | precision | inference | training | ' + ' | '.join(devices) + ' |\n|' + '---|' * (4 + len(devices))
     rows = []
+    mark = lambda e, mem, n: '—' if e is None else '✓' if per_device_bytes(e, n) <= USABLE * mem else '✗'
     for name, cfg in presets.items():
         for pr in precisions:
-            inf, tr = estimate_memory(cfg, pr, seq_len=seq_len, training=False), estimate_memory(cfg, pr, seq_len=seq_len)
-            mark = lambda e, mem, n: '✓' if per_device_bytes(e, n) <= USABLE * mem else '✗'
-            cells = [f'{mark(inf, mem, n)} / {mark(tr, mem, n)}' for mem, n in DEVICE_MEMORY.values()]
-            rows.append(f'| {name} | {pr} | {inf["total"] / 1e9:.1f} GB | {tr["total"] / 1e9:.1f} GB | ' + ' | '.join(cells) + ' |')
+            inf = estimate_memory(cfg, pr, batch=batch, seq_len=seq_len, training=False)
+            tr = estimate_memory(cfg, pr, batch=batch, seq_len=seq_len) if pr in TRAIN_PRECISIONS else None
+            cells = [f'{mark(inf, mem, n)} / {mark(tr, mem, n)}' for mem, n in devices.values()]
+            trs = f'{tr["total"] / 1e9:.1f} GB' if tr else '—'
+            rows.append(f'| {name} | {pr} | {inf["total"] / 1e9:.1f} GB | {trs} | ' + ' | '.join(cells) + ' |')
     return '\n'.join([head, *rows])
 
 # %% ../nbs/20_hybrid_model.ipynb #c7c2da1d
@@ -734,7 +1057,12 @@ def flops_per_token(cfg:HybridConfig, seq_len:int=2048, training:bool=True) -> f
     fwd = 2 * matmul + sum(mix[c] for c in cfg.layers)
     return fwd * (3 if training else 1)
 
-RUNTIME_DEVICES = {'T4': 'Tesla T4', 'V100': 'Tesla V100-SXM2-16GB', 'A100': 'NVIDIA A100-SXM4-40GB', 'TPU v5e': 'TPU v5 lite'}
+RUNTIME_DEVICES = {'T4': 'Tesla T4', 'V100': 'Tesla V100-SXM2-16GB', 'A100': 'NVIDIA A100-SXM4-40GB'}
+PUBLISHED_MFU = {   # model FLOPs utilisation of published training runs on each GPU: (fraction of the 16-bit peak, source)
+    'T4': (0.30, 'proxy: no published T4 training run found; the Volta tensor-core figure of Megatron-LM 8.3B on 512 V100s '
+                 '(39 TFLOP/s per GPU, 30% of peak; Shoeybi et al. 2019)'),
+    'V100': (0.48, 'Megatron-LM v1.0, GPT-2 1.2B on one V100 of a DGX-2H: 62.4 TFLOP/s, 48% of peak (NVIDIA ADLR blog, 2019)'),
+    'A100': (0.52, 'Megatron-LM, GPT 1T on 3072 A100s: 163 TFLOP/s per GPU, 52% of 312 (Narayanan et al. 2021, arXiv 2104.04473)')}
 
 def device_peak(label:str) -> tuple[float, str]:
     "(dense 16-bit peak FLOP/s, dtype) of one device from `model_lab.devices.peak_specs` (bf16 where it has it, else fp16)."
@@ -742,10 +1070,12 @@ def device_peak(label:str) -> tuple[float, str]:
     fl = peak_specs(Hardware(kind='tpu' if 'TPU' in name else 'cuda', name=name)).flops
     return (fl['bf16'], 'bf16') if 'bf16' in fl else (fl['fp16'], 'fp16')
 
-def runtime_estimates(utilisation:float, presets:dict|None=None, steps:int=1000, batch:int=8, seq_len:int=2048) -> dict:
-    "{preset: {device: seconds}} for `steps` training steps of batch x seq_len tokens at `utilisation` of each peak."
+def runtime_estimates(utilisation:float|None=None, # one fraction of peak for every device; None: each GPU's PUBLISHED_MFU
+                      presets:dict|None=None, steps:int=1000, batch:int=8, seq_len:int=2048) -> dict:
+    "{preset: {device: seconds}} for `steps` training steps of batch x seq_len tokens at a utilisation of each device's peak."
     presets = presets or PRESETS
-    return {k: {dev: steps * batch * seq_len * flops_per_token(c, seq_len) / (device_peak(dev)[0] * utilisation)
+    u = lambda dev: utilisation if utilisation is not None else PUBLISHED_MFU[dev][0]
+    return {k: {dev: steps * batch * seq_len * flops_per_token(c, seq_len) / (device_peak(dev)[0] * u(dev))
                 for dev in RUNTIME_DEVICES} for k, c in presets.items()}
 
 # %% ../nbs/20_hybrid_model.ipynb #508a4af3
@@ -897,17 +1227,24 @@ def _bench_int8(hw, sz, dev):
     model, losses = train_briefly(cfg, stdlib_bytes(), steps=sz['train_steps'], batch=8, seq_len=96)
     held = stdlib_bytes(HELD_OUT)
     import copy
-    models = {'fp32': model, 'int8': quantize_int8(copy.deepcopy(model))}
+    models = {'fp32': model, 'bf16': copy.deepcopy(model).to(torch.bfloat16), 'int8': quantize_int8(copy.deepcopy(model))}
+    models = {k: m.to(dev) for k, m in models.items()}
     ppl = {k: perplexity(m, held, 128, 8) for k, m in models.items()}
-    prompt = held[:64].long()[None].to(dev)
-    for k, m in models.items():
-        m = m.to(dev)
-        t = measure(lambda: m.generate(prompt, sz['new'], temperature=0), warmup=1, repeat=3, device=dev)
-        yield record('hybrid', f'int8 vs fp32: {k}', t, hw=hw, work=sz['new'], unit='tokens/s', dtype=k,
-                     params=dict(weights=k, d_model=128, pattern='MmMs', prompt=64, new_tokens=sz['new'], train_steps=sz['train_steps']),
-                     quality=dict(perplexity=ppl[k], ppl_change=ppl[k] / ppl['fp32'] - 1, weight_bytes=weight_bytes(m),
-                                  final_loss=sum(losses[-5:]) / 5),
-                     conditions=_conditions())
+    prompt, x = held[:64].long()[None].to(dev), held[:256].long()[None].to(dev)
+    rounds = 3 if sz['d'] < 128 else 5
+    gen = ratios({k: (lambda m=m: m.generate(prompt, sz['new'], temperature=0)) for k, m in models.items()}, 'fp32', rounds=rounds)
+    fwd = ratios({k: (lambda m=m: _no_grad_forward(m, x)) for k, m in models.items()}, 'fp32', rounds=rounds)
+    for mode, rs, work in (('generate', gen, sz['new']), ('forward', fwd, x.shape[1])):
+        for k, r in rs.items():
+            yield ratio_record('hybrid', f'int8 vs fp32: {k} {mode}', r, hw=hw, work=work, unit='tokens/s', dtype=k,
+                               params=dict(weights=k, mode=mode, d_model=128, pattern='MmMs', prompt=64 if mode == 'generate' else x.shape[1],
+                                           new_tokens=sz['new'], train_steps=sz['train_steps']),
+                               quality=dict(perplexity=ppl[k], ppl_change=ppl[k] / ppl['fp32'] - 1, weight_bytes=weight_bytes(models[k]),
+                                            final_loss=sum(losses[-5:]) / 5),
+                               conditions=_conditions())
+
+def _no_grad_forward(m, x):
+    with torch.no_grad(): return m(x)
 
 def _bench_utilisation(hw, sz, dev):
     cfg = UTIL_CFG if sz['d'] >= 256 else dataclasses.replace(UTIL_CFG, d_model=sz['d'], vocab=256)
@@ -919,13 +1256,76 @@ def _bench_utilisation(hw, sz, dev):
                  conditions=_conditions(peak_tflops=u['peak'] / 1e12 if u['peak'] else None))
 
 @suite('hybrid', plots=[dict(x='prompt', y='throughput', hue='name', logx=True, logy=True)])
-def bench_hybrid(hw:Hardware, size:str='default'):
-    "Hybrid LM: generation with state caching vs re-encoding, tokens/s per block type, int8 vs fp32, training utilisation."
+def bench_hybrid(hw:Hardware, size:str='default',
+                 model=None, # a checkpoint folder or hub name (`load_hf`): prefill and decode of that model instead
+                 preset:str|None=None, # a MODEL_PRESETS name (350m, 1_3b, 7b, mamba-130m, xlstm-7b): its real size ...
+                 random_weights:bool=False): # ... materialised on the device with random weights (nothing downloaded)
+    "Hybrid LM: generation with state caching vs re-encoding, tokens/s per block type, int8 vs fp32, training utilisation; or one model's prefill / decode."
     sz, dev = _BENCH[size], torch_device(hw)
+    if model is not None or preset is not None:
+        yield from _bench_checkpoint(hw, size, dev, model, preset, random_weights)
+        return
     yield from _bench_generation(hw, sz, dev)
     yield from _bench_blocks(hw, sz, dev)
     yield from _bench_int8(hw, sz, torch.device('cpu'))      # torchao's int8 weight-only path, here on the CPU
     yield from _bench_utilisation(hw, sz, dev)
+
+# %% ../nbs/20_hybrid_model.ipynb #c2280df0
+MODEL_PRESETS = {   # real sizes to benchmark without a download (`bench_hybrid(preset=..., random_weights=True)`)
+    **{k.removeprefix('hybrid_'): c for k, c in PRESETS.items()},
+    'mamba-130m': HybridConfig(vocab=50280, d_model=768, n_layers=24, pattern='M', logit_soft_cap=None, norm_eps=1e-5,
+                               residual_in_fp32=True),                         # state-spaces/mamba-130m-hf config.json
+    'xlstm-7b': HybridConfig(vocab=50304, d_model=4096, n_layers=32, pattern='m', mlstm_heads=8, ffn_factor=2.667,
+                             head_norm='layer', tie_embeddings=False)}         # NX-AI/xLSTM-7b (transformers' xLSTMConfig defaults)
+
+@torch.no_grad()
+def random_model(cfg:HybridConfig, device=None, seed:int=0) -> HybridLM:
+    "HybridLM(cfg) built on the meta device and materialised on `device` with its own random initialisation (no CPU copy first)."
+    with torch.device('meta'): m = HybridLM(cfg)
+    m.to_empty(device=torch.device(device or 'cpu'))
+    torch.manual_seed(seed)
+    for mod in m.modules():
+        if isinstance(mod, nn.Conv1d): mod.reset_parameters()
+        if isinstance(mod, RMSNorm): mod.weight.fill_(1.0)
+        if isinstance(mod, (mLSTMBlock, sLSTMBlock)): mod.head_norm.fill_(1.0)
+    m.reset_parameters()
+    if cfg.tie_embeddings: m.lm_head.weight = m.embed.weight
+    return m.eval()
+
+def _checkpoint_model(model, preset, random_weights:bool, dev):
+    "(HybridLM, label, the transformers folder to compare with or None) for `bench_hybrid`'s model / preset arguments."
+    if model is not None:
+        m = load_hf(model, device=dev)
+        hf = m.hf_source['path'] if m.hf_source['layout'] != 'mamba_ssm' else None
+        return m, str(model), hf
+    name = str(preset).removeprefix('hybrid_')
+    if name not in MODEL_PRESETS: raise ValueError(f'preset must be one of {", ".join(MODEL_PRESETS)}, got {preset!r}')
+    if not random_weights: raise ValueError(f'preset={preset!r} needs random_weights=True (no weights are downloaded); or pass model=PATH|NAME')
+    return random_model(MODEL_PRESETS[name], dev), f'{name} (random weights)', None
+
+_CKPT = dict(quick=dict(prompts=(64, 128), new=8, rounds=3), default=dict(prompts=(512, 2048), new=32, rounds=5),
+             full=dict(prompts=(512, 2048, 8192), new=64, rounds=7))
+
+def _bench_checkpoint(hw, size, dev, model, preset, random_weights):
+    "Prefill tokens/s per prompt length, decode tokens/s (state cache; against transformers' generate on the same weights)."
+    m, label, hf_path = _checkpoint_model(model, preset, random_weights, dev)
+    sz, V, P = _CKPT[size], m.cfg.vocab, sum(p.numel() for p in m.parameters())
+    base = dict(model=label, params=P, layers=m.cfg.layers[:12])
+    for L in sz['prompts']:
+        ids = torch.randint(0, V, (1, L), generator=torch.Generator().manual_seed(L)).to(dev)
+        with torch.no_grad(): t = measure(lambda: m(ids), warmup=1, repeat=2 if L >= 2048 else 3, device=dev)
+        yield record('hybrid', 'prefill', t, hw=hw, work=L, unit='tokens/s', dtype=m.embed.weight.dtype, params=base | dict(prompt=L),
+                     conditions=_conditions())
+    prompt, n = torch.randint(0, V, (1, 16), generator=torch.Generator().manual_seed(16)).to(dev), sz['new']
+    fns = {'decode: model_lab state cache': lambda: m.generate(prompt, n, temperature=0)}
+    if hf_path is not None:
+        from transformers import AutoModelForCausalLM
+        ref = AutoModelForCausalLM.from_pretrained(hf_path, dtype=m.embed.weight.dtype).to(dev).eval()
+        fns['decode: transformers generate'] = lambda: ref.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    rs = ratios(fns, baseline=list(fns)[-1], rounds=sz['rounds'], min_time=0.0)
+    for name, r in rs.items():
+        yield ratio_record('hybrid', name, r, hw=hw, work=n, unit='tokens/s', dtype=m.embed.weight.dtype,
+                           params=base | dict(prompt=16, new_tokens=n), conditions=_conditions())
 
 # %% ../nbs/20_hybrid_model.ipynb #7e5422f5
 def _row_table(rows:list, head:list) -> str:
@@ -951,16 +1351,17 @@ def blocks_table(results:list) -> str:
     return _row_table(rows, ['block', 'layers', 'parameters', 'fwd tokens/s', 'fwd+bwd tokens/s', 'fwd+bwd vs attention'])
 
 def int8_table(results:list) -> str:
-    "Markdown: int8 weight-only vs fp32: weight bytes, generation tokens/s, perplexity."
-    rows = [(r.params['weights'], fmt_bytes(r.quality['weight_bytes']), f"{r.throughput['value']:.1f}",
+    "Markdown: int8 weight-only vs fp32 (and bf16): weight bytes, tokens/s, speed vs fp32 (alternated; older runs: —), perplexity."
+    ratio = lambda r: f"{r.ratio['value']:.2f}× [{r.ratio['low']:.2f}, {r.ratio['high']:.2f}]" if getattr(r, 'ratio', None) else '—'
+    rows = [(r.params['weights'], r.params.get('mode', 'generate'), fmt_bytes(r.quality['weight_bytes']), f"{r.throughput['value']:.1f}", ratio(r),
              f"{r.quality['perplexity']:.3f}", f"{r.quality['ppl_change']:+.2%}") for r in results if r.name.startswith('int8')]
-    return _row_table(rows, ['weights', 'weight bytes', 'generation tokens/s', 'held-out perplexity', 'change vs fp32'])
+    return _row_table(rows, ['weights', 'mode', 'weight bytes', 'tokens/s', 'speed vs fp32 (95% interval)', 'held-out perplexity', 'change vs fp32'])
 
-def runtime_table(results:list, steps:int=1000, batch:int=8, seq_len:int=2048) -> str:
-    "Markdown: estimated time of `steps` training steps of each preset per device, at the utilisation measured in `results`."
-    u = next(r.quality['utilisation'] for r in results if r.name == 'train step utilisation')
-    est = runtime_estimates(u, steps=steps, batch=batch, seq_len=seq_len)
-    rows = [(k, f'{flops_per_token(PRESETS[k], seq_len) / 1e9:.1f}', *(f'{s / 3600:.1f} h' if s >= 3600 else f'{s / 60:.0f} min' for s in v.values()))
-            for k, v in est.items()]
-    return (f'*Estimate*: {steps} steps × {batch} × {seq_len} tokens at the utilisation measured here ({u:.1%} of peak).\n\n'
-            + _row_table(rows, ['preset', 'training GFLOP/token', *(f'{d} ({device_peak(d)[1]} {device_peak(d)[0] / 1e12:.0f} TFLOP/s)' for d in RUNTIME_DEVICES)]))
+def runtime_table(steps:int=1000, batch:int=8, seq_len:int=2048) -> str:
+    "Markdown: estimated time of `steps` training steps of each preset per GPU, at each GPU's published utilisation (PUBLISHED_MFU)."
+    est = runtime_estimates(None, steps=steps, batch=batch, seq_len=seq_len)
+    fmt = lambda s: f'{s / 3600:.1f} h' if s >= 3600 else f'{s / 60:.0f} min'
+    rows = [(k, f'{flops_per_token(PRESETS[k], seq_len) / 1e9:.1f}', *map(fmt, v.values())) for k, v in est.items()]
+    head = [f'{d} ({device_peak(d)[1]} {device_peak(d)[0] / 1e12:.0f} TFLOP/s × {PUBLISHED_MFU[d][0]:.0%})' for d in RUNTIME_DEVICES]
+    return (f'*Estimate*: {steps} steps × {batch} × {seq_len} tokens at published utilisation.\n\n' + _row_table(rows, ['preset', 'training GFLOP/token', *head])
+            + '\n\n' + '\n'.join(f'- {d}: {PUBLISHED_MFU[d][1]}' for d in RUNTIME_DEVICES))
