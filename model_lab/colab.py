@@ -273,6 +273,7 @@ def _found(mod:str) -> bool:
 
 # %% ../nbs/90_colab_check.ipynb #2205bda1
 class Runtime(NamedTuple):
+    "Which runtime this is (colab, colab-vscode, kaggle, jupyter, ipython, python) and the evidence."
     name: str   # colab | colab-vscode | kaggle | jupyter | ipython | python
     label: str  # which runtime, and the evidence
 
@@ -292,12 +293,14 @@ def runtime_of(env:dict, modules:dict, shell:str|None) -> Runtime:
     return Runtime('python', f'plain Python{vscode} (no IPython shell, no notebook or Colab/Kaggle variables)')
 
 def check_runtime(f:Facts) -> Finding:
+    "Finding: which runtime this is (Colab in the browser or in VS Code, Kaggle, Jupyter, plain Python)."
     rt = runtime_of(f.env, f.modules, f.shell)
     note = ''
     if rt.name.startswith('colab') and not f.modules.get('google.colab'): note = '; google.colab does not import here'
     return Finding('runtime', 'ok', rt.label + note)
 
 def check_python(f:Facts) -> Finding:
+    "Finding: whether this Python meets model_lab's `requires-python`."
     spec = SpecifierSet(f.requires_python or '>=0')
     if spec.contains(f.python, prereleases=True): return Finding('python', 'ok', f'Python {f.python} (model_lab needs {spec or "any"})')
     return Finding('python', 'fail', f'Python {f.python}, but model_lab needs {spec}',
@@ -316,7 +319,7 @@ def tpu_marker(f:Facts) -> str:
     n = f.dev_files.get('accel', 0)  # NVIDIA drivers >= 570 also create /dev/accel*: trust them only without /dev/nvidia0
     return f'{n} /dev/accel* devices' if n and not f.dev_files.get('nvidia') else ''
 
-def colab_gpu_runtime(f:Facts) -> bool: return f.env.get('COLAB_GPU', '') not in ('', '0')
+def colab_gpu_runtime(f:Facts) -> bool: "True on a Colab runtime that was given a GPU (`COLAB_GPU` set), whether or not PyTorch sees it."; return f.env.get('COLAB_GPU', '') not in ('', '0')
 
 def tpu_memory(hw:Hardware) -> int|None:
     "HBM per JAX device of a TPU, from its device kind ('TPU v5 lite' -> 16 GiB); None when unknown."
@@ -336,6 +339,7 @@ def _tpu_fix(f:Facts) -> str:
             f"(torch_xla X.Y needs torch X.Y), then restart the runtime")
 
 def check_accelerator(f:Facts) -> Finding:
+    "Finding: the accelerator found, and whether it is the one this runtime was meant to have."
     hw, rt = f.hw, runtime_of(f.env, f.modules, f.shell).name
     if f.hw_error: return Finding('accelerator', 'fail', f.hw_error, 'unset MODEL_LAB_DEVICE or set it to a kind this machine has')
     if hw.source != 'detected': return Finding('accelerator', 'ok', f'{_describe(hw)}, chosen by {hw.source}')
@@ -361,6 +365,7 @@ def check_accelerator(f:Facts) -> Finding:
 DTYPE_NAME = {torch.float32: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}
 
 def check_precision(f:Facts) -> Finding:
+    "Finding: the dtype to compute in here (bf16, fp16 with loss scaling, or fp32) and how to use it."
     dt, why = best_dtype(f.hw, f.bf16_speedup)
     name, dev = DTYPE_NAME[dt], {'rocm': 'cuda', 'tpu': 'xla'}.get(f.hw.kind, f.hw.kind)
     fix = {'bf16': f"with torch.autocast('{dev}', dtype=torch.bfloat16): ... (JAX: compute in jnp.bfloat16)",
@@ -370,6 +375,7 @@ def check_precision(f:Facts) -> Finding:
 
 # %% ../nbs/90_colab_check.ipynb #833eba6b
 def check_ram(f:Facts) -> Finding:
+    "Finding: host RAM, total and available; a warning below 16 GiB."
     tot, avail = f.ram_total, f.ram_available
     d = f'{fmt_bytes(tot)} host RAM, {fmt_bytes(avail)} available'
     if tot >= 16 * GiB: return Finding('ram', 'ok', d)
@@ -380,6 +386,7 @@ def check_ram(f:Facts) -> Finding:
 MIN_FREE, WANT_FREE = 2 * GiB, 16 * GiB  # DiffuCoder-7.6B in bf16 is 15.2 GB on disk
 
 def check_disk(f:Facts) -> Finding:
+    "Finding: free disk space where the Hugging Face cache and checkpoints go."
     where = {r: f.dirs[r] for r in ('HF_HOME', 'checkpoints') if r in f.dirs and f.dirs[r].free_bytes is not None}
     if not where: return Finding('disk', 'warn', 'free disk space unknown')
     d = '; '.join(f'{r} {i.path}: {fmt_bytes(i.free_bytes)} free' for r, i in where.items())
@@ -408,6 +415,7 @@ def _extras(reqs:list) -> dict:
     return out
 
 def check_dependencies(f:Facts) -> Finding:
+    "Finding: model_lab's required packages installed at compatible versions and importable."
     core = _core(f.requirements)
     bad = [p for q in core if (p := _unmet(q, f.versions))] + [f'{m} does not import: {e}' for m, e in f.import_errors.items()]
     if not core: return Finding('dependencies', 'warn', f'model_lab requirements not found ({f.requirements_source})', 'pip install model_lab')
@@ -416,6 +424,7 @@ def check_dependencies(f:Facts) -> Finding:
                    + ', '.join(f'{q.name} {f.versions[canonicalize_name(q.name)]}' for q in core))
 
 def check_extras(f:Facts) -> list:
+    "Findings: for each extra (`kernels`, `audio`, `jax`, ...), whether its packages are installed and compatible."
     out, tpu = [], bool(tpu_marker(f)) or f.hw.kind == 'tpu'
     for extra, qs in _extras(f.requirements).items():
         if extra == 'dev': continue
@@ -431,6 +440,7 @@ def check_extras(f:Facts) -> list:
 BREAKS_IMPORT = {('torchvision', 'torch'), ('torchaudio', 'torch'), ('jax', 'jaxlib'), ('jax', 'libtpu')}
 
 def check_optional(f:Facts) -> Finding:
+    "Finding: the optional packages (Triton and the CUDA-only ones) and whether they are used here."
     cuda = f.hw.kind in ('cuda', 'rocm')
     parts = []
     for d in OPTIONAL:
@@ -458,6 +468,7 @@ def _pin_conflicts(f:Facts) -> list:
     return out
 
 def check_conflicts(f:Facts) -> Finding:
+    "Finding: installed packages whose pins conflict (torch_xla built for another torch, and the like)."
     v, found = f.versions, _pin_conflicts(f)
     if v.get('torch-xla') and v.get('torch') and _minor(v['torch-xla']) != _minor(v['torch']):
         found.append(('fail', f"torch_xla {v['torch-xla']} is built for torch {'.'.join(map(str, _minor(v['torch-xla'])))} but torch {v['torch']} "
@@ -476,6 +487,7 @@ def check_conflicts(f:Facts) -> Finding:
 DIR_MODE, CACHE_MODE = 0o755, 0o700
 
 def check_dirs(f:Facts) -> list:
+    "Findings: whether the data, results and checkpoints directories exist and are writable."
     out = []
     for role in ('data', 'results', 'checkpoints'):
         if role not in f.dirs: continue
@@ -503,9 +515,10 @@ def _cache_finding(f:Facts, var:str, sub:str) -> Finding:
     return Finding(name, 'warn', f'{var} unset and its default {i.path} is not writable', f'export {var}={fb} (--fix sets it for this process)',
                    actions=[Action('setenv', var, fb), Action('mkdir', fb, CACHE_MODE)])
 
-def check_caches(f:Facts) -> list: return [_cache_finding(f, v, s) for v, s in (('HF_HOME', 'huggingface'), ('TORCH_HOME', 'torch')) if v in f.dirs]
+def check_caches(f:Facts) -> list: "Findings: whether the Hugging Face and torch caches are writable, on local disk rather than Drive, and their free space."; return [_cache_finding(f, v, s) for v, s in (('HF_HOME', 'huggingface'), ('TORCH_HOME', 'torch')) if v in f.dirs]
 
 def check_drive(f:Facts) -> Finding:
+    "Finding: on Colab, whether Google Drive is mounted, so checkpoints outlive the runtime."
     rt = runtime_of(f.env, f.modules, f.shell).name
     if not rt.startswith('colab'):
         return Finding('drive', 'ok', 'not Colab' + (': /kaggle/working is kept as the notebook output (20 GB)' if rt == 'kaggle' else '') + '; no Drive needed')
@@ -516,6 +529,7 @@ def check_drive(f:Facts) -> Finding:
 
 # %% ../nbs/90_colab_check.ipynb #b3d65fcb
 def check_tracking(f:Facts) -> Finding:
+    "Finding: where metrics go (W&B, TensorBoard or logs only)."
     mode = (f.env.get('WANDB_MODE') or '').lower()
     tb = 'TensorBoard' if f.modules.get('tensorboard') else 'logs only (tensorboard is not installed: pip install tensorboard)'
     if not f.modules.get('wandb'): return Finding('tracking', 'ok' if f.modules.get('tensorboard') else 'warn', f'W&B not installed; metrics go to {tb}',
@@ -530,6 +544,7 @@ def check_tracking(f:Facts) -> Finding:
 
 # %% ../nbs/90_colab_check.ipynb #490b6902
 def check_assets(f:Facts) -> Finding:
+    "Finding: whether the bundled audio clips match their manifest."
     if f.assets is None: return Finding('assets', 'ok', 'model_lab.audio is not installed here: no bundled clips to verify')
     kind, what = f.assets
     if kind == 'ok': return Finding('assets', 'ok', f'{what} bundled files match the manifest')
@@ -619,6 +634,7 @@ ACT = dict(fp32=4, bf16=2, fp16=2, int8=2)                   # bytes per stored 
 INFER_VALUES, TRAIN_VALUES, USABLE = 24, 17, 0.9
 
 class Estimate(NamedTuple):
+    "Bytes a model needs on a device: weights, gradients, optimizer state, activations, and anything else."
     weights: int; grads: int; optimizer: int; activations: int
     other: int = 0  # what a module's own estimate counts beyond the four (its total minus their sum)
     @property
@@ -690,6 +706,7 @@ def _check_model(f:Facts, m:ModelSize, best:str, usable:int, n:int, what:str) ->
     return Finding(f'fit {m.name}', 'ok' if ok else 'warn', f'{said}; usable {_gb(usable)} of {what}{cpu}', todo)
 
 def check_fit(f:Facts) -> list:
+    "Findings: for each model size (Whisper aside), whether it fits this device's usable memory at its best dtype, and what to do if not."
     best = DTYPE_NAME[best_dtype(f.hw).dtype]
     usable, n, what = usable_memory(f)
     if not usable: return [Finding('fit', 'warn', f'device memory unknown for {f.hw.name!r}: cannot judge which models fit')]

@@ -205,6 +205,7 @@ def jax_devices() -> list:
 
 # %% ../nbs/00_devices.ipynb #b93b327a
 class DtypeChoice(NamedTuple):
+    "The dtype `best_dtype` picked, and why."
     dtype: torch.dtype
     reason: str
 
@@ -246,6 +247,7 @@ def sync(device=None):
     elif d.type == 'xla': _xla_wait()
 
 class Memory(NamedTuple):
+    "Device memory in bytes: in use now, the high-water mark, the capacity (None where unknown)."
     used: int|None   # bytes in use now
     peak: int|None   # high-water mark (since the last reset on CUDA; process lifetime on the CPU)
     total: int|None  # capacity
@@ -272,6 +274,7 @@ def memory(device=None) -> Memory:
 
 # %% ../nbs/00_devices.ipynb #87ebe69c
 class Peak(NamedTuple):
+    "A device's peak figures: FLOP/s per dtype, memory bandwidth in bytes/s, and where they come from."
     flops: dict           # dtype name -> FLOP/s per device ('fp32', 'tf32', 'bf16', 'fp16')
     bandwidth: float|None # memory bytes/s per device
     source: str
@@ -543,6 +546,7 @@ def _need_tool(name:str) -> Path:
     return p
 
 class KernelResources(NamedTuple):
+    "What a compiled GPU kernel needs per thread and block: registers, stack (spills) and shared memory."
     regs: int    # registers per thread
     stack: int   # stack bytes per thread: above 0 the kernel spills registers
     shared: int  # shared memory per block, bytes
@@ -608,6 +612,7 @@ SYNC_OPS = frozenset({'_local_scalar_dense', 'item', 'is_nonzero', 'nonzero', 'm
                       'unique_consecutive', 'unique_dim', 'equal', 'bincount', 'repeat_interleave', '_assert_async'})
 
 class AuditedOp(NamedTuple):
+    "One aten op a call ran: its name and overload, and the dtypes and device types of the tensors it touched."
     name: str      # the aten op, e.g. 'mul' (its overload packet)
     overload: str  # e.g. 'aten.mul.Tensor'
     dtypes: tuple  # dtypes of every tensor it read or wrote, e.g. ('float32',)
