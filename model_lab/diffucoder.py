@@ -1110,9 +1110,9 @@ PRESETS['dream_base'] = DreamConfig(vocab_size=32768, hidden_size=1024, intermed
                                     num_attention_heads=16, num_key_value_heads=4, rope_theta=10000.0, max_position_embeddings=4096,
                                     mask_token_id=32767, pad_token_id=32766, bos_token_id=32766, eos_token_id=32766)
 
-BENCH = dict(quick=dict(preset='dream_tiny', seq=32, prompt=8, new=8, fwd=(1, 8), gen=(1, 8), ref=(1,)),
-             default=dict(preset='dream_small', seq=256, prompt=32, new=32, fwd=(1, 2, 4, 8), gen=(1, 2, 4, 8, 16, 32), ref=(1, 8)),
-             full=dict(preset='dream_base', seq=512, prompt=64, new=128, fwd=(1, 2, 4, 8), gen=(1, 2, 4, 8, 16, 32, 64), ref=(1,)))
+BENCH = dict(quick=dict(preset='dream_tiny', seq=32, prompt=8, new=8, fwd=(1, 8), gen=(1, 8), ref=(1,), rounds=3),
+             default=dict(preset='dream_small', seq=128, prompt=16, new=16, fwd=(1, 8), gen=(1, 8), ref=(1, 8), rounds=5),
+             full=dict(preset='dream_base', seq=512, prompt=64, new=128, fwd=(1, 2, 4, 8), gen=(1, 2, 4, 8, 16, 32, 64), ref=(1, 8), rounds=7))
 
 def _conditions(**kw) -> dict:
     import torch
@@ -1156,40 +1156,43 @@ def bench_diffucoder(hw:Hardware|None=None, size:str='default'):
         _, model = load_hf_checkpoint(ck, dtype)
     fwd, rng = jit_forward(model), np.random.default_rng(0)
     for B in b['fwd']:
-        ids = jnp.asarray(rng.integers(0, cfg.pad_token_id, (B, b['seq'])))
+        ids = jnp.asarray(random_token_ids(cfg, (B, b['seq']), rng))
         yield _guarded(lambda: fwd(ids), 'diffucoder', 'forward', dict(base, batch=B, seq=b['seq']), hw, dt,
                        work=B * b['seq'], unit='tokens/s', warmup=1, repeat=5, track_memory=False)[0]
     gkw = dict(max_new_tokens=b['new'], steps=b['new'], alg='entropy')
-    ref_t = {}
     ref.set_attn_implementation('sdpa')                    # the faster PyTorch attention: the fair baseline
-    def torch_ref(B, ids):                                  # the PyTorch reference at batch B, right before JAX at B
-        holder = {}
-        def run_ref(): holder['x'] = torch_diffusion_generate(ref, ids, mask_token_id=cfg.mask_token_id, **gkw); return holder['x']
-        p = dict(base, batch=B, prompt=b['prompt'], new_tokens=b['new'], steps=b['new'], alg='entropy', backend='torch')
-        tried, default_threads = {}, torch.get_num_threads()
-        try:                                                # the fairest baseline: the faster of 1 thread and the default
-            for n in sorted({1, default_threads}):
-                torch.set_num_threads(n)
-                tried[n] = _guarded(run_ref, 'diffucoder', 'generate torch', p, hw, 'float32', work=B * b['new'], unit='tokens/s',
-                                    warmup=1, repeat=2, track_memory=False)
-        finally: torch.set_num_threads(default_threads)
-        n, (r, t) = min(tried.items(), key=lambda kv: kv[1][1].median if kv[1][1] else float('inf'))
-        r.conditions.update(torch_threads=n, torch_threads_tried={k: v[1].median if v[1] else None for k, v in tried.items()})
-        if t: ref_t[B] = (t.median, ids, holder['x'])
-        return r
     cpu_model = model if dtype == jnp.float32 and jax.default_backend() == 'cpu' else None
     for B in b['gen']:
-        ids = rng.integers(0, cfg.pad_token_id, (B, b['prompt']))
-        q = {}
-        if B in b['ref']:
-            yield torch_ref(B, ids)
-        if B in ref_t:
-            if cpu_model is not None: q['same_tokens'] = float((np.asarray(diffusion_generate(cpu_model, ids, **gkw)) == ref_t[B][2]).mean())
-        p = dict(base, batch=B, prompt=b['prompt'], new_tokens=b['new'], steps=b['new'], alg='entropy', backend='jax')
-        r, t = _guarded(lambda: diffusion_generate(model, ids, **gkw), 'diffucoder', 'generate', p, hw, dt,
-                        work=B * b['new'], unit='tokens/s', quality=q, warmup=1, repeat=3, track_memory=True)
-        if t and B in ref_t: r.quality['speedup_vs_torch_sdpa'] = ref_t[B][0] / t.median
+        ids = random_token_ids(cfg, (B, b['prompt']), rng)
+        p = dict(base, batch=B, prompt=b['prompt'], new_tokens=b['new'], steps=b['new'], alg='entropy')
+        if B in b['ref']:                                  # JAX and the PyTorch reference alternated round by round, 1 torch thread
+            yield from _versus_torch(model, ref, ids, gkw, cfg, p, hw, dt, b['rounds'], cpu_model)
+            continue
+        r, t = _guarded(lambda: diffusion_generate(model, ids, **gkw), 'diffucoder', 'generate', dict(p, backend='jax'), hw, dt,
+                        work=B * b['new'], unit='tokens/s', warmup=1, repeat=3, track_memory=True)
         if t: r.conditions['step_latency_s'] = t.median / b['new']
+        yield r
+
+def _versus_torch(model, ref, ids, gkw, cfg, p, hw, dt, rounds, cpu_model):
+    "Results 'generate torch' and 'generate' (JAX) at one batch, from `bench.ratios` (torch the baseline, torch on 1 thread)."
+    import torch
+    from model_lab.bench import ratios, ratio_record
+    B, threads = ids.shape[0], torch.get_num_threads()
+    fns = {'torch': lambda: torch_diffusion_generate(ref, ids, mask_token_id=cfg.mask_token_id, **gkw),
+           'jax': lambda: diffusion_generate(model, ids, **gkw)}
+    torch.set_num_threads(1)
+    try: rs = ratios(fns, 'torch', rounds=rounds, min_time=0)
+    except Exception as e:
+        if not is_oom(e): raise
+        yield _failed('diffucoder', 'generate', dict(p, backend='jax'), hw, e, dt); return
+    finally: torch.set_num_threads(threads)
+    same = float((np.asarray(diffusion_generate(cpu_model, ids, **gkw)) == fns['torch']()).mean()) if cpu_model is not None else None
+    cond = dict(_conditions(), torch_threads=1, xla_flags=os.environ.get('XLA_FLAGS', ''),
+                jax_threads='1 (XLA_FLAGS has intra_op_parallelism_threads=1)' if 'intra_op_parallelism_threads=1' in os.environ.get('XLA_FLAGS', '') else 'XLA default (all cores)')
+    for name, k, d in (('generate torch', 'torch', 'float32'), ('generate', 'jax', dt)):
+        r = ratio_record('diffucoder', name, rs[k], hw=hw, params=dict(p, backend=k), dtype=d, work=B * gkw['max_new_tokens'], unit='tokens/s',
+                         quality={} if k == 'torch' else dict(speedup_vs_torch_sdpa=rs['jax'].value, **({} if same is None else dict(same_tokens=same))),
+                         conditions=dict(cond, step_latency_s=rs[k].timing.median / gkw['max_new_tokens']), pkgs=('jax', 'flax'))
         yield r
 
 # %% ../nbs/40_diffucoder_jax.ipynb #a1219f7d

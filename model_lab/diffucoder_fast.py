@@ -29,7 +29,7 @@ __all__ = ['log', 'FAST_ALGS', 'FDL_CACHES', 'FDL_TRACES', 'GiB', 'TPU_SLICES', 
            'fastdllm_select', 'fastdllm_generate', 'torch_fastdllm_generate', 'tpu_compiler_available', 'topology_mesh',
            'abstract_sharded', 'compile_on', 'memory_figures', 'fit_record', 'largest_batch', 'fit_results',
            'tpu_fit_sweep', 'fit_table', 'fit_plot', 'decode', 'compare_decoders', 'decoding_table', 'goal_met',
-           'halves_table', 'body_facts', 'body_table', 'samples_markdown', 'generate_text', 'bench_fast']
+           'halves_table', 'body_facts', 'body_table', 'samples_markdown', 'generate_text', 'bench_fast', 'fast_table']
 
 # %% ../nbs/41_diffucoder_fast.ipynb #fcefa77a
 def _attend(q, k, v, keep, cfg:DreamConfig):
@@ -689,9 +689,35 @@ def generate_text(prompt:str, *, model='diffucoder-tiny', # bundled name, HF fol
 # %% ../nbs/41_diffucoder_fast.ipynb #549d4e56
 @bench.suite('diffucoder_fast', plots=[dict(x='decoder', y='median')])
 def bench_fast(hw, size:str='default'):
-    "Dream's sampler vs confidence-threshold and block-cached decoding on the bundled tiny coder: passes, time, parse rate."
-    n, new = dict(quick=(4, 32), default=(8, 64), full=(32, 256))[size]
-    model, tok, _ = load_tiny()
+    "Dream's sampler vs Fast-dLLM's decoders on the bundled tiny coder, alternated round by round: speed ratio, passes, parse rate, bodies."
+    n, new, rounds = dict(quick=(2, 32, 3), default=(4, 64, 5), full=(32, 256, 7))[size]
+    inf = DiffuCoderInference('diffucoder-tiny', dtype='float32')
+    tok = inf.tokenizer.backend_tokenizer
     prompts = eval_prompts([p for p in stdlib_files() if is_validation(p)], n=n, tokenizer=tok)
-    decs = {k: DECODERS[k] for k in ('dream', 'parallel 0.9', 'block 32 + cache + 0.9')}
-    yield from compare_decoders(model, tok, prompts, max_new_tokens=new, decoders=decs, batch=n, hw=hw)
+    ids, am = inf.encode(prompts)
+    fast = dict(block_size=32, threshold=0.9)
+    runs = {'dream': lambda: (np.asarray(diffusion_generate(inf.model, ids, am, max_new_tokens=new, steps=new, alg='entropy')), new),
+            **{k: (lambda c=c['cache']: fastdllm_generate(inf.model, ids, am, max_new_tokens=new, cache=c, **fast))
+               for k, c in DECODER_CHOICES.items() if c is not None}}
+    outs = {k: f() for k, f in runs.items()}                                  # also the warm-up (compilation)
+    rs = bench.ratios({k: (lambda f=f: f()[0]) for k, f in runs.items()}, 'dream', rounds=rounds, min_time=0)
+    eos = inf.config.eos_token_id
+    for k, (out, passes) in outs.items():
+        comps = completions(tok, out, ids.shape[1], eos=eos)
+        facts = [body_facts(p, c, h) for p, (c, h) in zip(prompts, comps)]
+        q = dict(forward_passes=float(passes), token_agreement=_agreement(out, outs['dream'][0], ids.shape[1]),
+                 **{f: float(np.mean([x[f] for x in facts])) for f in ('parses', 'lines', 'bare', 'local')})
+        yield bench.ratio_record('diffucoder_fast', 'decode', rs[k], hw=hw, dtype='float32', work=n * new, unit='tokens/s', quality=q,
+                                 params=dict(model='diffucoder-tiny', decoder=k, max_new_tokens=new, prompts=n, batch=n, **({} if k == 'dream' else fast)))
+
+# %% ../nbs/41_diffucoder_fast.ipynb #fbf698ae
+def fast_table(results:list) -> str:
+    "Markdown of a `diffucoder_fast` run: per decoder, the speed ratio to Dream's sampler (alternated rounds), passes and what the bodies are."
+    rows = ['| decoder | faster than Dream (median [interval], rounds) | tokens/s | forward passes | parse | body lines | bare | local name |',
+            '|---|---|---|---|---|---|---|---|']
+    for r in results:
+        q, ra = r.quality, r.ratio or {}
+        rows.append(f"| {r.params['decoder']} | {ra.get('value', float('nan')):.2f}x [{ra.get('low', float('nan')):.2f}, {ra.get('high', float('nan')):.2f}], "
+                    f"{ra.get('rounds')}{' noisy' if ra.get('noisy') else ''} | {r.throughput['value']:,.0f} | {q['forward_passes']:.0f} | "
+                    f"{q['parses']:.2f} | {q['lines']:.2f} | {q['bare']:.2f} | {q['local']:.2f} |")
+    return '\n'.join(rows)
