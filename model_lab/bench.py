@@ -14,10 +14,11 @@ from .devices import Hardware, detect, sync, torch_device, peak_specs, report, r
 
 # %% auto #0
 __all__ = ['log', 'LEGACY_CONDITIONS', 'SIZES', 'SUITES', 'SUITE_MODULES', 'heap_in_use', 'MemPeak', 'RSSPeak', 'memory_method',
-           'peak_memory', 'Timing', 'measure', 'Result', 'versions', 'device_record', 'record', 'atomic_write',
-           'save_results', 'load_results', 'fmt_time', 'fmt_bytes', 'table', 'compare', 'plot', 'Suite', 'suite',
-           'suite_table', 'suite_total', 'suite_notes', 'load_suites', 'matmul_record', 'bench_matmul', 'bf16_speedup',
-           'cpu_bf16_speedup', 'Run', 'run_id', 'Progress', 'notes_markdown', 'run_suites']
+           'peak_memory', 'Timing', 'measure', 'median_interval', 'Ratio', 'ratios', 'Result', 'versions',
+           'device_record', 'record', 'ratio_record', 'atomic_write', 'save_results', 'load_results', 'fmt_time',
+           'fmt_bytes', 'table', 'compare', 'plot', 'Suite', 'suite', 'suite_table', 'suite_total', 'suite_notes',
+           'load_suites', 'matmul_record', 'bench_matmul', 'bf16_speedup', 'cpu_bf16_speedup', 'Run', 'run_id',
+           'Progress', 'notes_markdown', 'run_suites']
 
 # %% ../nbs/01_bench.ipynb #23280c00
 log = logging.getLogger('model_lab')
@@ -143,6 +144,86 @@ def measure(fn:Callable, # called with no arguments; its output is waited for
     method = (memory_method(dev) or '') if peak is not None else ''
     return Timing(min(times), statistics.median(times), max(times), len(times), peak, started, times, warmup, method)
 
+# %% ../nbs/01_bench.ipynb #51ff1056
+def _loadavg() -> float|None:
+    try: return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError): return None
+
+def _cores() -> int:
+    try: return len(os.sched_getaffinity(0))
+    except AttributeError: return os.cpu_count() or 1
+
+def median_interval(xs:list, conf:float=0.95) -> tuple:
+    "(low, high, coverage): order-statistic interval of the median of `xs` covering it with probability >= `conf` (or the widest, [min, max])."
+    s, n = sorted(xs), len(xs)
+    if n == 0: raise ValueError('median_interval needs at least one value')
+    below = lambda k: sum(math.comb(n, i) for i in range(k)) / 2**n  # P(Binomial(n, 1/2) < k)
+    k = 1
+    while k + 1 <= (n + 1) // 2 and 1 - 2 * below(k + 1) >= conf: k += 1
+    return s[k - 1], s[n - k], 1 - 2 * below(k)
+
+@dataclass
+class Ratio:
+    "How many times faster `name` ran than `baseline` (baseline_time / name_time), from alternated rounds."
+    value: float        # median over rounds of the per-round ratio
+    low: float          # order-statistic interval of that median (coverage in conditions['coverage'])
+    high: float
+    rounds: int
+    baseline: str
+    timing: Timing      # this contender's seconds per call, one entry per round
+    conditions: dict = field(default_factory=dict)  # threads, cores, loadavg_before/after, calls_per_round, min_time, coverage
+    noisy: bool = False  # interval wider than +-15% of value, or the load average above the number of cores
+    def __str__(self): return f'{self.value:.3g}x [{self.low:.3g}, {self.high:.3g}]' + (' (noisy)' if self.noisy else '')
+    def as_dict(self) -> dict:
+        "What a `Result` stores: value, interval, rounds, baseline, noisy."
+        return dict(value=self.value, low=self.low, high=self.high, rounds=self.rounds, baseline=self.baseline, noisy=self.noisy)
+
+# %% ../nbs/01_bench.ipynb #61f592cc
+def _timed_batch(fn:Callable, calls:int, dev, sync:Callable|None) -> tuple:
+    "Seconds per call of `calls` back-to-back calls of `fn`, the device waited for before and after."
+    sync() if sync else _wait(None, dev)
+    t0 = time.perf_counter()
+    for _ in range(calls): out = fn()
+    if sync: sync()
+    else: dev = _wait(out, dev)
+    return (time.perf_counter() - t0) / calls, dev
+
+def _threads() -> int|None:
+    return torch.get_num_threads() if 'torch' in sys.modules else None
+
+def ratios(fns:dict, # name -> a function called with no arguments; its output is waited for
+           baseline:str, # the name of the contender the others are compared with
+           *, rounds:int=7, # alternated rounds: each runs every contender once, in a rotating order
+           warmup:int=1, # untimed calls of each contender first (compilation, caches); the last one sets calls per round
+           sync:Callable|None=None, # waits for the device; None: inferred from each output, as `measure` does
+           min_time:float=0.05, # seconds each contender runs per round (repeated calls)
+          ) -> dict:
+    "Time `fns` alternated round by round: a `Ratio` (baseline_time / its time) for each name, the baseline's included."
+    if baseline not in fns: raise ValueError(f'baseline {baseline!r} is not one of the contenders {list(fns)}')
+    if rounds < 1 or warmup < 1 or min_time < 0: raise ValueError(f'ratios needs rounds >= 1, warmup >= 1, min_time >= 0; got rounds={rounds}, warmup={warmup}, min_time={min_time}')
+    names, devs, calls = list(fns), {}, {}
+    load0, started = _loadavg(), _now()
+    for n in names:
+        for _ in range(warmup): t, devs[n] = _timed_batch(fns[n], 1, devs.get(n), sync)
+        calls[n] = max(1, math.ceil(min_time / t)) if t > 0 else 1
+    per = {n: [] for n in names}
+    for i in range(rounds):
+        for n in names[i % len(names):] + names[:i % len(names)]:
+            t, devs[n] = _timed_batch(fns[n], calls[n], devs[n], sync)
+            per[n].append(t)
+    load1, cores = _loadavg(), _cores()
+    overloaded = max((l for l in (load0, load1) if l is not None), default=0) > cores
+    out = {}
+    for n in names:
+        rs = [b / t for b, t in zip(per[baseline], per[n])]
+        lo, hi, cov = median_interval(rs)
+        v, ts = statistics.median(rs), per[n]
+        cond = dict(threads=_threads(), cores=cores, loadavg_before=load0, loadavg_after=load1, calls_per_round=calls[n],
+                    min_time=min_time, coverage=round(cov, 4), interval='order statistics of the median of per-round ratios')
+        out[n] = Ratio(v, lo, hi, rounds, baseline, Timing(min(ts), statistics.median(ts), max(ts), rounds, None, started, ts, warmup),
+                       cond, bool(hi - lo > 0.30 * v or overloaded))
+    return out
+
 # %% ../nbs/01_bench.ipynb #123e95e3
 @dataclass
 class Result:
@@ -160,6 +241,7 @@ class Result:
     started_at: str = ''
     host: str = ''
     conditions: dict = field(default_factory=dict) # what describes the machine or the run, or was measured: threads, peak_tflops, rtf, ...
+    ratio: dict|None = None                        # value, low, high, rounds, baseline, noisy: from `ratios` (alternated rounds)
 
 def versions(*pkgs) -> dict:
     "Versions of python, torch, model_lab and `pkgs` (None where not installed)."
@@ -175,15 +257,21 @@ def record(suite:str, name:str, timing:Timing, *, hw:Hardware|None=None, params:
            unit:str|None=None, # e.g. 'TFLOP/s', 'tokens/s', 'GB/s'
            quality:dict|None=None, pkgs:tuple=(),
            conditions:dict|None=None, # machine- or run-specific values, not part of the configuration (threads, peak_tflops, ...)
+           ratio:Ratio|None=None, # this contender against its baseline, from `ratios`
           ) -> Result:
     "A `Result` from a `Timing`: throughput = `work` / median time."
     hw = hw or detect()
     thr = dict(value=work / timing.median, unit=unit) if work is not None and unit else None
     cond = {'peak_mem_method': timing.mem_method} if timing.mem_method else {}
+    if ratio is not None: cond.update({k: v for k, v in ratio.conditions.items() if k != 'interval'})
     return Result(suite, name, dict(params or {}), device_record(hw), _dtype_name(dtype),
                   dict(min=timing.min, median=timing.median, max=timing.max, n=timing.n, warmup=timing.warmup), thr,
                   timing.peak_mem_bytes, dict(quality or {}), versions(*pkgs), timing.started_at or _now(), socket.gethostname(),
-                  {**cond, **(conditions or {})})
+                  {**cond, **(conditions or {})}, ratio.as_dict() if ratio is not None else None)
+
+def ratio_record(suite:str, name:str, r:Ratio, **kw) -> Result:
+    "The `Result` of one contender of `ratios`: its per-round times, the ratio to its baseline, the run's conditions; `kw` as for `record`."
+    return record(suite, name, r.timing, ratio=r, **kw)
 
 # %% ../nbs/01_bench.ipynb #b02055a6
 def _umask() -> int:

@@ -4,18 +4,20 @@
 
 # %% ../nbs/00_devices.ipynb #d0c9495f
 from __future__ import annotations
-import os, re, sys, platform, functools, contextlib, importlib, importlib.util, importlib.metadata, logging, resource, subprocess, tempfile
+import os, re, sys, platform, functools, contextlib, collections, importlib, importlib.util, importlib.metadata, logging, resource, subprocess, tempfile
 from pathlib import Path
 from dataclasses import dataclass, field, asdict, replace
-from typing import NamedTuple
+from typing import NamedTuple, Callable
 import torch, psutil
+import torch.utils._python_dispatch, torch.utils._pytree
 
 # %% auto #0
-__all__ = ['KINDS', 'log', 'BF16_MIN_SPEEDUP', 'T', 'GPU_TARGETS', 'probe_cpu', 'probe_cuda', 'probe_mps', 'package_version',
-           'probe_xla', 'probe_jax', 'choose_kind', 'Hardware', 'detect', 'torch_device', 'load_device', 'jax_devices',
-           'DtypeChoice', 'best_dtype', 'sync', 'Memory', 'memory', 'Peak', 'peak_specs', 'triton_available',
-           'triton_interpreted', 'triton_usable', 'triton_kernel', 'backend_unavailable', 'with_fallback',
-           'failed_backends', 'triton_tool', 'KernelResources', 'compile_for_gpu', 'report', 'report_markdown']
+__all__ = ['KINDS', 'log', 'BF16_MIN_SPEEDUP', 'T', 'GPU_TARGETS', 'SYNC_OPS', 'probe_cpu', 'probe_cuda', 'probe_mps',
+           'package_version', 'probe_xla', 'probe_jax', 'choose_kind', 'Hardware', 'detect', 'torch_device',
+           'load_device', 'jax_devices', 'DtypeChoice', 'best_dtype', 'sync', 'Memory', 'memory', 'Peak', 'peak_specs',
+           'triton_available', 'triton_interpreted', 'triton_usable', 'triton_kernel', 'backend_unavailable',
+           'with_fallback', 'failed_backends', 'triton_tool', 'KernelResources', 'compile_for_gpu', 'report',
+           'report_markdown', 'AuditedOp', 'OpAudit', 'audit_ops']
 
 # %% ../nbs/00_devices.ipynb #4875356e
 KINDS = ('cuda', 'rocm', 'tpu', 'mps', 'cpu')  # the order in which `detect` looks
@@ -513,3 +515,53 @@ def report_markdown(hw:Hardware|None=None, bf16_speedup:float|None=None) -> str:
             ('torch_xla', xla), ('JAX', jx), ('CPU', f'{hw.cpu_model}, {hw.cpu_cores} cores, {_gib(hw.ram_bytes)} RAM')]
     rows += [('note', n) for n in hw.notes]
     return '| | |\n|---|---|\n' + '\n'.join(f'| {k} | {v} |' for k, v in rows)
+
+# %% ../nbs/00_devices.ipynb #5cfc20b1
+# aten ops whose result the host must wait for (a value, or a shape that depends on the values)
+SYNC_OPS = frozenset({'_local_scalar_dense', 'item', 'is_nonzero', 'nonzero', 'masked_select', '_unique', '_unique2',
+                      'unique_consecutive', 'unique_dim', 'equal', 'bincount', 'repeat_interleave', '_assert_async'})
+
+class AuditedOp(NamedTuple):
+    name: str      # the aten op, e.g. 'mul' (its overload packet)
+    overload: str  # e.g. 'aten.mul.Tensor'
+    dtypes: tuple  # dtypes of every tensor it read or wrote, e.g. ('float32',)
+    devices: tuple # device types of those tensors, e.g. ('cpu',)
+    bool_index: bool = False  # an index/index_put with a boolean mask (its output shape depends on the values)
+
+@dataclass
+class OpAudit:
+    "Every aten op a call ran (`ops`, in order) and what the call returned (`result`)."
+    ops: list
+    result: object = None
+    def counts(self) -> 'collections.Counter':
+        "How often each op ran."
+        return collections.Counter(o.name for o in self.ops)
+    def float64(self) -> list:
+        "The ops that read or wrote a float64 (or complex128) tensor: what Apple's MPS cannot run."
+        return [o for o in self.ops if {'float64', 'complex128'} & set(o.dtypes)]
+    def syncs(self) -> list:
+        "The ops that make the host wait for the device (`SYNC_OPS`, boolean-mask indexing)."
+        return [o for o in self.ops if o.name in SYNC_OPS or o.bool_index]
+    def summary(self) -> dict:
+        return dict(ops=len(self.ops), distinct=len(self.counts()), float64=len(self.float64()), syncs=len(self.syncs()))
+
+def _short(dt) -> str: return str(dt).replace('torch.', '')
+
+def _bool_index(func, args) -> bool:
+    if func.overloadpacket.__name__ not in ('index', 'index_put', 'index_put_'): return False
+    idx = args[1] if len(args) > 1 else ()
+    return any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (idx or ()))
+
+class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self): super().__init__(); self.ops = []
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        ts = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        self.ops.append(AuditedOp(func.overloadpacket.__name__, str(func), tuple(sorted({_short(t.dtype) for t in ts})),
+                                  tuple(sorted({t.device.type for t in ts})), _bool_index(func, args)))
+        return out
+
+def audit_ops(fn:Callable, *args, **kw) -> OpAudit:
+    "Run `fn(*args, **kw)` and record every aten op it ran, with its dtypes and devices (a `TorchDispatchMode`)."
+    with _Recorder() as rec: out = fn(*args, **kw)
+    return OpAudit(rec.ops, out)
