@@ -89,7 +89,7 @@ def devices_cmd(ns) -> int:
     (('--list',), dict(action='store_true', help='list the suites and exit')),
     (('--dataset',), dict(default=None, metavar='NAME', help='audio only: score WER and RTFx on this HF dataset (streamed) or local folder')),
     (('--dataset-config',), dict(default=None, help='the dataset config (e.g. clean for openslr/librispeech_asr)')),
-    (('--split',), dict(default='test', help='the dataset split (default test)')),
+    (('--split',), dict(default=None, help='the dataset split (default: test, else the first that exists: validation, dev, eval, train)')),
     (('--limit',), dict(type=int, default=100, help='dataset rows to score (default 100)')),
 ])
 def bench_cmd(ns) -> int:
