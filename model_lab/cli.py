@@ -157,7 +157,7 @@ _SUITE_OPTIONS = ('model', 'preset', 'random_weights')  # passed to the suite fu
     (('--threads',), dict(type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's own choice); fewer than the cores leaves room for other work")),
     (('--dataset',), dict(default=None, metavar='NAME', help='audio only: score WER and RTFx on this HF dataset (streamed) or local folder')),
     (('--dataset-config',), dict(default=None, help='the dataset config (e.g. clean for openslr/librispeech_asr)')),
-    (('--split',), dict(default='test', help='the dataset split (default test)')),
+    (('--split',), dict(default=None, help='the dataset split (default: test, else the first that exists: validation, dev, eval, train)')),
     (('--limit',), dict(type=int, default=100, help='dataset rows to score (default 100)')),
 ])
 def bench_cmd(ns) -> int:
@@ -273,64 +273,145 @@ def _say(ns, err:Exception|str, code:int) -> int:
     else: print(f'model-lab {ns.command}: {err}', file=sys.stderr)
     return code
 
-def _check_transcribe(ns) -> tuple:
-    "Every argument checked before a model loads: (registry entry, placement, language code, output folder or None)."
-    from model_lab.audio import get_model, check_language, place, OUTPUT_FORMATS
-    ns.model = ns.model or ('lfm2.5-audio-1.5b' if ns.backend == 'liquid-audio' else 'tiny.en')
+def _warn(ns, msg:str): print(f'model-lab {ns.command}: warning: {msg}', file=sys.stderr)
+
+def _flag_words(msg:str) -> str:
+    "A library message in the CLI's words: device 'x' -> --device x, device=\"auto\" -> --device auto."
+    import re
+    msg = re.sub(r"\bdevice '([^']*)'", r'--device \1', msg)
+    return msg.replace('use device="auto" or "cpu"', 'use --device auto or cpu').replace('device="auto"', '--device auto')
+
+def _bool(v:str) -> bool:
+    "openai-whisper's str2bool: True/False (and yes/no, 1/0, on/off)."
+    s = str(v).strip().lower()
+    if s in ('true', '1', 'yes', 'on'): return True
+    if s in ('false', '0', 'no', 'off'): return False
+    raise argparse.ArgumentTypeError(f'expected True or False, got {v!r}')
+
+def _writable_dir(out:Path, flag:str='--output_dir') -> Path:
+    "`out`, created if missing and checked writable by writing a file there: a UsageError otherwise, before any work."
+    if out.exists() and not out.is_dir(): raise UsageError(f'{flag} {out} is a file, not a folder')
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        import tempfile
+        with tempfile.NamedTemporaryFile(dir=out, prefix='.model-lab-check-'): pass
+    except OSError as e: raise UsageError(f'{flag} {out} cannot be written ({e.strerror or e}): choose a folder you can write to') from None
+    return out
+
+def _check_files(ns):
+    "Every file exists and is a file; '-' (stdin) at most once. Cheap: nothing heavy is imported."
+    if ns.files.count('-') > 1: raise UsageError('- (stdin) can be given once')
     for f in ns.files:
+        if f == '-': continue
         if os.path.isdir(f): raise UsageError(f'{f} is a folder, not an audio file: pass the files in it, e.g. {os.path.join(f, "*.wav")}')
-        if not os.path.isfile(f): raise UsageError(f'audio file {f} does not exist')
-    if ns.beam_size < 1: raise UsageError(f'--beam-size must be >= 1 (1 is greedy decoding), got {ns.beam_size}')
+        if not os.path.exists(f): raise UsageError(f'audio file {f} does not exist')
+
+def _check_numbers(ns):
+    if ns.beam_size < 1: raise UsageError(f'--beam_size must be >= 1 (1 is greedy decoding), got {ns.beam_size}')
+    if ns.best_of is not None and ns.best_of < 1: raise UsageError(f'--best_of must be >= 1 (samples to draw at a temperature > 0), got {ns.best_of}')
+    if ns.temperature < 0: raise UsageError(f'--temperature must be >= 0 (0 is deterministic decoding), got {ns.temperature}')
     if ns.threads is not None and ns.threads < 1: raise UsageError(f'--threads must be >= 1 (CPU cores to use), got {ns.threads}')
-    if len(ns.files) > 1 and not ns.output_dir and ns.output_format in ('srt', 'vtt'):
-        raise UsageError(f'{len(ns.files)} files as {ns.output_format} need --output-dir (one file each; stdout would mix them)')
-    out = Path(ns.output_dir) if ns.output_dir else None
-    if out is not None and out.exists() and not out.is_dir(): raise UsageError(f'--output-dir {out} is a file, not a folder')
+    if not 0 < ns.vad_threshold < 1: raise UsageError(f'--vad_threshold must be between 0 and 1 (a speech probability), got {ns.vad_threshold}')
+    if ns.vad_min_silence < 0: raise UsageError(f'--vad_min_silence must be >= 0 seconds, got {ns.vad_min_silence}')
+
+def _check_transcribe(ns) -> tuple:
+    "Every argument checked before a model loads, the cheap ones before anything heavy is imported: (registry entry, placement, language code, output folder or None, decoding options)."
+    ns.model = ns.model or ('lfm2.5-audio-1.5b' if ns.backend == 'liquid-audio' else 'tiny.en')
+    _check_files(ns); _check_numbers(ns)
+    if ns.output_format == 'all' and not ns.output_dir: ns.output_dir = '.'  # openai-whisper's default folder
+    if len(ns.files) > 1 and not ns.output_dir and ns.output_format in ('srt', 'vtt', 'tsv'):
+        raise UsageError(f'{len(ns.files)} files as {ns.output_format} need --output_dir (one file each; stdout would mix them)')
+    out = _writable_dir(Path(ns.output_dir)) if ns.output_dir else None
+    if ns.threads and ns.threads > (os.cpu_count() or 1):
+        _warn(ns, f'--threads {ns.threads} is more than the {os.cpu_count()} CPU cores here: the threads share them, which is slower, not faster')
+    from model_lab.audio import get_model, check_language, check_options, place
     try:
         entry = get_model(ns.model, ns.backend)
-        return entry, place(ns.backend, device=ns.device, compute_type=ns.compute_type), check_language(entry, ns.language), out
-    except ValueError as e: raise UsageError(str(e)) from None
+        opts = check_options(entry, dict(task=ns.task, best_of=ns.best_of, initial_prompt=ns.initial_prompt,
+                                         condition_on_previous_text=ns.condition_on_previous_text, word_timestamps=ns.word_timestamps))
+        return entry, place(ns.backend, device=ns.device, compute_type=ns.compute_type), check_language(entry, ns.language), out, opts
+    except ValueError as e: raise UsageError(_flag_words(str(e)).replace('task translate', '--task translate')) from None
 
-@command('transcribe', 'Transcribe audio files with Whisper (tiny.en, bundled: works offline), streaming the segments as they are decoded.', [
-    (('files',), dict(nargs='+', metavar='FILE', help='audio files: wav, flac, mp3, m4a, ogg, ...')),
+def _stdin_file() -> str:
+    "Standard input copied to a temporary file a block at a time (the decoders need to seek); removed when the command ends."
+    import tempfile, shutil, atexit
+    f = tempfile.NamedTemporaryFile(prefix='model-lab-stdin-', delete=False)
+    with f: shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
+    atexit.register(lambda: os.path.exists(f.name) and os.remove(f.name))
+    return f.name
+
+_FORMATS = ['txt', 'vtt', 'srt', 'tsv', 'json', 'all']
+
+@command('transcribe', 'Transcribe audio files with Whisper (tiny.en, bundled: works offline), streaming the segments as they are decoded. '
+         "openai-whisper's flags work with its spellings (--output_dir/-o, --output_format/-f, --beam_size, ...).", [
+    (('files',), dict(nargs='+', metavar='FILE', help='audio files: wav, flac, mp3, m4a, ogg, ...; - reads standard input')),
     (('--backend',), dict(default='faster-whisper', choices=['faster-whisper', 'openai-whisper', 'transformers', 'liquid-audio'],
                           help='default: faster-whisper; liquid-audio (LFM2.5-Audio) runs in its own Python 3.12 environment: python -m model_lab.lfm_audio --build')),
-    (('--model',), dict(default=None, help='Whisper model name (default tiny.en, bundled; others are downloaded once when online); '
+    (('--model',), dict(default=None, help='a Whisper name (default tiny.en, bundled; others are downloaded once when online), a local CTranslate2 '
+                                        'folder (model.bin) or a local Hugging Face folder (config.json + weights); '
                                         'liquid-audio: lfm2.5-audio-1.5b (default, from the hub) or a local checkpoint folder')),
     (('--device',), dict(default='auto', help='auto (default), cpu, cuda, cuda:N or mps')),
-    (('--compute-type',), dict(default='auto', help='auto (default: int8 for faster-whisper on a CPU, float32 for the others; float16 on a GPU; liquid-audio: bfloat16 where native), float32, float16, bfloat16 (liquid-audio) or int8 (faster-whisper)')),
-    (('--beam-size',), dict(type=int, default=1, help='1 = greedy (default)')),
-    (('--threads',), dict(type=int, default=None, help='CPU threads (default: all that PyTorch uses)')),
+    (('--compute-type', '--compute_type'), dict(default='auto', help='auto (default: float32 on a CPU, int8 for faster-whisper on CPUs with VNNI, where it keeps float32\'s words; float16 on a GPU; liquid-audio: bfloat16 where native), float32, float16, bfloat16 (liquid-audio) or int8 (faster-whisper)')),
+    (('--task',), dict(default='transcribe', choices=['transcribe', 'translate'], help='transcribe (default) or translate to English (multilingual models)')),
     (('--language',), dict(default=None, help='language code or name (default: en for .en models, else detected)')),
-    (('--output-format',), dict(default='txt', choices=['txt', 'srt', 'vtt', 'json'],
-                                help='format of the files in --output-dir (default txt); without --output-dir srt, vtt and json go to stdout')),
-    (('--output-dir',), dict(default=None, help='write FILE_STEM.FORMAT here for each file; stdout then shows the segments as they are decoded')),
+    (('--temperature',), dict(type=float, default=0.0, help='sampling temperature (default 0: deterministic); one temperature, no fallback')),
+    (('--beam-size', '--beam_size'), dict(type=int, default=1, help='beams in beam search (default 1: greedy, not openai-whisper\'s 5)')),
+    (('--best_of', '--best-of'), dict(type=int, default=None, help='samples drawn at a temperature > 0, the likeliest kept (default 1)')),
+    (('--initial_prompt', '--initial-prompt'), dict(default=None, help='text given as the previous window to the first one: names, spellings, style')),
+    (('--condition_on_previous_text', '--condition-on-previous-text'), dict(type=_bool, default=False, metavar='{True,False}',
+         help='give each 30-s window the previous window\'s text (default False here, True in openai-whisper: it can repeat itself)')),
+    (('--word_timestamps', '--word-timestamps'), dict(type=_bool, default=False, metavar='{True,False}',
+         help='timestamps for each word, in the json and tsv output (faster-whisper and openai-whisper)')),
+    (('--threads',), dict(type=int, default=None, help='CPU threads (default: all that PyTorch uses)')),
+    (('--output-format', '--output_format', '-f'), dict(default='txt', choices=_FORMATS,
+         help='format of the files in --output_dir (default txt); all: every format; without --output_dir srt, vtt, tsv and json go to stdout')),
+    (('--output-dir', '--output_dir', '-o'), dict(default=None, help='write FILE_STEM.FORMAT here for each file (-f all: default the current folder); stdout then shows the segments as they are decoded')),
+    (('--verbose',), dict(type=_bool, default=True, metavar='{True,False}', help='True (default): show each segment as it is decoded; False: only what is written')),
+    (('--vad',), dict(action=argparse.BooleanOptionalAction, default=True, help='voice activity detection (Silero VAD): transcribe only the speech (default on)')),
+    (('--vad_threshold', '--vad-threshold'), dict(type=float, default=0.5, help='speech probability above which the VAD hears speech (default 0.5)')),
+    (('--vad_min_silence', '--vad-min-silence'), dict(type=float, default=2.0, help='seconds of pause that end a stretch of speech (default 2)')),
     (('--json',), dict(action='store_true', help='print text, segments, timings and notes as JSON (a list for several files); errors too')),
 ])
 def transcribe_cmd(ns) -> int:
     ns.json = ns.json or (ns.output_format == 'json' and not ns.output_dir)  # stdout is JSON: so are the errors
-    try: entry, placement, language, out = _check_transcribe(ns)
+    try: entry, placement, language, out, opts = _check_transcribe(ns)
     except UsageError as e: return _say(ns, e, 2)
     import itertools
-    from model_lab.audio import load_asr, AudioError, ModelUnavailable, cue, preamble, render
+    from model_lab.audio import load_asr, probe_audio, AudioError, ModelUnavailable, cue, preamble, render, OUTPUT_FORMATS
     from model_lab.bench import atomic_write
-    try: asr = load_asr(ns.model, backend=ns.backend, device=ns.device, compute_type=ns.compute_type, threads=ns.threads)
+    files = [_stdin_file() if f == '-' else f for f in ns.files]
+    names = dict(zip(files, ns.files))
+    warned = set()
+    for f in files:
+        try: note = probe_audio(f)['note']
+        except Exception: note = None  # decoding says what is wrong, below
+        if note: _warn(ns, f'{names[f]}: {note}'); warned.add(f)
+    try: asr = load_asr(ns.model, backend=ns.backend, device=ns.device,
+                        compute_type=ns.compute_type, threads=ns.threads)
     except ModelUnavailable as e: return _say(ns, e.cli_message, 1)
+    except ValueError as e: return _say(ns, _flag_words(str(e)), 2)
+    fmts = [f for f in OUTPUT_FORMATS] if ns.output_format == 'all' else [ns.output_format]
+    show = ns.verbose and not ns.json
     fmt = 'json' if ns.json else 'lines' if out or ns.output_format == 'txt' else ns.output_format  # what stdout shows
+    vad = dict(threshold=ns.vad_threshold, min_silence_s=ns.vad_min_silence) if ns.vad else False
     docs, failed = [], 0
-    for f in ns.files:
-        if len(ns.files) > 1 and fmt == 'lines': print(f'==> {f} <==', flush=True)
-        print(preamble(fmt), end='', flush=True)
+    for f in files:
+        if len(files) > 1 and fmt == 'lines' and show: print(f'==> {names[f]} <==', flush=True)
+        if show or not out: print(preamble(fmt), end='', flush=True)
         n = itertools.count(1)
-        show = None if fmt == 'json' else lambda s: print(cue(s, fmt, next(n)), end='', flush=True)  # each segment as it is decoded
-        try: tr = asr.transcribe(f, beam_size=ns.beam_size, language=language, on_segment=show, progress=sys.stderr.isatty())
+        on_seg = (lambda s: print(cue(s, fmt, next(n)), end='', flush=True)) if fmt != 'json' and (show or not out) else None
+        try: tr = asr.transcribe(f, beam_size=ns.beam_size, temperature=ns.temperature, language=language, on_segment=on_seg,
+                                 progress=sys.stderr.isatty(), vad=vad, **opts)
         except AudioError as e:
-            failed += 1; docs.append(dict(file=f, error=str(e)))
-            if not ns.json: print(f'model-lab transcribe: {e}', file=sys.stderr)
+            failed += 1; docs.append(dict(file=names[f], error=str(e).replace(f, names[f])))
+            if not ns.json: print(f'model-lab transcribe: {str(e).replace(f, names[f])}', file=sys.stderr)
             continue
-        for note in tr.notes: print(f'model-lab transcribe: {f}: {note}', file=sys.stderr)  # what was skipped, in every mode
-        if out: p = out / f'{Path(f).stem}.{ns.output_format}'; atomic_write(p, render(tr, ns.output_format)); print(f'wrote {p}', file=sys.stderr)
-        docs.append(dict(file=f, **tr.to_dict()))
+        for note in tr.notes:  # what was skipped, in every mode
+            if not (f in warned and note.startswith('truncated:')): print(f'model-lab transcribe: {names[f]}: {note}', file=sys.stderr)
+        if out:
+            stem = 'stdin' if names[f] == '-' else Path(f).stem
+            for x in fmts: p = out / f'{stem}.{x}'; atomic_write(p, render(tr, x)); print(f'wrote {p}', file=sys.stderr)
+        docs.append(dict(file=names[f], **tr.to_dict()))
     if ns.json:
         doc = docs[0] if len(docs) == 1 else docs
         print(json.dumps(dict(doc, kind='failed', command=ns.command, exit_code=1) if 'error' in doc else doc, indent=1))

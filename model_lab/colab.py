@@ -19,13 +19,14 @@ from .bench import fmt_bytes, cpu_bf16_speedup
 # %% auto #0
 __all__ = ['STATUSES', 'GiB', 'ENV_VARS', 'MODULES', 'DRIVE', 'OPTIONAL', 'STACK', 'XLA_PAIR', 'MENU', 'TPU_HBM', 'DTYPE_NAME',
            'MIN_FREE', 'WANT_FREE', 'BREAKS_IMPORT', 'DIR_MODE', 'CACHE_MODE', 'WHISPER', 'MIN_PRESET_PARAMS', 'DTYPES',
-           'INFER_W', 'TRAIN_WGO', 'ACT', 'INFER_VALUES', 'TRAIN_VALUES', 'USABLE', 'CHECKS', 'Action', 'Finding',
-           'Report', 'PathInfo', 'Facts', 'probe_path', 'wandb_key_source', 'model_lab_requirements', 'default_dirs',
-           'asset_facts', 'gather_facts', 'Runtime', 'runtime_of', 'check_runtime', 'check_python', 'tpu_marker',
-           'colab_gpu_runtime', 'tpu_memory', 'check_accelerator', 'check_precision', 'check_ram', 'check_disk',
-           'check_dependencies', 'check_extras', 'check_optional', 'check_conflicts', 'check_dirs', 'check_caches',
-           'check_drive', 'check_tracking', 'check_assets', 'ModelSize', 'qwen2_params', 'module_presets', 'presets',
-           'Estimate', 'estimate', 'usable_memory', 'fit_training', 'fit_advice', 'check_fit', 'run_checks',
+           'INFER_W', 'TRAIN_WGO', 'ACT', 'INFER_VALUES', 'TRAIN_VALUES', 'USABLE', 'CHECKS', 'LFM_SIZES',
+           'LFM_COMMANDS', 'Action', 'Finding', 'Report', 'PathInfo', 'Facts', 'probe_path', 'wandb_key_source',
+           'model_lab_requirements', 'default_dirs', 'asset_facts', 'gather_facts', 'Runtime', 'runtime_of',
+           'check_runtime', 'check_python', 'tpu_marker', 'colab_gpu_runtime', 'tpu_memory', 'check_accelerator',
+           'check_precision', 'check_ram', 'check_disk', 'check_dependencies', 'check_extras', 'check_optional',
+           'check_conflicts', 'check_dirs', 'check_caches', 'check_drive', 'check_tracking', 'check_assets',
+           'ModelSize', 'qwen2_params', 'module_presets', 'presets', 'Estimate', 'estimate', 'usable_memory',
+           'fit_training', 'fit_advice', 'check_fit', 'run_checks', 'lfm_facts', 'check_lfm', 'check_audio_data',
            'apply_fixes']
 
 # %% ../nbs/90_colab_check.ipynb #cce2dcfe
@@ -735,6 +736,40 @@ def run_checks(facts:Facts|None=None, # the facts to judge (gather_facts() when 
         out += r if isinstance(r, list) else [r]
     rt = runtime_of(f.env, f.modules, f.shell)
     return Report(rt.name, out, rt.label)
+
+# %% ../nbs/90_colab_check.ipynb #86634274
+LFM_SIZES = dict(env='about 6 GB', weights='about 3 GB')  # the liquid-audio environment (Python 3.12 + torch) and LFM2.5-Audio-1.5B's weights
+LFM_COMMANDS = dict(env='python -m model_lab.lfm_audio --build', weights='huggingface-cli download LiquidAI/LFM2.5-Audio-1.5B')
+
+def lfm_facts() -> dict:
+    "Whether LFM2.5-Audio can run here: the interpreter of its environment and the folder of its weights (None, with the reason, when absent). Never downloads."
+    out = dict(python=None, env_error='', weights=None, weights_error='')
+    try: from model_lab import lfm_audio
+    except Exception as e: return dict(out, env_error=f'model_lab.lfm_audio does not import: {type(e).__name__}: {str(e)[:200]}')
+    try: out['python'] = str(lfm_audio.find_python())
+    except Exception as e: out['env_error'] = str(e).split('. ')[0]
+    try: out['weights'] = lfm_audio._weights_dir(lfm_audio.lfm_entry(os.environ.get('MODEL_LAB_LFM_MODEL') or lfm_audio.NAME), local_only=True)
+    except Exception as e: out['weights_error'] = str(e).split('. ')[0]
+    return out
+
+def check_lfm(f:Facts) -> Finding:
+    "LFM2.5-Audio (the optional fourth speech backend): its environment and weights, each with the command and size to get it."
+    lf = getattr(f, 'lfm', None) or lfm_facts()  # `Facts` built by hand may carry `lfm`; otherwise this runtime's
+    missing = [(k, what) for k, what in (('env', 'the liquid-audio environment'), ('weights', 'the weights')) if not lf['python' if k == 'env' else 'weights']]
+    if not missing: return Finding('LFM2.5-Audio', 'ok', f"environment {lf['python']}; weights {lf['weights']}")
+    have = '; '.join(x for x in (f"environment {lf['python']}" if lf['python'] else '', f"weights {lf['weights']}" if lf['weights'] else '') if x)
+    return Finding('LFM2.5-Audio', 'ok', 'optional backend, not set up: ' + ', '.join(f'{what} missing' for _, what in missing) + (f' ({have})' if have else ''),
+                   '; '.join(f'{what} ({LFM_SIZES[k]}): {LFM_COMMANDS[k]}' for k, what in missing))
+
+def check_audio_data(f:Facts) -> Finding:
+    "Whether dataset audio needs torchcodec: not for model_lab, which decodes with soundfile / PyAV (local folders, and hub rows read undecoded)."
+    tc, ds = f.versions.get('torchcodec', package_version('torchcodec')), f.versions.get('datasets')
+    if not ds: return Finding('audio datasets', 'ok', 'datasets not installed: `bench audio --dataset` reads local folders only (parquet needs pyarrow)')
+    return Finding('audio datasets', 'ok', f'datasets {ds}; torchcodec {tc or "not installed"}: not needed, model_lab decodes dataset audio with soundfile/PyAV '
+                   '(datasets\' own audio decoding, which needs it, is never used)')
+
+CHECKS += [check_lfm, check_audio_data]
+
 
 # %% ../nbs/90_colab_check.ipynb #eae23871
 def apply_fixes(report:Report, # the report whose findings' actions to perform

@@ -186,8 +186,10 @@ class LiquidAudioASR(ASR):
 
     def _threads(self): return contextlib.nullcontext()  # the worker's torch threads are set when it loads
 
-    def _segments(self, x:np.ndarray, beam_size:int, temperature:float, language:str|None=None, progress:bool=False) -> list:
+    def _segments(self, x:np.ndarray, beam_size:int, temperature:float, language:str|None=None, progress:bool=False, **options) -> list:
         if language not in (None, 'en'): raise ValueError(f'LFM2.5-Audio transcribes English here: language must be en or auto, got {language!r}')
+        if other := sorted(k for k, v in options.items() if v != audio.OPTIONS.get(k)):
+            raise ValueError(f'liquid-audio transcribes English greedily here, without Whisper decoding options: {", ".join(other)} cannot be set')
         if beam_size != 1 or temperature: raise ValueError(f'liquid-audio decodes greedily here: beam_size must be 1 and temperature 0, got {beam_size} and {temperature}')
         n, segs, self.last = int(WINDOW_S * SAMPLE_RATE), [], []
         for i in range(0, len(x), n):
