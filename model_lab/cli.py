@@ -425,20 +425,22 @@ def _train_groups() -> str:
     groups = {g.name: sorted(p.stem for p in g.glob('*.yaml')) for g in sorted(root.iterdir()) if g.is_dir()} if root.is_dir() else {}
     return '; '.join(f'{g}={"|".join(o)}' for g, o in groups.items())
 
-@command('train', 'Train the hybrid LM (Lightning + Hydra configs); e.g. model-lab train model=tiny trainer=cpu trainer.max_steps=200', [
+@command('train', 'Train the hybrid LM (Lightning + Hydra configs); e.g. model-lab train model=tiny trainer.max_steps=200', [
     (('overrides',), dict(nargs='*', metavar='OVERRIDE', help=f'Hydra overrides. Groups: {_train_groups()}. '
                           'Keys: model.*, trainer.*, dataset.*, e.g. trainer.max_steps=200 trainer.output_dir=/content/drive/MyDrive/runs/a')),
-    (('--resume',), dict(action='store_true', help='continue from <trainer.output_dir>/checkpoints/last.ckpt')),
+    (('--resume',), dict(nargs='?', const=True, default=False, metavar='PATH',
+                         help='continue from the newest checkpoint that loads in trainer.output_dir, or from PATH (a checkpoint file or a run folder)')),
+    (('--overwrite',), dict(action='store_true', help="train into a trainer.output_dir that holds another run's checkpoints (they are replaced)")),
     (('--cfg',), dict(action='store_true', help='print the composed config (YAML) and exit')),
 ])
 def train_cmd(ns) -> int:
-    from model_lab.train import compose, train_from_overrides, CheckpointError
+    from model_lab.train import compose, train_from_overrides, CheckpointError, exit_code
+    over = list(ns.overrides) + (['trainer.overwrite=true'] if ns.overwrite else [])
     try:
-        if ns.cfg: print(compose(ns.overrides, return_yaml=True)); return 0
-        train_from_overrides(ns.overrides, resume=ns.resume)
+        if ns.cfg: print(compose(over, return_yaml=True)); return 0
+        return exit_code(train_from_overrides(over, resume=ns.resume))   # 130 / 143 after a SIGINT / SIGTERM (checkpoint saved)
     except CheckpointError as e: print(f'model-lab train: {e}', file=sys.stderr); return 1
     except ValueError as e: raise UsageError(str(e)) from None
-    return 0
 
 # %% ../nbs/95_cli.ipynb #76d642bb
 @command('generate', 'Write code with a DiffuCoder/Dream checkpoint (default: the bundled tiny coder, offline): Dream\'s sampler or Fast-dLLM\'s decoders.', [

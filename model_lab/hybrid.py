@@ -435,12 +435,13 @@ BLOCKS = {'M': MambaBlock, 'm': mLSTMBlock, 's': sLSTMBlock, 'A': AttentionBlock
 # %% ../nbs/20_hybrid_model.ipynb #ee8bf51a
 _OUT_PROJ = ('out_proj', 'w_out', 'o')
 
-def check_ids(ids, vocab:int, name:str='ids'):
-    "Raise ValueError unless ids is a (B, L) integer tensor with L >= 1 (and, outside compilation, entries in [0, vocab))."
+def check_ids(ids, vocab:int, name:str='ids',
+              values:bool=True): # also check the entries lie in [0, vocab) (reads them back: a device-to-host sync)
+    "Raise ValueError unless ids is a (B, L) integer tensor with L >= 1 (and, with `values` outside compilation, entries in [0, vocab))."
     if not torch.is_tensor(ids) or ids.dim() != 2 or ids.shape[1] < 1 or ids.is_floating_point() or ids.is_complex():
         got = f'{tuple(ids.shape)} {ids.dtype}' if torch.is_tensor(ids) else type(ids).__name__
         raise ValueError(f'{name} must be a (B, L) integer tensor of token ids with L >= 1, got {got}')
-    if not torch.compiler.is_compiling() and not ids.is_meta and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+    if values and not torch.compiler.is_compiling() and not ids.is_meta and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         raise ValueError(f'{name} must lie in [0, vocab={vocab}), got values in [{int(ids.min())}, {int(ids.max())}]')
 
 class HybridLM(nn.Module):
@@ -485,11 +486,12 @@ class HybridLM(nn.Module):
         return (logits, states) if return_state else logits
 
     def step(self, ids, # (B,) one token per sequence
-             states:list|None=None): # block states from `forward(..., return_state=True)` or an earlier step
+             states:list|None=None, # block states from `forward(..., return_state=True)` or an earlier step
+             validate:bool=False): # also check ids lie in [0, vocab): a device-to-host sync, so off per decoding step
         "One decoding position: (logits (B, vocab) fp32, new states). O(1) work for recurrent blocks, O(T) for attention."
         if not torch.is_tensor(ids) or ids.dim() != 1:
             raise ValueError(f'ids must be a (B,) tensor, one token per sequence, got {tuple(ids.shape) if torch.is_tensor(ids) else type(ids).__name__}')
-        check_ids(ids[:, None], self.cfg.vocab)
+        check_ids(ids[:, None], self.cfg.vocab, values=validate)
         states = states if states is not None else [None] * len(self.blocks)
         if len(states) != len(self.blocks): raise ValueError(f'states must hold one state per block ({len(self.blocks)}), got {len(states)}')
         x, new = self.embed(ids), []

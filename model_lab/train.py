@@ -4,7 +4,7 @@
 
 # %% ../nbs/21_hybrid_train.ipynb #4a183995
 from __future__ import annotations
-import os, sys, math, json, time, hashlib, logging, warnings, contextlib, dataclasses, sysconfig, typing, types, shutil, tempfile
+import os, sys, re, math, json, time, hashlib, logging, warnings, contextlib, dataclasses, sysconfig, typing, types, shutil, tempfile, signal, threading
 from dataclasses import dataclass, field, asdict, fields, replace, make_dataclass, MISSING
 from pathlib import Path
 from typing import Any, Optional, Callable
@@ -12,19 +12,22 @@ import numpy as np, torch, torch.nn.functional as F
 import lightning.pytorch as pl
 from lightning.pytorch.plugins.io import CheckpointIO
 from torchdata.stateful_dataloader import StatefulDataLoader
-from .devices import detect, best_dtype
+from .devices import detect, best_dtype, peak_specs, audit_ops
 from . import bench
 from .hybrid import HybridConfig, HybridLM, PRESETS, param_count
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'CONFIG_DIR', 'RACE_PATTERNS', 'RACE_BUDGET_S', 'TrainConfig', 'DataConfig', 'stdlib_files', 'split_files',
-           'load_corpus', 'ByteTokenizer', 'HFTokenizer', 'get_tokenizer', 'pack_tokens', 'PackedBlocks',
-           'GlobalBatchSampler', 'StreamingBlocks', 'lr_factor', 'config_dict', 'build_model', 'LMModule',
-           'CheckpointError', 'save_checkpoint_file', 'load_checkpoint_file', 'AtomicCheckpointIO', 'resolve_precision',
-           'resolve_grad_accum', 'StepCheckpoints', 'TrainResult', 'packed_splits', 'LMData', 'train', 'structured',
-           'register_configs', 'config_groups', 'compose', 'train_from_overrides', 'race_configs', 'race',
+__all__ = ['log', 'STEP_WARN_S', 'STEP_EFFICIENCY', 'CONFIG_DIR', 'RACE_PATTERNS', 'RACE_BUDGET_S', 'TrainConfig',
+           'validate_train_config', 'DataConfig', 'stdlib_files', 'split_files', 'load_corpus', 'ByteTokenizer',
+           'HFTokenizer', 'get_tokenizer', 'pack_tokens', 'PackedBlocks', 'GlobalBatchSampler', 'StreamingBlocks',
+           'lr_factor', 'config_dict', 'build_model', 'LMModule', 'CheckpointError', 'save_checkpoint_file',
+           'load_checkpoint_file', 'AtomicCheckpointIO', 'resolve_precision', 'resolve_grad_accum', 'HardwareError',
+           'auto_trainer', 'check_hardware', 'step_seconds', 'step_time_warning', 'checkpoint_bytes',
+           'check_output_dir', 'StepCheckpoints', 'TrainResult', 'packed_splits', 'LMData', 'find_checkpoint',
+           'refuse_overwrite', 'train', 'structured', 'register_configs', 'config_groups', 'with_trainer', 'compose',
+           'train_from_overrides', 'exit_code', 'audit_hybrid', 'mps_support', 'mps_fallback', 'race_configs', 'race',
            'bench_train', 'race_table', 'plot_race', 'export_pretrained']
 
 # %% ../nbs/21_hybrid_train.ipynb #12b22a93
@@ -66,9 +69,61 @@ class TrainConfig:
     quiet: bool = False                   # silence Lightning's info lines (tests)
     wandb: bool = False                   # log to Weights & Biases too, if installed and logged in (WANDB_API_KEY from the environment)
     wandb_project: str = 'model_lab'
+    preset: Optional[str] = None          # the trainer config file this came from (cpu, single_gpu, ...; trainer=auto picks one)
+    overwrite: bool = False               # train into an output_dir that holds another run's checkpoints (they get replaced and pruned)
+
+    def __post_init__(self): validate_train_config(self)
 
     @property
     def out_dir(self) -> Path: return Path(self.output_dir or Path('outputs') / self.experiment)
+
+# %% ../nbs/21_hybrid_train.ipynb #c0a11d01
+_LIGHTNING_PRECISIONS = ('auto', '32-true', '32', '16-mixed', 'bf16-mixed', '16-true', 'bf16-true', '64-true', 'transformer-engine')
+_is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+_is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+_opt = lambda ok: lambda v: v is None or ok(v)
+_TRAIN_RULES = dict(   # field -> (valid?, what is expected)
+    max_steps=(lambda v: _is_int(v) and v >= 1, 'a whole number >= 1 (optimizer steps)'),
+    stop_at_step=(_opt(lambda v: _is_int(v) and v >= 1), 'null or a whole number >= 1'),
+    max_time_s=(_opt(lambda v: _is_num(v) and v > 0), 'null or seconds > 0'),
+    batch_size=(lambda v: _is_int(v) and v >= 1, 'a whole number >= 1 (sequences per device per micro-batch)'),
+    effective_batch=(_opt(lambda v: _is_int(v) and v >= 1), 'null or a whole number >= 1 (sequences per optimizer step)'),
+    grad_accum=(_opt(lambda v: _is_int(v) and v >= 1), 'null or a whole number >= 1 (micro-batches per step)'),
+    seq_len=(lambda v: _is_int(v) and v >= 1, 'a whole number >= 1 (tokens per training sequence)'),
+    lr=(lambda v: _is_num(v) and v > 0, 'a learning rate > 0, e.g. 3e-4'),
+    min_lr_ratio=(lambda v: _is_num(v) and 0 <= v <= 1, 'a number in [0, 1]'),
+    warmup_steps=(lambda v: _is_int(v) and v >= 0, 'a whole number >= 0'),
+    weight_decay=(lambda v: _is_num(v) and v >= 0, 'a number >= 0'),
+    beta1=(lambda v: _is_num(v) and 0 <= v < 1, 'a number in [0, 1)'),
+    beta2=(lambda v: _is_num(v) and 0 <= v < 1, 'a number in [0, 1)'),
+    grad_clip=(lambda v: _is_num(v) and v >= 0, 'a number >= 0 (0 disables clipping)'),
+    val_every=(lambda v: _is_int(v) and v >= 0, 'a whole number >= 0 (0: only at the end)'),
+    val_batches=(lambda v: _is_int(v) and v >= 1, 'a whole number >= 1'),
+    checkpoint_every=(lambda v: _is_int(v) and v >= 1, 'a whole number >= 1 (steps)'),
+    keep_checkpoints=(lambda v: _is_int(v) and v >= 0, 'a whole number >= 0 (0 keeps all)'),
+    log_every=(lambda v: _is_int(v) and v >= 1, 'a whole number >= 1'),
+    seed=(lambda v: _is_int(v) and v >= 0, 'a whole number >= 0'),
+    precision=(lambda v: v in _LIGHTNING_PRECISIONS, f'one of {", ".join(_LIGHTNING_PRECISIONS)}'),
+    accelerator=(lambda v: v in ('auto', 'cpu', 'gpu', 'cuda', 'tpu', 'mps'), 'one of auto, cpu, gpu, cuda, tpu, mps'),
+    devices=(lambda v: v == 'auto' or (_is_int(v) and (v >= 1 or v == -1)) or (isinstance(v, (list, tuple)) and all(_is_int(i) and i >= 0 for i in v) and len(v) > 0),
+             'auto, a number of devices >= 1 (-1: all) or a list of device indices'),
+    num_nodes=(lambda v: _is_int(v) and v >= 1, 'a whole number >= 1'),
+    num_workers=(lambda v: _is_int(v) and v >= 0, 'a whole number >= 0'),
+    threads=(_opt(lambda v: _is_int(v) and v >= 1), 'null or a whole number >= 1'),
+)
+
+def validate_train_config(cfg:TrainConfig):
+    "Raise a one-line `ValueError` naming the override (`trainer.<field>=<value>`) for the first invalid field of `cfg`."
+    for k, (ok, expected) in _TRAIN_RULES.items():
+        v = getattr(cfg, k)
+        if not ok(v): raise ValueError(f'trainer.{k}={v!r} is invalid: expected {expected}; the default is trainer.{k}={_field_default(k)!r}')
+    if cfg.stop_at_step is not None and cfg.stop_at_step > cfg.max_steps:
+        raise ValueError(f'trainer.stop_at_step={cfg.stop_at_step} is past trainer.max_steps={cfg.max_steps}: set it <= max_steps (or leave it null)')
+
+def _field_default(name:str):
+    f = TrainConfig.__dataclass_fields__[name]
+    return f.default
+
 
 # %% ../nbs/21_hybrid_train.ipynb #40e17c5a
 @dataclass
@@ -126,6 +181,14 @@ def _datasets_quiet(quiet:bool=True):
     finally:
         if was: dlog.enable_progress_bar()
 
+def _offline_hint(e:Exception) -> str:
+    "' (offline: HF_HUB_OFFLINE=1 and not in the cache; <error>)' or ' (<error>)': why a hub download failed, in a few words."
+    from huggingface_hub import constants
+    why = f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:160]}'
+    off = [v for v in ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE', 'TRANSFORMERS_OFFLINE') if os.environ.get(v, '').lower() in ('1', 'true', 'yes')]
+    if off or constants.HF_HUB_OFFLINE: return f' (offline mode: {"=1, ".join(off or ["HF_HUB_OFFLINE"])}=1, and it is not in the local cache; {why})'
+    return f' (no network or not on the hub?; {why})'
+
 def load_corpus(cfg:DataConfig, quiet:bool=False) -> dict:
     "{'train': ..., 'validation': ...} `datasets` splits (streamed `IterableDataset`s when `cfg.streaming`)."
     import datasets
@@ -138,7 +201,11 @@ def load_corpus(cfg:DataConfig, quiet:bool=False) -> dict:
             return dict(datasets.load_dataset('text', data_files={'train': [str(f) for f in tr], 'validation': [str(f) for f in va]},
                                               sample_by='document', encoding_errors='replace', cache_dir=cfg.cache_dir,
                                               streaming=cfg.streaming))
-        ds = datasets.load_dataset(cfg.name, cfg.config_name, streaming=cfg.streaming, cache_dir=cfg.cache_dir)
+        try: ds = datasets.load_dataset(cfg.name, cfg.config_name, streaming=cfg.streaming, cache_dir=cfg.cache_dir)
+        except Exception as e:
+            if Path(cfg.name).exists(): raise                  # a local folder: its own error says what is wrong with it
+            raise ValueError(f'dataset.name={cfg.name!r} could not be loaded{_offline_hint(e)}: use the bundled offline corpus '
+                             f'dataset=stdlib, or load it once online (it stays in dataset.cache_dir)') from None
     for s in (cfg.train_split, cfg.val_split):
         if s not in ds: raise ValueError(f'dataset {cfg.name!r} has no split {s!r}: it has {list(ds)} (set train_split / val_split)')
     return {'train': ds[cfg.train_split], 'validation': ds[cfg.val_split]}
@@ -157,7 +224,12 @@ class HFTokenizer:
         from tokenizers import Tokenizer
         p = Path(name_or_path)
         if p.is_dir(): p = p / 'tokenizer.json'
-        self.tok = Tokenizer.from_file(str(p)) if p.is_file() else Tokenizer.from_pretrained(name_or_path)
+        if p.is_file(): self.tok = Tokenizer.from_file(str(p))
+        else:
+            try: self.tok = Tokenizer.from_pretrained(name_or_path)
+            except Exception as e:
+                raise ValueError(f'dataset.tokenizer={name_or_path!r} could not be loaded{_offline_hint(e)}: use the bundled byte tokenizer '
+                                 f'dataset.tokenizer=byte (no download), or a local tokenizer.json path') from None
         self.name, self.vocab_size = name_or_path, self.tok.get_vocab_size()
         eos = [self.tok.token_to_id(t) for t in ('<|endoftext|>', '</s>', '<eos>', '[SEP]', '<|end_of_text|>')]
         self.eos_id = next((i for i in eos if i is not None), None)
@@ -267,7 +339,10 @@ class LMModule(pl.LightningModule):
         self.model_cfg, self.cfg = model_cfg, cfg
         self.model = model if model is not None else build_model(model_cfg, cfg.seed)
         self.step_losses, self.step_times, self.val_history, self._micro, self._fwd = [], [], [], [], None
-    def forward(self, ids): return (self._fwd or self.model)(ids)                  # (B, L) -> (B, L, vocab)
+    def forward(self, ids): return (self.model if self._fwd is None else self._fwd)(ids)   # (B, L) -> (B, L, vocab)
+    def use_compiled(self, fwd):
+        "Run `fwd` (a compiled `self.model`) in `forward`; kept out of the module tree, so checkpoints hold each weight once, under `model.`."
+        self.__dict__['_fwd'] = fwd
     def configure_model(self):
         "Under `strategy=fsdp` (ModelParallelStrategy): shard each block, then the rest, over the data-parallel mesh."
         mesh = getattr(self.trainer.strategy, 'device_mesh', None) if self._trainer is not None else None
@@ -328,8 +403,13 @@ def save_checkpoint_file(checkpoint:dict, path) -> Path:
     try:
         with os.fdopen(fd, 'wb') as f: torch.save(checkpoint, f); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, (OSError, RuntimeError)):   # e.g. disk full: torch's inline_container.cc 'file write failed'
+            free = shutil.disk_usage(path.parent).free
+            raise CheckpointError(f'writing checkpoint {path} failed ({type(e).__name__}: {(str(e).splitlines() or [""])[0][:120]}); '
+                                  f'{free/2**20:,.0f} MiB free there: free some space or choose another trainer.output_dir') from None
+        raise
     _fsync_dir(path.parent)
     return path
 
@@ -374,13 +454,108 @@ def resolve_grad_accum(cfg:TrainConfig, world_size:int) -> int:
     if cfg.effective_batch % per_step: raise ValueError(f'effective_batch={cfg.effective_batch} must be a multiple of batch_size x processes = {cfg.batch_size} x {world_size} = {per_step}')
     return cfg.effective_batch // per_step
 
+# %% ../nbs/21_hybrid_train.ipynb #c0a11d04
+class HardwareError(ValueError): "A trainer whose hardware this machine does not have."
+
+_ACCEL_KINDS = {'gpu': ('cuda', 'rocm'), 'cuda': ('cuda', 'rocm'), 'tpu': ('tpu',), 'mps': ('mps',)}
+_KIND_TRAINER = {'cuda': 'single_gpu', 'rocm': 'single_gpu', 'tpu': 'tpu', 'mps': 'mps', 'cpu': 'cpu'}
+_NEEDS = {'gpu': 'a CUDA or ROCm GPU', 'cuda': 'a CUDA GPU', 'tpu': 'a TPU (torch_xla on a TPU runtime)', 'mps': 'an Apple GPU (MPS)'}
+
+def auto_trainer(hw=None) -> str:
+    "The trainer config for this machine (`trainer=auto`): single_gpu on CUDA/ROCm, tpu on a TPU runtime, mps on Apple, else cpu."
+    return _KIND_TRAINER.get((hw or detect()).kind, 'cpu')
+
+def check_hardware(cfg:TrainConfig, hw=None):
+    "Raise `HardwareError` (one line) when `cfg.accelerator` names hardware this machine does not have."
+    kinds = _ACCEL_KINDS.get(cfg.accelerator)
+    if kinds is None: return                                # cpu / auto run anywhere
+    hw = hw or detect()
+    if hw.kind in kinds: return
+    what = f'trainer={cfg.preset} (trainer.accelerator={cfg.accelerator})' if cfg.preset else f'trainer.accelerator={cfg.accelerator}'
+    raise HardwareError(f'{what} needs {_NEEDS[cfg.accelerator]}, but this machine has {hw.kind}' + (f' ({hw.name})' if hw.name else '')
+                        + f': use trainer=auto (here trainer={auto_trainer(hw)}), or keep this config with trainer.accelerator=cpu trainer.devices=1')
+
+
+# %% ../nbs/21_hybrid_train.ipynb #c0a11d06
+STEP_WARN_S = 60          # warn before step 1 when an optimizer step is estimated to take longer than this
+STEP_EFFICIENCY = dict(cpu=0.1, default=0.5)   # fraction of peak FLOP/s assumed (generous: the scans run step by step in L on a CPU)
+
+def _peak_flops(hw, precision:str) -> float|None:
+    "Peak FLOP/s of one device of `hw` in the dtype `precision` computes in (None when unknown)."
+    f = peak_specs(hw).flops
+    key = 'bf16' if precision.startswith('bf16') else 'fp16' if precision.startswith('16') else 'fp32'
+    return f.get(key) or f.get('fp32') or None
+
+def step_seconds(model_cfg:HybridConfig, cfg:TrainConfig, hw=None, world_size:int=1) -> float|None:
+    "Lower-bound estimate of one optimizer step's seconds: 6 x parameters x tokens per device and step / (peak FLOP/s x STEP_EFFICIENCY)."
+    hw = hw or detect()
+    peak = _peak_flops(hw, resolve_precision(cfg.precision, hw))
+    if not peak: return None
+    tokens = cfg.batch_size * cfg.seq_len * resolve_grad_accum(cfg, world_size)
+    return 6 * param_count(model_cfg) * tokens / (peak * STEP_EFFICIENCY.get(hw.kind, STEP_EFFICIENCY['default']))
+
+def step_time_warning(model_cfg:HybridConfig, cfg:TrainConfig, hw=None, world_size:int=1) -> str|None:
+    "A warning when `step_seconds` exceeds `STEP_WARN_S`, naming the estimate and the largest preset that fits; else None."
+    hw = hw or detect()
+    s = step_seconds(model_cfg, cfg, hw, world_size)
+    if s is None or s <= STEP_WARN_S: return None
+    fits = [n for n, c in _MODEL_PRESETS.items() if (step_seconds(c, cfg, hw, world_size) or 0) <= STEP_WARN_S]
+    return (f'{param_count(model_cfg)/1e6:,.0f}M parameters on {hw.kind} ({hw.name or "unknown"}): one optimizer step is estimated at '
+            f'{s:,.0f} s or more ({cfg.batch_size} x {cfg.seq_len} tokens x {resolve_grad_accum(cfg, world_size)} micro-batches); '
+            f'use a GPU/TPU runtime, or model={fits[-1] if fits else "tiny"} on this machine')
+
+_MODEL_PRESETS = {'tiny': HybridConfig(vocab=256, d_model=64, n_layers=4, pattern='MmsA'), **PRESETS}   # model/*.yaml, smallest first
+
+
+# %% ../nbs/21_hybrid_train.ipynb #c0a11d08
+def checkpoint_bytes(model_cfg:HybridConfig) -> int:
+    "Disk a checkpoint needs while it is written: fp32 weights + AdamW's two moments, twice (the temporary file and the last one)."
+    return 2 * 12 * param_count(model_cfg)
+
+def check_output_dir(out, need_bytes:int=0) -> Path:
+    "Create `out` if needed; a one-line `ValueError` when it is a file, not writable, or has less than `need_bytes` free (nothing in it is touched)."
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f'trainer.output_dir={str(out)!r} is a file, expected a folder: choose another trainer.output_dir')
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix='.write-test-'): pass
+    except OSError as e:
+        raise ValueError(f'trainer.output_dir={str(out)!r} is not writable ({e.strerror or type(e).__name__}): choose a folder you can write to') from None
+    free = shutil.disk_usage(out).free
+    if free < need_bytes:
+        raise ValueError(f'trainer.output_dir={str(out)!r} has {free/2**20:,.0f} MiB free, writing a checkpoint of this model needs about '
+                         f'{need_bytes/2**20:,.0f} MiB: free some space or choose another trainer.output_dir')
+    return out
+
+
 # %% ../nbs/21_hybrid_train.ipynb #bab039c3
 class StepCheckpoints(pl.Callback):
     "Checkpoints at every `every` steps, at `stop_at`, when `max_time_s` is spent and at `max_steps`; validation every `val_every`."
     def __init__(self, dirpath, every:int, keep:int=2, stop_at:int|None=None, max_time_s:float|None=None, val_every:int=0, val_loader=None):
         self.dir, self.every, self.keep, self.stop_at, self.max_time_s = Path(dirpath), every, keep, stop_at, max_time_s
         self.val_every, self.val_loader, self.seen, self.t0, self.last_saved = val_every, val_loader, None, None, None
-    def on_train_start(self, trainer, module): self.t0, self.seen = time.perf_counter(), trainer.global_step
+        self.signal, self._handlers = None, {}
+    def on_train_start(self, trainer, module):
+        self.t0, self.seen = time.perf_counter(), trainer.global_step
+        self._catch_signals()
+        if trainer.is_global_zero: print(f'training from step {trainer.global_step} to {trainer.max_steps} (Ctrl-C or SIGTERM: finish the step, '
+                                         f'save a checkpoint, exit; twice: exit at once)', file=sys.stderr, flush=True)
+    def _catch_signals(self):
+        "SIGINT and SIGTERM set `self.signal` (the step finishes, a checkpoint is written, training stops); a second one exits at once."
+        if threading.current_thread() is not threading.main_thread(): return
+        for s in (signal.SIGINT, signal.SIGTERM): self._handlers[s] = signal.signal(s, self._on_signal)
+    def _on_signal(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.signal is not None:
+            print(f'\n{name} again: exiting now, without a checkpoint', file=sys.stderr, flush=True); os._exit(128 + signum)
+        self.signal = name
+        print(f'\n{name}: finishing this step, then saving a checkpoint and exiting ({name} again: exit at once)', file=sys.stderr, flush=True)
+    def _restore_signals(self):
+        for s, h in self._handlers.items(): signal.signal(s, h if h is not None else signal.SIG_DFL)
+        self._handlers = {}
+    def on_train_end(self, trainer, module): self._restore_signals()
+    def on_exception(self, trainer, module, exc): self._restore_signals()
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         gs = trainer.global_step
         if gs == self.seen: return                      # inside a gradient-accumulation cycle
@@ -388,8 +563,10 @@ class StepCheckpoints(pl.Callback):
         if self.val_every and (gs % self.val_every == 0 or gs == trainer.max_steps): self.validate(trainer, module)
         out_of_time = self.max_time_s is not None and time.perf_counter() - self.t0 > self.max_time_s
         out_of_time = bool(trainer.strategy.broadcast(out_of_time, 0))   # rank 0's clock decides for all
-        stop = out_of_time or (self.stop_at is not None and gs >= self.stop_at)
+        interrupted = trainer.strategy.reduce_boolean_decision(self.signal is not None, all=False)   # any process's signal stops all
+        stop = out_of_time or interrupted or (self.stop_at is not None and gs >= self.stop_at)
         if gs % self.every == 0 or gs == trainer.max_steps or stop: self.save(trainer, gs)
+        if interrupted and trainer.is_global_zero: print(f'{self.signal or "signal"}: saved {self.last_saved} at step {gs}', file=sys.stderr, flush=True)
         if stop: trainer.should_stop = True
     def validate(self, trainer, module):
         v = module.evaluate(self.val_loader)
@@ -429,6 +606,7 @@ class TrainResult:
     val_history: list = field(default_factory=list)   # (step, val_loss)
     notes: list = field(default_factory=list)         # what was switched off or fell back, and why
     global_rank: int = 0                              # this process's rank (0 in a single process)
+    interrupted: Optional[str] = None                 # 'SIGINT' / 'SIGTERM' when a signal stopped the run (after a checkpoint)
     def to_dict(self) -> dict: return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
 
 # %% ../nbs/21_hybrid_train.ipynb #9b5fbbfe
@@ -469,7 +647,7 @@ def _maybe_compile(module:LMModule, cfg:TrainConfig, notes:list):
     try:
         fwd = torch.compile(module.model, backend=cfg.compile_backend)
         with torch.no_grad(): fwd(torch.zeros(1, 8, dtype=torch.long, device=module.device))
-        module._fwd = fwd
+        module.use_compiled(fwd)
     except Exception as e:
         msg = f'torch.compile(backend={cfg.compile_backend!r}) failed, training eagerly: {type(e).__name__}: {(str(e).splitlines() or [""])[0][:200]}'
         warnings.warn(msg); notes.append(msg)
@@ -527,12 +705,42 @@ def _world_size(cfg:TrainConfig) -> int:
     n = d if isinstance(d, int) else len(d) if isinstance(d, (list, tuple)) else int(d) if str(d).isdigit() else max(1, torch.cuda.device_count())
     return n * cfg.num_nodes
 
-def _resume_path(ckdir:Path, resume, notes:list):
-    if not resume: return None
-    p = Path(resume) if isinstance(resume, (str, Path)) else ckdir / 'last.ckpt'
-    if p.is_file(): return str(p)
-    if isinstance(resume, (str, Path)): raise FileNotFoundError(f'resume checkpoint {p} does not exist')
-    notes.append(f'resume: no checkpoint in {ckdir} yet, starting from step 0'); return None
+def _step_of(p:Path) -> int:
+    m = re.fullmatch(r'step-(\d+)\.ckpt', p.name)
+    return int(m[1]) if m else -1
+
+def find_checkpoint(resume, ckdir, notes:list|None=None) -> str|None:
+    "The checkpoint to resume from: `resume` itself (a file), else the newest that loads in a run folder (`resume`, or `ckdir` for True)."
+    notes = [] if notes is None else notes
+    if resume is None or resume is False: return None
+    if resume is not True:
+        p = Path(resume)
+        if p.is_file(): load_checkpoint_file(p); return str(p)
+        if not p.is_dir(): raise CheckpointError(f'resume checkpoint {p} does not exist: give a checkpoint file or a run folder')
+        ckdir = p / 'checkpoints' if (p / 'checkpoints').is_dir() else p
+    ckdir = Path(ckdir)
+    cands = sorted(ckdir.glob('step-*.ckpt'), key=_step_of, reverse=True)
+    if (ckdir / 'last.ckpt').is_file(): cands.insert(0, ckdir / 'last.ckpt')
+    if not cands:
+        if resume is True: notes.append(f'resume: no checkpoint in {ckdir} yet, starting from step 0'); return None
+        raise CheckpointError(f'resume folder {resume} holds no checkpoint (last.ckpt or step-*.ckpt)')
+    for c in cands:
+        try: load_checkpoint_file(c); return str(c)
+        except CheckpointError as e: notes.append(f'resume: skipped {c.name} ({str(e)[:120]})')
+    raise CheckpointError(f'no checkpoint in {ckdir} loads ({", ".join(c.name for c in cands)}: corrupt or truncated): '
+                          f'delete them, or start over with --overwrite')
+
+def refuse_overwrite(ckdir, overwrite:bool=False, notes:list|None=None):
+    "Before a fresh run: a one-line `CheckpointError` when `ckdir` holds another run's checkpoints; with `overwrite`, delete them (rank 0)."
+    old = sorted(Path(ckdir).glob('*.ckpt')) if Path(ckdir).is_dir() else []
+    if not old: return
+    if not overwrite:
+        names = [p.name for p in old]
+        raise CheckpointError(f'{ckdir} already holds checkpoints of another run ({", ".join(names[:3])}{", ..." if len(names) > 3 else ""}): '
+                              f'continue it with --resume, choose another trainer.output_dir, or replace them with --overwrite')
+    if os.environ.get('LOCAL_RANK', os.environ.get('RANK', '0')) == '0':      # one process deletes (before the others start)
+        for p in old: p.unlink(missing_ok=True)
+        if notes is not None: notes.append(f'overwrite: deleted {len(old)} checkpoint(s) of an earlier run in {ckdir}')
 
 @contextlib.contextmanager
 def _threads(n:int|None):
@@ -554,11 +762,17 @@ def _trainer(cfg:TrainConfig, module, loggers, callbacks) -> pl.Trainer:
 def train(model_cfg:HybridConfig, # the model (`model_lab.hybrid.HybridConfig`, e.g. a preset)
           train_cfg:TrainConfig|None=None, # steps, batch, optimizer, hardware (defaults: `TrainConfig()`)
           data_cfg:DataConfig|None=None, # corpus and tokenizer (default: the stdlib's sources, bytes)
-          resume:bool|str=False, # continue from output_dir/checkpoints/last.ckpt (True) or from this checkpoint path
+          resume:bool|str=False, # True: the newest checkpoint that loads in output_dir/checkpoints; or a checkpoint file / run folder
          ) -> TrainResult:
     "Train a `HybridLM` with Lightning; checkpoints under `train_cfg.out_dir / 'checkpoints'`."
     cfg, dcfg, notes = train_cfg or TrainConfig(), data_cfg or DataConfig(), []
     out = cfg.out_dir; ckdir = out / 'checkpoints'
+    check_hardware(cfg)                                          # before any work: hardware, output folder, checkpoints, step time
+    check_output_dir(out, checkpoint_bytes(model_cfg))
+    ckpt = find_checkpoint(resume, ckdir, notes)
+    if ckpt is None: refuse_overwrite(ckdir, cfg.overwrite, notes)
+    if (w := step_time_warning(model_cfg, cfg, world_size=_world_size(cfg))):
+        warnings.warn(w); notes.append(w)
     n_val = cfg.val_batches * cfg.batch_size
     if dcfg.streaming: tok, tr_blocks, val = _streaming_splits(dcfg, cfg.seq_len, n_val, cfg.seed)
     else:
@@ -578,7 +792,7 @@ def train(model_cfg:HybridConfig, # the model (`model_lab.hybrid.HybridConfig`, 
         accum = trainer.accumulate_grad_batches = resolve_grad_accum(cfg, trainer.world_size)
         for n in notes: log.warning(n)
         for lg in loggers: lg.log_hyperparams(dict(model=config_dict(model_cfg), trainer=config_dict(cfg), dataset=config_dict(dcfg)))
-        trainer.fit(module, datamodule=LMData(tr_blocks, cfg, cfg.max_steps * accum), ckpt_path=_resume_path(ckdir, resume, notes))
+        trainer.fit(module, datamodule=LMData(tr_blocks, cfg, cfg.max_steps * accum), ckpt_path=ckpt)
     gs = trainer.global_step
     vh = module.val_history
     v = vh[-1][1] if vh and vh[-1][0] == gs else module.evaluate(val_loader)
@@ -587,7 +801,7 @@ def train(model_cfg:HybridConfig, # the model (`model_lab.hybrid.HybridConfig`, 
     tps = n * accum * cfg.batch_size * trainer.world_size * cfg.seq_len / secs[-1] if n else float('nan')
     return TrainResult(module.step_losses, list(range(gs - n + 1, gs + 1)), secs, v, math.exp(min(v, 50)), tps, ckdir,
                        cb.last_saved, gs, sum(p.numel() for p in module.model.parameters()), trainer.precision,
-                       trainer.world_size, accum, vh, notes, trainer.global_rank)
+                       trainer.world_size, accum, vh, notes, trainer.global_rank, cb.signal)
 
 # %% ../nbs/21_hybrid_train.ipynb #bfbca7c9
 import importlib.util
@@ -617,7 +831,7 @@ def register_configs():
     from hydra.core.config_store import ConfigStore
     cs, Model = ConfigStore.instance(), structured(HybridConfig, 'HybridConfig')
     Job = make_dataclass('TrainJob', [('model', Model, field(default_factory=Model)), ('trainer', TrainConfig, field(default_factory=TrainConfig)),
-                                      ('dataset', DataConfig, field(default_factory=DataConfig)), ('resume', bool, field(default=False))])
+                                      ('dataset', DataConfig, field(default_factory=DataConfig)), ('resume', Any, field(default=False))])
     cs.store(name='base_config', node=Job)
     for group, node in (('model', Model), ('trainer', TrainConfig), ('dataset', DataConfig)): cs.store(group=group, name=f'base_{group}', node=node)
 
@@ -627,11 +841,25 @@ def config_groups() -> dict:
 
 # %% ../nbs/21_hybrid_train.ipynb #647c0e7a
 def _compose_error(e:Exception) -> ValueError:
-    lines = [l.strip() for l in str(e).splitlines() if l.strip() and not l.strip().startswith(('full_key', 'object_type', 'reference_type'))]
-    return ValueError('bad training config: ' + ' '.join(lines)[:600])
+    "One line from a Hydra/OmegaConf error and its causes (the cause says why: 'Value 'many' ... could not be converted to Integer')."
+    msgs, x = [], e
+    while x is not None and len(msgs) < 4: msgs.append(str(x)); x = x.__cause__ or x.__context__
+    lines = [l.strip() for m in msgs for l in m.splitlines() if l.strip() and not l.strip().startswith(('full_key', 'object_type', 'reference_type')) and '$VALUE' not in l]
+    return ValueError('bad training config: ' + ': '.join(dict.fromkeys(lines))[:600])
 
-def compose(overrides=(), return_yaml:bool=False):
+def with_trainer(overrides=(), hw=None) -> tuple:
+    "(overrides, picked): `trainer=auto` (also when no trainer is named) replaced by the trainer config for this machine."
+    ov = list(overrides)
+    i = next((k for k, o in enumerate(ov) if o.split('=', 1)[0].lstrip('+') == 'trainer'), None)
+    if i is not None and ov[i].split('=', 1)[-1] != 'auto': return ov, None
+    pick = auto_trainer(hw)
+    if i is None: ov.append(f'trainer={pick}')
+    else: ov[i] = f'trainer={pick}'
+    return ov, pick
+
+def compose(overrides=(), return_yaml:bool=False, hw=None):
     "(HybridConfig, TrainConfig, DataConfig, resume) from `config.yaml` and Hydra `overrides` such as 'trainer.max_steps=200'."
+    overrides, _ = with_trainer(overrides, hw)
     from hydra import initialize_config_dir, compose as _compose
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -642,11 +870,11 @@ def compose(overrides=(), return_yaml:bool=False):
             cfg = _compose('config', overrides=list(overrides))
         if return_yaml: return OmegaConf.to_yaml(cfg)
         model = HybridConfig(**OmegaConf.to_container(cfg.model, resolve=True))
-        return model, OmegaConf.to_object(cfg.trainer), OmegaConf.to_object(cfg.dataset), bool(cfg.resume)
+        return model, OmegaConf.to_object(cfg.trainer), OmegaConf.to_object(cfg.dataset), cfg.resume
     except (HydraException, OmegaConfBaseException) as e: raise _compose_error(e) from None
 
 # %% ../nbs/21_hybrid_train.ipynb #b339e177
-def train_from_overrides(overrides=(), resume:bool=False, out=None) -> TrainResult:
+def train_from_overrides(overrides=(), resume:bool|str=False, out=None) -> TrainResult:
     "Compose the config from Hydra `overrides`, train, and (on rank 0) print a summary and write `output_dir/result.json`."
     model_cfg, cfg, dcfg, res = compose(overrides)
     out = out or sys.stdout
@@ -657,12 +885,68 @@ def train_from_overrides(overrides=(), resume:bool=False, out=None) -> TrainResu
         loss = f'loss {r.losses[0]:.4f} -> {r.losses[-1]:.4f}' if r.losses else 'no new steps'
         print(f'step {r.global_step}: {loss}, val loss {r.val_loss:.4f} (ppl {r.val_ppl:.2f}), {r.tokens_per_s:.0f} tokens/s, '
               f'{r.params:,} parameters, {r.precision}, {r.world_size} process(es) x {r.grad_accum} micro-batch(es); checkpoint {r.last_checkpoint}', file=out)
+        if r.interrupted: print(f'{r.interrupted}: stopped after step {r.global_step}; continue with --resume {cfg.out_dir}', file=out)
     return r
+
+def exit_code(r:TrainResult) -> int:
+    "The process exit status for a run: 0, or 128 + the signal number when a signal stopped it (130 for SIGINT, 143 for SIGTERM)."
+    return 128 + int(signal.Signals[r.interrupted]) if r.interrupted else 0
+
 
 # %% ../nbs/21_hybrid_train.ipynb #27ebaf69
 #| eval: false
 if __name__ == '__main__':   # torchrun --nproc_per_node=2 -m model_lab.train trainer.devices=2 trainer.strategy=ddp ...
-    train_from_overrides(sys.argv[1:])
+    try: sys.exit(exit_code(train_from_overrides(sys.argv[1:])))
+    except ValueError as e: print(f'model_lab.train: error: {e}', file=sys.stderr); sys.exit(2)   # bad input: one line, no traceback
+
+
+# %% ../nbs/21_hybrid_train.ipynb #c0a11d51
+def audit_hybrid(model_cfg:HybridConfig, dtype=torch.float32, seed:int=0) -> dict:
+    "{'forward'|'step'|'generate'|'train_step': OpAudit} for a `HybridLM(model_cfg)` with `dtype` weights (as Lightning's '32-true' / 'bf16-true' run them)."
+    torch.manual_seed(seed)
+    m = HybridLM(model_cfg).to(dtype)
+    ids = torch.randint(0, model_cfg.vocab, (2, 19))                         # (B, L): a ragged length
+    _, states = m(ids, return_state=True)
+    out = dict(forward=audit_ops(m, ids), step=audit_ops(m.step, ids[:, -1], states), generate=audit_ops(m.generate, ids, 4, temperature=0))
+    lm = LMModule(model_cfg, TrainConfig(max_steps=10, warmup_steps=1), build_model(model_cfg, seed).to(dtype))
+    opt = lm.configure_optimizers()['optimizer']
+    def train_step(batch):
+        loss = lm.loss(batch)
+        loss.backward(); torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0); opt.step(); opt.zero_grad()
+    out['train_step'] = audit_ops(train_step, torch.randint(0, model_cfg.vocab, (2, 20)))
+    return out
+
+
+# %% ../nbs/21_hybrid_train.ipynb #c0a11d54
+def _native_functions() -> dict:
+    "{'name.overload': entry} from the native_functions.yaml torchgen ships with this torch."
+    import yaml, torchgen
+    p = Path(torchgen.__file__).parent / 'packaged' / 'ATen' / 'native' / 'native_functions.yaml'
+    return {e['func'].split('(')[0]: e for e in yaml.load(p.read_text(), Loader=getattr(yaml, 'CSafeLoader', yaml.SafeLoader))}
+
+def _dispatch_keys(e:dict) -> set: return {k.strip() for ks in (e.get('dispatch') or {}) for k in ks.split(',')}
+
+def mps_support(overloads, fns:dict|None=None) -> dict:
+    "{'aten.op.overload': 'kernel' | 'composite' | 'missing' | 'unknown'}: how torch's MPS backend runs each op (from native_functions.yaml)."
+    fns = fns or _native_functions()
+    out = {}
+    for ov in overloads:
+        name = ov.removeprefix('aten.').removesuffix('.default')
+        e = fns.get(name)
+        if e is None: out[ov] = 'unknown'; continue
+        keys = _dispatch_keys(e) | _dispatch_keys(fns.get(e.get('structured_delegate') or '', {}))
+        out[ov] = ('kernel' if 'MPS' in keys else 'composite' if not e.get('dispatch') or any(k.startswith('Composite') for k in keys) else 'missing')
+    return out
+
+def mps_fallback(overload:str, fns:dict|None=None) -> str:
+    "What runs on MPS instead of an op it lacks: the MPS lowering a CPU-only lowering has (same family, `_for_mps`), else the CPU fallback."
+    fns = fns or _native_functions()
+    name = overload.removeprefix('aten.').split('.')[0]
+    if '_for_cpu' in name:
+        kin = [n for n in fns if n.endswith('_for_mps') and n.split('_')[:4] == name.split('_')[:4] and 'MPS' in _dispatch_keys(fns[n])]
+        if kin: return f'the CPU lowering of a composite op; on MPS the same op lowers to `{kin[0]}` (an MPS kernel)'
+    return 'runs on the CPU only with PYTORCH_ENABLE_MPS_FALLBACK=1 (a copy each way), else an error'
+
 
 # %% ../nbs/21_hybrid_train.ipynb #929f89b5
 RACE_PATTERNS = ('A', 'M', 'm', 's', 'MmMs', 'MMMA')
