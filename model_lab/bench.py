@@ -392,7 +392,10 @@ def _result(p, i:int, r:dict, run:dict) -> Result:
 
 def _load_one(p) -> list:
     doc = _read_doc(p)
-    return [_result(p, i, r, doc.get('run') or {}) for i, r in enumerate(doc['results'])]
+    run = dict(doc.get('run') or {})
+    starts = [r['started_at'] for r in doc['results'] if isinstance(r, dict) and r.get('started_at')]
+    run.setdefault('started_at', min(starts) if starts else '')  # a file without run metadata: its first record's start
+    return [_result(p, i, r, run) for i, r in enumerate(doc['results'])]
 
 def load_results(paths, # files, folders (their *.json), glob patterns
                  skip:Callable|None=None, # skip(path, why) for each file that is not a results file; None: raise
@@ -594,6 +597,11 @@ def _bar_label(r:Result) -> str:
     p = _params(r.params)
     return f'{r.name}\n{p}' if p else r.name
 
+def _short_label(r:Result, width:int=60, lines:int=3) -> str:
+    "A configuration's name and params wrapped to `lines` lines of `width` characters (the rest elided): a tick label that leaves room for the bars."
+    import textwrap
+    return '\n'.join(textwrap.wrap(', '.join(filter(None, (r.name, _params(r.params)))), width, max_lines=lines, placeholder=' …'))
+
 def _bars(ax, vals:list, lo:list, hi:list, **kw):
     "Bars at 0..n-1 with asymmetric whiskers from lo to hi."
     err = [[max(v - l, 0) for v, l in zip(vals, lo)], [max(h - v, 0) for v, h in zip(vals, hi)]]
@@ -634,23 +642,29 @@ def bar_plot(results:Iterable[Result], y:str='median', # 'median' | 'throughput'
 
 def grouped_bars(results:Iterable[Result], column:Callable, # result -> its bar's label (a machine, a run)
                  y:str='median', path=None, title:str|None=None) -> 'Figure':
-    "Cross-machine comparison: one group per configuration, one bar per `column` (whiskers: fastest..slowest call); a log axis when values span > 50x."
+    "Cross-machine comparison: one group per configuration, one bar per `column` (whiskers: fastest..slowest call); horizontal past 6 groups; a log axis when values span > 50x."
     import matplotlib.pyplot as plt
     rs = [r for r in results if _yval(r, y) is not None]
     if not rs: raise ValueError(f'no results have a value for {y!r}')
     cols, confs = list(dict.fromkeys(map(column, rs))), list(dict.fromkeys(map(_config, rs)))
-    lab = {_config(r): _bar_label(r) for r in rs}
-    w = 0.8 / len(cols)
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(confs) * max(1, len(cols) / 2) + 2), 4.2))
+    lab, w, horiz = {_config(r): _short_label(r) for r in rs}, 0.8 / len(cols), len(confs) > 6
+    size = (12, 1.5 + 0.42 * len(confs) * max(1, len(cols) / 2)) if horiz else (max(5, 0.9 * len(confs) * max(1, len(cols) / 2) + 2), 4.2)
+    fig, ax = plt.subplots(figsize=size)
     for j, c in enumerate(cols):
         got = {_config(r): r for r in rs if column(r) == c}
-        xs = [i + (j - (len(cols) - 1) / 2) * w for i, k in enumerate(confs) if k in got]
+        pos = [i + (j - (len(cols) - 1) / 2) * w for i, k in enumerate(confs) if k in got]
         vs, lo, hi = zip(*[_spread(got[k], y) for k in confs if k in got])
-        ax.bar(xs, vs, w, yerr=[[v - l for v, l in zip(vs, lo)], [h - v for v, h in zip(vs, hi)]], capsize=3, label=c)
+        err = [[v - l for v, l in zip(vs, lo)], [h - v for v, h in zip(vs, hi)]]
+        (ax.barh(pos, vs, w, xerr=err, capsize=2, label=c) if horiz else ax.bar(pos, vs, w, yerr=err, capsize=3, label=c))
     allv = [_yval(r, y) for r in rs if _yval(r, y)]
-    if allv and max(allv) / min(allv) > 50: ax.set_yscale('log')
-    ax.set_xticks(range(len(confs)), [lab[k] for k in confs], fontsize=8, rotation=20 if len(confs) > 4 else 0, ha='right' if len(confs) > 4 else 'center')
-    ax.set_ylabel(_ylabel(rs, y)); _title(ax, title); ax.grid(True, axis='y', alpha=.3); ax.legend(fontsize=8)
+    log = bool(allv) and max(allv) / min(allv) > 50
+    if horiz:
+        ax.set_yticks(range(len(confs)), [lab[k] for k in confs], fontsize=7); ax.invert_yaxis()
+        ax.set_xlabel(_ylabel(rs, y) + (' (log scale)' if log else '')); ax.set_xscale('log' if log else 'linear'); ax.grid(True, axis='x', alpha=.3)
+    else:
+        ax.set_xticks(range(len(confs)), [lab[k] for k in confs], fontsize=8, rotation=20 if len(confs) > 3 else 0, ha='right' if len(confs) > 3 else 'center')
+        ax.set_ylabel(_ylabel(rs, y) + (' (log scale)' if log else '')); ax.set_yscale('log' if log else 'linear'); ax.grid(True, axis='y', alpha=.3)
+    _title(ax, title); ax.legend(fontsize=8)
     return _save(fig, path)
 
 def report_plots(results:Iterable[Result], out, value:str='median', merge_runs:bool=False) -> list:

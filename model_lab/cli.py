@@ -169,6 +169,7 @@ def bench_cmd(ns) -> int:
     names, opts = _check_bench(ns, index)
     from model_lab.bench import run_suites, suite_table, notes_markdown, headline_table, noisy_line
     if ns.threads: import torch; torch.set_num_threads(ns.threads)
+    _stop_on_sigterm()
     try: run = run_suites(names or None, size='quick' if ns.quick else 'full' if ns.full else 'default', out=ns.out, options=opts)
     except ValueError as e: raise UsageError(str(e)) from None
     print(f'{headline_table(run.results)}\n')
@@ -178,6 +179,13 @@ def bench_cmd(ns) -> int:
     print(f'wrote {run.json_path}, {run.md_path}' + ''.join(f', {p}' for p in run.pngs))
     for name in run.errors: print(f'suite {name} FAILED (see {run.md_path})', file=sys.stderr)
     return 1 if run.errors else 0
+
+def _stop_on_sigterm():
+    "A SIGTERM (a CI timeout, `kill`) stops the run the way Ctrl-C does: what was measured is saved, exit 130."
+    import signal
+    def stop(signum, frame): raise KeyboardInterrupt
+    try: signal.signal(signal.SIGTERM, stop)
+    except ValueError: pass  # not the main thread: leave the handler alone
 
 def _list_suites(index:dict) -> int:
     "Print one line per suite (and the options it takes, and what it lacks here); no suite module is imported."
