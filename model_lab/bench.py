@@ -226,20 +226,24 @@ def ratios(fns:dict, # name -> a function called with no arguments; its output i
            warmup:int=1, # untimed calls of each contender first (compilation, caches); the last one sets calls per round
            sync:Callable|None=None, # waits for the device; None: inferred from each output, as `measure` does
            min_time:float=0.05, # seconds each contender runs per round (repeated calls)
+           inner:int=3, # timed batches per contender per round (each about min_time/inner); the fastest one counts
           ) -> dict:
     "Time `fns` alternated round by round: a `Ratio` (baseline_time / its time) for each name, the baseline's included."
     if baseline not in fns: raise ValueError(f'baseline {baseline!r} is not one of the contenders {list(fns)}')
-    if rounds < 1 or warmup < 1 or min_time < 0: raise ValueError(f'ratios needs rounds >= 1, warmup >= 1, min_time >= 0; got rounds={rounds}, warmup={warmup}, min_time={min_time}')
-    names, devs, calls = list(fns), {}, {}
+    if rounds < 1 or warmup < 1 or inner < 1 or min_time < 0:
+        raise ValueError(f'ratios needs rounds >= 1, warmup >= 1, inner >= 1, min_time >= 0; got rounds={rounds}, warmup={warmup}, inner={inner}, min_time={min_time}')
+    names, devs, calls, batches = list(fns), {}, {}, {}
     load0, started = _loadavg(), _now()
     for n in names:
         for _ in range(warmup): t, devs[n] = _timed_batch(fns[n], 1, devs.get(n), sync)
-        calls[n] = max(1, math.ceil(min_time / t)) if t > 0 else 1
+        batches[n] = max(1, min(inner, int(min_time // t))) if t > 0 else inner  # a slow call runs once per round
+        calls[n] = max(1, math.ceil(min_time / batches[n] / t)) if t > 0 else 1
     per = {n: [] for n in names}
     for i in range(rounds):
         for n in names[i % len(names):] + names[:i % len(names)]:
-            t, devs[n] = _timed_batch(fns[n], calls[n], devs[n], sync)
-            per[n].append(t)
+            best = math.inf
+            for _ in range(batches[n]): t, devs[n] = _timed_batch(fns[n], calls[n], devs[n], sync); best = min(best, t)
+            per[n].append(best)
     load1, cores = _loadavg(), _cores()
     overloaded = max((l for l in (load0, load1) if l is not None), default=0) > cores
     out = {}
@@ -247,8 +251,8 @@ def ratios(fns:dict, # name -> a function called with no arguments; its output i
         rs = [b / t for b, t in zip(per[baseline], per[n])]
         lo, hi, cov = median_interval(rs)
         v, ts = statistics.median(rs), per[n]
-        cond = dict(threads=_threads(), cores=cores, loadavg_before=load0, loadavg_after=load1, calls_per_round=calls[n],
-                    min_time=min_time, coverage=round(cov, 4), interval='order statistics of the median of per-round ratios')
+        cond = dict(threads=_threads(), cores=cores, loadavg_before=load0, loadavg_after=load1, calls_per_round=calls[n] * batches[n],
+                    min_time=min_time, batches=batches[n], coverage=round(cov, 4), interval='order statistics of the median of per-round ratios; each round the fastest of `batches` batches')
         out[n] = Ratio(v, lo, hi, rounds, baseline, Timing(min(ts), statistics.median(ts), max(ts), rounds, None, started, ts, warmup),
                        cond, bool(hi - lo > 0.30 * v or overloaded))
     return out
