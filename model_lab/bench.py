@@ -727,7 +727,7 @@ def headline_table(results:Iterable[Result]) -> str:
     for r in results: by.setdefault(r.suite, []).append(r)
     rows = []
     for s, rs in by.items():
-        rat = [r for r in rs if r.ratio and r.ratio.get('baseline') != r.name]
+        rat = [r for r in rs if r.ratio and r.ratio.get('baseline') != r.name and not _is_self_ratio(r.ratio)]
         if not rat: rows.append(f'| {s} | no comparison in this run ({len(rs)} results) | — | {_kv(rs[0].quality) or "—"} |'); continue
         comp = '; '.join(f'{r.name} vs {r.ratio["baseline"]}' + (f' ({_params(r.params)})' if r.params else '') for r in rat)
         rows.append(f'| {s} | {comp} | ' + '; '.join(fmt_ratio(r.ratio, baseline=False) for r in rat)
@@ -736,7 +736,7 @@ def headline_table(results:Iterable[Result]) -> str:
 
 def noisy_line(results:Iterable[Result]) -> str:
     "One line saying how many ratios are noisy and what to do ('' when none is)."
-    rs = [r for r in results if r.ratio and r.ratio.get('baseline') != r.name]   # a baseline against itself is no comparison
+    rs = [r for r in results if r.ratio and r.ratio.get('baseline') != r.name and not _is_self_ratio(r.ratio)]   # a baseline against itself is no comparison
     noisy = [r for r in rs if r.ratio.get('noisy')]
     if not noisy: return ''
     load = max(_load1(r) or 0 for r in noisy)
@@ -750,13 +750,17 @@ def _load1(r:Result) -> float|None:
     vs = [v for v in vs if isinstance(v, (int, float))]
     return max(vs) if vs else None
 
+def _is_self_ratio(ratio:dict) -> bool:
+    "The baseline's own entry: every round's ratio is exactly 1 (a contender measured against itself)."
+    return ratio.get('value') == ratio.get('low') == ratio.get('high') == 1.0
+
 def measured_table(paths) -> str:
     "The README's table: a line per suite and device in the results files `paths` with its alternated comparisons (ratio, 95% interval, noisy mark), the threads and the load it ran under."
     by = {}
     for r in load_results(paths, skip=lambda p, why: None): by.setdefault((r.suite, _dev(r)), []).append(r)
     rows = []
     for (s, dev), rs in sorted(by.items()):
-        rat = [r for r in rs if r.ratio and r.ratio.get('baseline') != r.name]
+        rat = [r for r in rs if r.ratio and r.ratio.get('baseline') != r.name and not _is_self_ratio(r.ratio)]
         loads = [l for r in (rat or rs) if (l := _load1(r)) is not None]
         thr = sorted({r.conditions.get('threads') for r in (rat or rs)} - {None})
         comp = ('<br>'.join(f'{r.name} vs {r.ratio["baseline"]}' + (f' ({_params(r.params)})' if r.params else '') + f': {fmt_ratio(r.ratio, baseline=False)}' for r in rat)
