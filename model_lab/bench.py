@@ -217,6 +217,15 @@ def _timed_batch(fn:Callable, calls:int, dev, sync:Callable|None) -> tuple:
     else: dev = _wait(out, dev)
     return (time.perf_counter() - t0) / calls, dev
 
+def _calibrate(fn:Callable, seconds:float, dev, sync:Callable|None) -> tuple:
+    "Seconds per call of `fn` over back-to-back calls lasting `seconds`: sets the calls per batch, so every contender's batches last about as long."
+    sync() if sync else _wait(None, dev)
+    n, t0 = 0, time.perf_counter()
+    while n == 0 or time.perf_counter() - t0 < seconds: out = fn(); n += 1
+    if sync: sync()
+    else: dev = _wait(out, dev)
+    return (time.perf_counter() - t0) / n, dev
+
 def _threads() -> int|None:
     return torch.get_num_threads() if 'torch' in sys.modules else None
 
@@ -236,6 +245,7 @@ def ratios(fns:dict, # name -> a function called with no arguments; its output i
     load0, started = _loadavg(), _now()
     for n in names:
         for _ in range(warmup): t, devs[n] = _timed_batch(fns[n], 1, devs.get(n), sync)
+        if 0 < t < min_time / inner: t, devs[n] = _calibrate(fns[n], min_time / inner, devs[n], sync)  # a short call: time many of them
         batches[n] = max(1, min(inner, int(min_time // t))) if t > 0 else inner  # a slow call runs once per round
         calls[n] = max(1, math.ceil(min_time / batches[n] / t)) if t > 0 else 1
     per = {n: [] for n in names}
