@@ -43,13 +43,17 @@ def _attend(q, k, v, keep, cfg:DreamConfig):
     if keep is not None: p = p * keep[:, None, None]
     return jnp.einsum('bkglm,bmkd->blkgd', p.astype(v.dtype), v).reshape(B, Lq, H, hd)
 
+def _qkv(x, w:dict, cos, sin, cfg:DreamConfig) -> tuple:
+    "One layer's queries (B, L, H, hd), keys and values (B, L, K, hd) for x (B, L, D), after its input norm, RoPE applied."
+    h = rms_norm(x, w['input_layernorm'], cfg.rms_norm_eps)
+    q = jnp.einsum('bld,dhk->blhk', h, w['q_proj']) + w['q_bias']
+    k = jnp.einsum('bld,dhk->blhk', h, w['k_proj']) + w['k_bias']
+    v = jnp.einsum('bld,dhk->blhk', h, w['v_proj']) + w['v_bias']
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
 def layer_kv(x, w:dict, cos, sin, keep, cfg:DreamConfig, prefix=None):
     "One layer on x (B, Lq, D) → (output, (k, v) of these positions); `prefix` = cached (k, v) (B, Lp, K, hd) attended first."
-    h = rms_norm(x, w['input_layernorm'], cfg.rms_norm_eps)
-    q = jnp.einsum('bld,dhk->blhk', h, w['q_proj']) + w['q_bias']          # (B, Lq, H, hd)
-    k = jnp.einsum('bld,dhk->blhk', h, w['k_proj']) + w['k_bias']          # (B, Lq, K, hd)
-    v = jnp.einsum('bld,dhk->blhk', h, w['v_proj']) + w['v_bias']
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = _qkv(x, w, cos, sin, cfg)                                     # (B, Lq, H, hd), (B, Lq, K, hd) x2
     ka, va = (k, v) if prefix is None else (jnp.concatenate([prefix[0], k], 1), jnp.concatenate([prefix[1], v], 1))
     x = x + jnp.einsum('blhk,hkd->bld', _attend(q, ka, va, keep, cfg), w['o_proj'])
     h = rms_norm(x, w['post_attention_layernorm'], cfg.rms_norm_eps)
@@ -173,11 +177,7 @@ def fast_generate(model:DreamModel, input_ids, attention_mask=None, *, max_new_t
 # %% ../nbs/41_diffucoder_fast.ipynb #970b30f3
 def _layer_window(x, w:dict, cos, sin, keep, cfg:DreamConfig, kc, vc, start, fresh):
     "One layer on a window x (B, Lw, D) that starts at canvas position `start`: its keys/values replace the cache's (kc, vc: (B, L, K, hd)) where `fresh` (Lw,) is True; attends over the whole canvas."
-    h = rms_norm(x, w['input_layernorm'], cfg.rms_norm_eps)
-    q = jnp.einsum('bld,dhk->blhk', h, w['q_proj']) + w['q_bias']          # (B, Lw, H, hd)
-    k = jnp.einsum('bld,dhk->blhk', h, w['k_proj']) + w['k_bias']          # (B, Lw, K, hd)
-    v = jnp.einsum('bld,dhk->blhk', h, w['v_proj']) + w['v_bias']
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = _qkv(x, w, cos, sin, cfg)                                     # (B, Lw, H, hd), (B, Lw, K, hd) x2
     Lw, f = x.shape[1], fresh[None, :, None, None]
     k = jnp.where(f, k, jax.lax.dynamic_slice_in_dim(kc, start, Lw, 1))
     v = jnp.where(f, v, jax.lax.dynamic_slice_in_dim(vc, start, Lw, 1))
