@@ -174,10 +174,6 @@ def measure(fn:Callable, # called with no arguments; its output is waited for
                   torch.get_num_threads(), load0, load1)
 
 # %% ../nbs/01_bench.ipynb #51ff1056
-def _loadavg() -> float|None:
-    try: return round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError): return None
-
 def _cores() -> int:
     try: return len(os.sched_getaffinity(0))
     except AttributeError: return os.cpu_count() or 1
