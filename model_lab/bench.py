@@ -14,13 +14,14 @@ from .devices import Hardware, detect, sync, torch_device, peak_specs, report, r
 
 # %% auto #0
 __all__ = ['log', 'NOISE', 'LIBRARIES', 'SCHEMA', 'LEGACY_CONDITIONS', 'NOISY', 'SIZES', 'SUITES', 'SUITE_MODULES',
-           'quiet_library_noise', 'heap_in_use', 'MemPeak', 'RSSPeak', 'memory_method', 'peak_memory', 'Timing',
-           'measure', 'median_interval', 'Ratio', 'ratios', 'Result', 'versions', 'device_record', 'record_conditions',
-           'record', 'ratio_record', 'atomic_write', 'save_results', 'NotResults', 'load_results', 'fmt_time',
-           'fmt_bytes', 'fmt_ratio', 'table', 'compare', 'plot', 'bar_plot', 'grouped_bars', 'report_plots', 'Suite',
-           'suite', 'suite_table', 'suite_kwargs', 'headline_table', 'noisy_line', 'measured_table', 'suite_total',
-           'suite_notes', 'load_suites', 'fp16_native', 'matmul_record', 'bench_matmul', 'bf16_speedup',
-           'cpu_bf16_speedup', 'Run', 'run_id', 'Progress', 'notes_markdown', 'run_suites']
+           'quiet_library_noise', 'heap_in_use', 'MemPeak', 'RSSPeak', 'TorchAllocTrace', 'torch_cpu_peak',
+           'memory_method', 'peak_memory', 'Timing', 'measure', 'median_interval', 'Ratio', 'ratios', 'Result',
+           'versions', 'device_record', 'record_conditions', 'record', 'ratio_record', 'atomic_write', 'save_results',
+           'NotResults', 'load_results', 'fmt_time', 'fmt_bytes', 'fmt_ratio', 'table', 'compare', 'plot', 'bar_plot',
+           'grouped_bars', 'report_plots', 'Suite', 'suite', 'suite_table', 'suite_kwargs', 'headline_table',
+           'noisy_line', 'measured_table', 'suite_total', 'suite_notes', 'load_suites', 'fp16_native', 'matmul_record',
+           'bench_matmul', 'bf16_speedup', 'cpu_bf16_speedup', 'Run', 'run_id', 'Progress', 'notes_markdown',
+           'run_suites']
 
 # %% ../nbs/01_bench.ipynb #23280c00
 log = logging.getLogger('model_lab')
@@ -108,25 +109,75 @@ class RSSPeak(MemPeak):
     "`MemPeak` of the resident set (what the OS has given the process)."
     def __init__(self, interval=1e-3): super().__init__(_rss, interval)
 
+@functools.lru_cache(maxsize=1)
+def _prime_profiler() -> None:
+    "Start torch.profiler once with stderr muted: its first start prints kineto's trace lines, and c10 logs a warning the first time a block from before a profile is freed inside one."
+    from torch.profiler import profile, ProfilerActivity
+    os.environ.setdefault('KINETO_LOG_LEVEL', '6')  # kineto prints two USDT trace lines per profile at its default level
+    old = torch.ones(1)
+    try: sys.stderr.flush(); saved = os.dup(2)
+    except (OSError, ValueError): saved = None  # no stderr file descriptor: nothing to mute
+    try:
+        if saved is not None:
+            with open(os.devnull, 'w') as null: os.dup2(null.fileno(), 2)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True): del old
+    except RuntimeError: pass  # a profiler is already running
+    finally:
+        if saved is not None: os.dup2(saved, 2); os.close(saved)
+
+class TorchAllocTrace:
+    "Context manager: `.peak` is the most torch's CPU allocator held beyond its level at entry: every allocation and free, as torch.profiler records them (exact, not sampled; the threads torch runs an op on included). None if another profiler was running."
+    def __enter__(self):
+        from torch.profiler import profile, ProfilerActivity
+        _prime_profiler()
+        self.peak, self._p = None, profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        try: self._p.__enter__()
+        except RuntimeError: self._p = None  # a profiler is already running (the user's own): leave it alone
+        return self
+    def __exit__(self, *exc):
+        if self._p is None: return
+        self._p.__exit__(*exc)
+        cpu = torch.autograd.DeviceType.CPU
+        evs = sorted(((e.start_ns(), e.nbytes()) for e in self._p.profiler.kineto_results.events()
+                      if e.name() == '[memory]' and e.device_type() == cpu), key=lambda t: t[0])
+        now = top = 0
+        for _, b in evs: now += b; top = max(top, now)
+        self.peak = top
+
+def torch_cpu_peak(fn:Callable) -> int:
+    "Extra bytes torch's CPU allocator needs for one call of `fn` (its output included), from a trace of every allocation (`TorchAllocTrace`)."
+    with TorchAllocTrace() as tr:
+        out = fn()
+        del out
+    if tr.peak is None: raise RuntimeError('torch_cpu_peak needs torch.profiler, but another profiler is running; call it outside that profiler')
+    return tr.peak
+
 def memory_method(device=None) -> str|None:
     "How `peak_memory` measures on `device` (the CPU when None); None where it does not."
     d = torch.device(device) if device is not None else torch.device('cpu')
     if d.type == 'cuda': return 'CUDA caching allocator high-water mark'
     if d.type != 'cpu': return None
-    return 'malloc bytes in use (glibc mallinfo2) sampled every 0.1 ms' if heap_in_use() is not None else 'resident set sampled every 0.1 ms'
+    sampled = 'malloc bytes in use (glibc mallinfo2) sampled every 0.1 ms' if heap_in_use() is not None else 'resident set sampled every 0.1 ms'
+    return f"the larger of torch's CPU allocations traced by torch.profiler and {sampled} (two calls)"
 
 def peak_memory(fn:Callable, device=None) -> int|None:
-    "Extra bytes one call of `fn` needs beyond what was allocated before it, on `device` (None: the CPU, unless its output is on CUDA)."
+    "Extra bytes one call of `fn` needs beyond what was allocated before it, on `device` (None: the CPU, unless its output is on CUDA); on the CPU `fn` is called twice."
     d = torch.device(device) if device is not None else None
     if d is not None and d.type == 'cuda':
         sync(d); torch.cuda.reset_peak_memory_stats(d); base = torch.cuda.memory_allocated(d)
         _wait(fn(), d)
         return torch.cuda.max_memory_allocated(d) - base
     if d is not None and d.type != 'cpu': return None
+    # The trace sees every torch allocation exactly; the sampler also sees what is not torch's (NumPy, ONNX Runtime,
+    # CTranslate2) but can miss a peak shorter than its interval, and mallinfo2 counts glibc's main arena only. Two
+    # calls, so the profiler's own bookkeeping is not sampled: the larger of the two.
+    with TorchAllocTrace() as tr:
+        out = fn(); _wait(out, d)
+        del out
     with MemPeak() as mp:
         out = fn(); _wait(out, d); mp.mark()  # the output is still alive here: it counts
         del out
-    return mp.peak
+    return max(mp.peak, tr.peak or 0)
 
 # %% ../nbs/01_bench.ipynb #b22a464b
 def _now(): return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
@@ -155,7 +206,7 @@ def measure(fn:Callable, # called with no arguments; its output is waited for
             *, warmup:int=1, # untimed calls first (compilation, caches)
             repeat:int=5, # timed calls
             device=None, # torch device to sync; inferred from fn's output when None
-            track_memory:bool=True, # one more untimed call to measure its peak memory (`peak_memory`)
+            track_memory:bool=True, # untimed calls to measure its peak memory (`peak_memory`: two on the CPU)
            ) -> Timing:
     "Time `fn`: `warmup` untimed calls, then `repeat` timed ones, syncing the device before every clock read."
     if repeat < 1 or warmup < 0: raise ValueError(f'measure needs repeat >= 1 and warmup >= 0, got repeat={repeat}, warmup={warmup}')

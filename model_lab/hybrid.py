@@ -9,7 +9,7 @@ from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from .devices import Hardware, detect, torch_device, peak_specs
-from .bench import suite, measure, record, atomic_write, peak_memory, Timing, fmt_bytes, ratios, ratio_record
+from .bench import suite, measure, record, atomic_write, peak_memory, torch_cpu_peak, Timing, fmt_bytes, ratios, ratio_record
 from .kernels.scan import selective_scan, selective_state_update
 from .kernels.tfla import mlstm, mlstm_step
 
@@ -992,7 +992,7 @@ def estimate_memory(cfg:HybridConfig, precision:str, # 'fp32' | 'bf16' | 'fp16' 
 
 # %% ../nbs/20_hybrid_model.ipynb #9eb785fa
 def measured_train_peak(cfg:HybridConfig, batch:int, seq_len:int, steps:int=2, seed:int=0) -> int:
-    "Peak bytes the allocator reports for building HybridLM(cfg) + AdamW and `steps` training steps on random tokens."
+    "Peak bytes torch's CPU allocator holds (`torch_cpu_peak`) for building HybridLM(cfg) + AdamW and `steps` training steps on random tokens."
     def run():
         torch.manual_seed(seed)
         m = HybridLM(cfg)
@@ -1002,15 +1002,15 @@ def measured_train_peak(cfg:HybridConfig, batch:int, seq_len:int, steps:int=2, s
             loss = F.cross_entropy(m(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
             loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
         return loss
-    return peak_memory(run, 'cpu')
+    return torch_cpu_peak(run)
 
 def measured_infer_peak(cfg:HybridConfig, batch:int, seq_len:int, seed:int=0) -> int:
-    "Peak bytes for building HybridLM(cfg) and one forward over `seq_len` tokens without autograd."
+    "Peak bytes torch's CPU allocator holds for building HybridLM(cfg) and one forward over `seq_len` tokens without autograd."
     def run():
         torch.manual_seed(seed)
         m = HybridLM(cfg)
         with torch.no_grad(): return m(torch.randint(0, cfg.vocab, (batch, seq_len)))[:, -1]
-    return peak_memory(run, 'cpu')
+    return torch_cpu_peak(run)
 
 # %% ../nbs/20_hybrid_model.ipynb #1957df55
 DEVICE_MEMORY = {'T4 16 GB': (16e9, 1), 'A100 40 GB': (40e9, 1), 'A100 80 GB': (80e9, 1),
