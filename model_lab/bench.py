@@ -759,7 +759,7 @@ SUITES: dict = {}
 def suite(name:str, help:str='', plots:Iterable[dict]=(), table:Callable|None=None, total:Callable|None=None, notes:Callable|None=None):
     "Decorator: register `fn(hw, size) -> Iterable[Result]` as the bench suite `name`."
     def deco(fn):
-        SUITES[name] = Suite(name, fn, help or (fn.__doc__ or '').strip().split('\n')[0], list(plots), table, total, notes)
+        SUITES[name] = Suite(name, fn, help or ' '.join((fn.__doc__ or '').strip().split('\n\n')[0].split()), list(plots), table, total, notes)  # the docstring's first paragraph
         return fn
     return deco
 
@@ -778,17 +778,26 @@ def suite_kwargs(s:Suite, options:dict) -> dict:
     if any(p.kind == p.VAR_KEYWORD for p in ps.values()): return dict(options)
     return {k: v for k, v in options.items() if k in ps}
 
+def _distinct_params(r:Result, rat:list) -> dict:
+    "The params of `r` that tell it apart in a headline: those that differ among `rat` (all of them when `rat` is one record), less those its name already says."
+    keys = list(r.params) if len(rat) == 1 else [k for k in r.params if len({json.dumps(x.params.get(k), default=str) for x in rat}) > 1]
+    return {k: r.params[k] for k in keys if str(r.params[k]) not in r.name.split()}
+
+def _first_quality(r:Result) -> str:
+    "A record's quality figure for the headline: its first one (suites put the figure that matters first)."
+    return _kv(dict(list(r.quality.items())[:1]))
+
 def headline_table(results:Iterable[Result]) -> str:
-    "One line per suite: its comparisons (each ratio with its 95% interval against its baseline) and their quality figures, from the records that carry a ratio."
+    "One short line per suite: its comparisons (each ratio with its 95% interval against its baseline, the params that tell them apart) and each one's first quality figure, from the records that carry a ratio."
     by = {}
     for r in results: by.setdefault(r.suite, []).append(r)
     rows = []
     for s, rs in by.items():
         rat = [r for r in rs if r.ratio and r.ratio.get('baseline') != r.name and not _is_self_ratio(r.ratio)]
-        if not rat: rows.append(f'| {s} | no comparison in this run ({len(rs)} results) | — | {_kv(rs[0].quality) or "—"} |'); continue
-        comp = '; '.join(f'{r.name} vs {r.ratio["baseline"]}' + (f' ({_params(r.params)})' if r.params else '') for r in rat)
+        if not rat: rows.append(f'| {s} | no comparison in this run ({len(rs)} results) | — | {_first_quality(rs[0]) or "—"} |'); continue
+        comp = '; '.join(f'{r.name} vs {r.ratio["baseline"]}' + (f' ({p})' if (p := _params(_distinct_params(r, rat))) else '') for r in rat)
         rows.append(f'| {s} | {comp} | ' + '; '.join(fmt_ratio(r.ratio, baseline=False) for r in rat)
-                    + ' | ' + ('; '.join(_kv(r.quality) for r in rat if r.quality) or '—') + ' |')
+                    + ' | ' + ('; '.join(q for r in rat if (q := _first_quality(r))) or '—') + ' |')
     return '| suite | comparison | times faster [95% interval] | quality |\n|---|---|---|---|\n' + '\n'.join(rows)
 
 def noisy_line(results:Iterable[Result]) -> str:
@@ -812,7 +821,7 @@ def _is_self_ratio(ratio:dict) -> bool:
     return ratio.get('value') == ratio.get('low') == ratio.get('high') == 1.0
 
 def measured_table(paths) -> str:
-    "The README's table: a line per suite and device in the results files `paths` with its alternated comparisons (ratio, 95% interval, noisy mark), the threads and the load it ran under."
+    "The README's table: a line per suite and device in the results files `paths` with its alternated comparisons (ratio, 95% interval, noisy mark; the params that tell them apart), the threads and the load it ran under."
     by = {}
     for r in load_results(paths, skip=lambda p, why: None): by.setdefault((r.suite, _dev(r)), []).append(r)
     rows = []
@@ -820,7 +829,7 @@ def measured_table(paths) -> str:
         rat = [r for r in rs if r.ratio and r.ratio.get('baseline') != r.name and not _is_self_ratio(r.ratio)]
         loads = [l for r in (rat or rs) if (l := _load1(r)) is not None]
         thr = sorted({r.conditions.get('threads') for r in (rat or rs)} - {None})
-        comp = ('<br>'.join(f'{r.name} vs {r.ratio["baseline"]}' + (f' ({_params(r.params)})' if r.params else '') + f': {fmt_ratio(r.ratio, baseline=False)}' for r in rat)
+        comp = ('<br>'.join(f'{r.name} vs {r.ratio["baseline"]}' + (f' ({p})' if (p := _params(_distinct_params(r, rat))) else '') + f': {fmt_ratio(r.ratio, baseline=False)}' for r in rat)
                 if rat else f'{len(rs)} records, no alternated comparison (timed one after the other)')
         rows.append(f'| {s} | {dev} | {comp} | {"/".join(map(str, thr)) or "—"} | {max(loads):.1f} |' if loads else f'| {s} | {dev} | {comp} | {"/".join(map(str, thr)) or "—"} | — |')
     return '| suite | device | times faster [95% interval] | threads | load average (1 min, max) |\n|---|---|---|---|---|\n' + '\n'.join(rows)
@@ -948,6 +957,7 @@ class Run:
     notes: dict = field(default_factory=dict)     # suite name -> what it left out here and how to add it
     suites: dict = field(default_factory=dict)    # suite name -> its `Suite`
     seconds: dict = field(default_factory=dict)   # suite name -> wall seconds it took
+    counts: dict = field(default_factory=dict)    # suite name -> {announced: its total (None: none), yielded: results it gave}
 
 def run_id(hw:Hardware) -> str:
     "A run's id: UTC time, host name and device kind, e.g. `20261207-134500-myhost-cuda`."
@@ -1026,6 +1036,7 @@ def _run_one(s:Suite, hw, size, options:dict, bar, meta:dict, got:list) -> list:
                 bar.update(f'{s.name}: {r.name} {_params(r.params)}'.strip())
     except Exception: meta['errors'][s.name] = traceback.format_exc(); log.error(f'suite {s.name} failed:\n{meta["errors"][s.name]}')
     if bar and (short := (expected or 1) - len(got)) > 0: bar.grow(-short)  # fewer than announced: the rest is not coming
+    meta['counts'][s.name] = dict(announced=expected, yielded=len(got))     # in the results file: a suite whose total is wrong shows here
     return got
 
 def run_suites(names:Iterable[str]|None=None, *, size:str='default', out='results', hw:Hardware|None=None,
@@ -1043,7 +1054,7 @@ def run_suites(names:Iterable[str]|None=None, *, size:str='default', out='result
     hw, out = hw or detect(), Path(out)
     rid = run_id(hw)
     meta = dict(id=rid, started_at=_now(), host=socket.gethostname(), argv=sys.argv, size=size, suites=names,
-                hardware=report(hw), unavailable=unavailable, errors={}, notes={}, seconds={})
+                hardware=report(hw), unavailable=unavailable, errors={}, notes={}, seconds={}, counts={})
     res_by, pngs, jpath = {}, [], out / f'{rid}.json'
     totals = {n: suite_total(suites[n], hw, size) for n in names}
     bar = Progress('bench', sum(t for t in totals.values() if t) or None, stream) if progress else None
@@ -1069,5 +1080,5 @@ def run_suites(names:Iterable[str]|None=None, *, size:str='default', out='result
         if bar: bar.close()
     atomic_write(mpath, _markdown_report(rid, hw, res_by, meta['errors'], size, suites, meta['notes'], meta['seconds']))
     return Run(rid, jpath, mpath, pngs, [r for rs in res_by.values() for r in rs], meta['errors'], res_by, meta['notes'],
-               {n: suites[n] for n in names}, meta['seconds'])
+               {n: suites[n] for n in names}, meta['seconds'], meta['counts'])
 

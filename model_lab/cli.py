@@ -132,7 +132,7 @@ def _suites_in(mod:str) -> dict:
         d = fn.decorator_list[0]
         if not d.args or not isinstance(d.args[0], ast.Constant): continue
         kw = {k.arg: k.value.value for k in d.keywords if isinstance(k.value, ast.Constant)}
-        doc = (ast.get_docstring(fn) or '').strip().split('\n')[0]
+        doc = ' '.join((ast.get_docstring(fn) or '').strip().split('\n\n')[0].split())   # the first paragraph, as `suite` takes it
         args = [a.arg for a in fn.args.args + fn.args.kwonlyargs]
         out[d.args[0].value] = dict(module=mod, help=kw.get('help') or doc, params=args, missing=missing)
     return out
@@ -172,9 +172,9 @@ def bench_cmd(ns) -> int:
     _stop_on_sigterm()
     try: run = run_suites(names or None, size='quick' if ns.quick else 'full' if ns.full else 'default', out=ns.out, options=opts)
     except ValueError as e: raise UsageError(str(e)) from None
-    print(f'{headline_table(run.results)}\n')
     for name, rs in run.by_suite.items():
         print(f'## {name}\n\n{suite_table(run.suites[name], rs)}\n' + (f'\n{notes_markdown(run.notes[name])}\n' if run.notes.get(name) else ''))
+    print(f'## Headline\n\n{headline_table(run.results)}\n')   # last: what a terminal still shows when the run ends
     if line := noisy_line(run.results): print(line, file=sys.stderr)
     print(f'wrote {run.json_path}, {run.md_path}' + ''.join(f', {p}' for p in run.pngs))
     for name in run.errors: print(f'suite {name} FAILED (see {run.md_path})', file=sys.stderr)

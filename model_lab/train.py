@@ -12,23 +12,24 @@ import numpy as np, torch, torch.nn.functional as F
 import lightning.pytorch as pl
 from lightning.pytorch.plugins.io import CheckpointIO
 from torchdata.stateful_dataloader import StatefulDataLoader
-from .devices import detect, best_dtype, peak_specs, audit_ops
+from .devices import detect, best_dtype, peak_specs, audit_ops, torch_device
 from . import bench
 from .hybrid import HybridConfig, HybridLM, PRESETS, param_count
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'STEP_WARN_S', 'STEP_EFFICIENCY', 'CONFIG_DIR', 'RACE_PATTERNS', 'RACE_BUDGET_S', 'TrainConfig',
-           'validate_train_config', 'DataConfig', 'stdlib_files', 'split_files', 'load_corpus', 'ByteTokenizer',
-           'HFTokenizer', 'get_tokenizer', 'pack_tokens', 'PackedBlocks', 'GlobalBatchSampler', 'StreamingBlocks',
-           'lr_factor', 'config_dict', 'build_model', 'LMModule', 'CheckpointError', 'save_checkpoint_file',
-           'load_checkpoint_file', 'AtomicCheckpointIO', 'resolve_precision', 'resolve_grad_accum', 'HardwareError',
-           'auto_trainer', 'check_hardware', 'step_seconds', 'step_time_warning', 'checkpoint_bytes',
-           'check_output_dir', 'StepCheckpoints', 'TrainResult', 'packed_splits', 'LMData', 'find_checkpoint',
-           'refuse_overwrite', 'train', 'structured', 'register_configs', 'config_groups', 'with_trainer', 'compose',
-           'train_from_overrides', 'exit_code', 'audit_hybrid', 'mps_support', 'mps_fallback', 'race_configs', 'race',
-           'bench_train', 'race_table', 'plot_race', 'export_pretrained']
+__all__ = ['log', 'STEP_WARN_S', 'STEP_EFFICIENCY', 'CONFIG_DIR', 'RACE_PATTERNS', 'RACE_ARMS', 'RACE_BUDGET_S', 'RACE_ROUNDS',
+           'RACE_BASELINE', 'TrainConfig', 'validate_train_config', 'DataConfig', 'stdlib_files', 'split_files',
+           'load_corpus', 'ByteTokenizer', 'HFTokenizer', 'get_tokenizer', 'pack_tokens', 'PackedBlocks',
+           'GlobalBatchSampler', 'StreamingBlocks', 'lr_factor', 'config_dict', 'build_model', 'LMModule',
+           'CheckpointError', 'save_checkpoint_file', 'load_checkpoint_file', 'AtomicCheckpointIO', 'resolve_precision',
+           'resolve_grad_accum', 'HardwareError', 'auto_trainer', 'check_hardware', 'step_seconds', 'step_time_warning',
+           'checkpoint_bytes', 'check_output_dir', 'StepCheckpoints', 'TrainResult', 'packed_splits', 'LMData',
+           'find_checkpoint', 'refuse_overwrite', 'train', 'structured', 'register_configs', 'config_groups',
+           'with_trainer', 'compose', 'train_from_overrides', 'exit_code', 'audit_hybrid', 'mps_support',
+           'mps_fallback', 'race_configs', 'RaceArm', 'race', 'bench_train', 'race_table', 'plot_race',
+           'export_pretrained']
 
 # %% ../nbs/21_hybrid_train.ipynb #12b22a93
 @dataclass
@@ -950,7 +951,10 @@ def mps_fallback(overload:str, fns:dict|None=None) -> str:
 
 # %% ../nbs/21_hybrid_train.ipynb #929f89b5
 RACE_PATTERNS = ('A', 'M', 'm', 's', 'MmMs', 'MMMA')
-RACE_BUDGET_S = dict(quick=8, default=30, full=120)   # seconds of training per arm for `model-lab bench train`
+RACE_ARMS = dict(quick=('A', 'MmMs'), default=('A', 'M', 'MmMs'), full=RACE_PATTERNS)   # `model-lab bench train`: the headline, or all
+RACE_BUDGET_S = dict(quick=2, default=5, full=60)     # seconds of training per arm
+RACE_ROUNDS = dict(quick=5, default=7, full=15)       # alternated rounds (each arm trains budget / rounds seconds per round)
+RACE_BASELINE = 'A'                                   # attention: what every arm's training speed is compared with
 
 def race_configs(target_params:int=250_000, patterns=RACE_PATTERNS, n_layers:int=4, vocab:int=256) -> dict:
     "{pattern: HybridConfig} with the `d_model` (a multiple of 4) whose parameter count is closest to `target_params`."
@@ -967,57 +971,100 @@ def race_configs(target_params:int=250_000, patterns=RACE_PATTERNS, n_layers:int
     return out
 
 # %% ../nbs/21_hybrid_train.ipynb #e90f216a
-def _curve(r:TrainResult, n:int=120) -> dict:
-    "At most `n` evenly spaced (seconds, loss) points of a run, for the loss-vs-time plot."
-    idx = sorted({int(i) for i in np.linspace(0, len(r.losses) - 1, min(n, len(r.losses)))}) if r.losses else []
-    return dict(seconds=[round(r.seconds[i], 3) for i in idx], loss=[round(r.losses[i], 4) for i in idx])
+class RaceArm:
+    "One arm of the race: a `HybridLM` with `LMModule`'s loss, AdamW and schedule, fed the blocks in `GlobalBatchSampler`'s order; each call is one optimizer step."
+    def __init__(self, model_cfg:HybridConfig, cfg:TrainConfig, blocks:PackedBlocks,
+                 device=None, # torch device (None: the CPU)
+                 autocast_dtype=None, # bf16 autocast on an accelerator with bf16 (None: fp32)
+                ):
+        self.module = LMModule(model_cfg, cfg).to(device or 'cpu')
+        o = self.module.configure_optimizers()
+        self.opt, self.sched = o['optimizer'], o['lr_scheduler']['scheduler']
+        self.order = GlobalBatchSampler(len(blocks), cfg.batch_size, cfg.max_steps, cfg.seed)
+        self.blocks, self.clip, self.autocast = blocks, cfg.grad_clip, autocast_dtype
+        self.losses, self.seconds = [], []       # per step: training loss, and seconds of this arm's own training so far
+    def __call__(self) -> torch.Tensor:
+        t0, m = time.perf_counter(), self.module
+        batch = torch.stack([self.blocks[i] for i in self.order.global_batch(len(self.losses))]).to(m.device)   # (B, L+1)
+        with torch.autocast(m.device.type, self.autocast, enabled=self.autocast is not None):
+            loss = m.loss(batch)
+        self.opt.zero_grad(set_to_none=True); loss.backward()
+        if self.clip: torch.nn.utils.clip_grad_norm_(m.parameters(), self.clip)
+        self.opt.step(); self.sched.step()
+        self.losses.append(float(loss.detach()))   # waits for the step (a device sync)
+        self.seconds.append((self.seconds[-1] if self.seconds else 0.0) + time.perf_counter() - t0)
+        return loss.detach()
+    def train_seconds(self) -> float:
+        "Seconds this arm trained after its first step (the first carries one-time costs: a kernel build, allocator warm-up)."
+        return self.seconds[-1] - self.seconds[0] if self.seconds else 0.0
+    def curve(self, n:int=120) -> dict:
+        "At most `n` evenly spaced (seconds, loss) points of this arm's training, for the loss-vs-time plot."
+        idx = sorted({int(i) for i in np.linspace(0, len(self.losses) - 1, min(n, len(self.losses)))}) if self.losses else []
+        return dict(seconds=[round(self.seconds[i], 3) for i in idx], loss=[round(self.losses[i], 4) for i in idx])
 
-def race(budget_s:float=30, target_params:int=250_000, patterns=RACE_PATTERNS, batch_size:int=8, seq_len:int=128, lr:float=3e-3,
-         data_cfg:DataConfig|None=None, threads:int|None=1, output_dir=None, hw=None, val_batches:int=16) -> list:
-    "Train each pattern for `budget_s` seconds at equal parameter count; one `bench.Result` each (tokens/s, val loss/ppl, loss curve)."
+def _race_precision(hw) -> tuple:
+    "(autocast dtype or None, the dtype the records state): bf16 autocast where `train` would train in bf16-mixed, else fp32."
+    return (torch.bfloat16, torch.bfloat16) if resolve_precision('auto', hw) == 'bf16-mixed' else (None, torch.float32)
+
+def race(budget_s:float=5, # seconds of training per arm (all rounds together)
+         target_params:int=250_000, patterns=RACE_PATTERNS,
+         baseline:str=RACE_BASELINE, # the pattern every arm's training speed is compared with
+         rounds:int=7, # alternated rounds (`bench.ratios`)
+         batch_size:int=8, seq_len:int=128, lr:float=3e-3, data_cfg:DataConfig|None=None,
+         threads:int|None=1, # CPU threads for every arm (None: torch's default)
+         hw=None, val_batches:int=16) -> list:
+    "Train each pattern at equal parameter count, the arms alternated round by round for `budget_s` seconds each; one `bench.Result` each (ratio to `baseline`, tokens/s, val loss/ppl, loss curve)."
+    if baseline not in patterns: raise ValueError(f'baseline {baseline!r} is not one of the patterns {list(patterns)}: add it or pick one of them')
     hw, data_cfg = hw or detect(), data_cfg or DataConfig()
-    out = Path(output_dir or tempfile.mkdtemp(prefix='model_lab_race_'))
-    results = []
-    for pat, mc in race_configs(target_params, patterns).items():
-        tc = TrainConfig(experiment=f'race-{pat}', output_dir=str(out / pat), max_steps=10**6, max_time_s=budget_s, batch_size=batch_size,
-                         seq_len=seq_len, lr=lr, warmup_steps=20, val_every=0, val_batches=val_batches, checkpoint_every=10**6, keep_checkpoints=1,
-                         progress_bar=False, quiet=True, threads=threads if hw.kind == 'cpu' else None, seed=0)
-        box = {}
-        t = bench.measure(lambda: box.setdefault('r', train(mc, tc, data_cfg)), warmup=0, repeat=1, track_memory=False)
-        r = box['r']
-        res = bench.record('train', f'race {pat}', t, hw=hw, dtype=r.precision,
-                           params=dict(pattern=pat, d_model=mc.d_model, n_layers=mc.n_layers, n_params=r.params, budget_s=budget_s,
-                                       batch_size=batch_size, seq_len=seq_len, lr=lr, corpus=data_cfg.name),
-                           quality=dict(val_loss=r.val_loss, val_ppl=r.val_ppl, steps=r.global_step, final_train_loss=r.losses[-1]),
-                           conditions=dict(threads=tc.threads or torch.get_num_threads(), load_avg_1m=os.getloadavg()[0], curve=_curve(r)))
-        res.throughput = dict(value=r.tokens_per_s, unit='tokens/s')   # training tokens per second of training (setup excluded)
-        results.append(res)
-    return results
+    tc = TrainConfig(experiment='race', max_steps=10**6, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup_steps=20, seed=0, quiet=True)
+    _, tr, va = packed_splits(data_cfg, quiet=True)
+    val = torch.utils.data.DataLoader(_val_blocks(PackedBlocks(va, seq_len), val_batches * batch_size), batch_size=batch_size)
+    cfgs, (ac, dt), dev = race_configs(target_params, patterns), _race_precision(hw), torch_device(hw)
+    with _threads(threads if hw.kind == 'cpu' else None):
+        arms = {p: RaceArm(c, tc, PackedBlocks(tr, seq_len), dev, ac) for p, c in cfgs.items()}
+        rs = bench.ratios({f'race {p}': arm for p, arm in arms.items()}, f'race {baseline}', rounds=rounds, min_time=budget_s / rounds)
+        vloss = {p: arm.module.evaluate(val) for p, arm in arms.items()}
+    out = []
+    for p, arm in arms.items():
+        mc = cfgs[p]
+        res = bench.ratio_record('train', f'race {p}', rs[f'race {p}'], hw=hw, dtype=dt, work=batch_size * seq_len, unit='tokens/s',
+                                 params=dict(pattern=p, d_model=mc.d_model, n_layers=mc.n_layers, n_params=param_count(mc), budget_s=budget_s,
+                                             batch_size=batch_size, seq_len=seq_len, lr=lr, corpus=data_cfg.name),
+                                 quality=dict(val_loss=vloss[p], val_ppl=math.exp(min(vloss[p], 50)), steps=len(arm.losses),
+                                              train_s=round(arm.train_seconds(), 2), final_train_loss=arm.losses[-1]),
+                                 conditions=dict(curve=arm.curve()))
+        out.append(res)
+    return out
 
-@bench.suite('train', help='Architecture race: A, M, m, s and two mixes at equal parameter count, fixed wall-clock budget; val ppl, tokens/s')
+def _race_total(hw, size:str) -> int: return len(RACE_ARMS[size])
+
+@bench.suite('train', help='Architecture race: attention vs Mamba and the seeds\' hybrid (--full: all six arms) at equal parameter count, alternated; tokens/s ratio, val ppl',
+             total=_race_total, table=lambda rs: race_table(rs))
 def bench_train(hw, size:str='default'):
-    "The architecture race at the budget for `size` (quick 8 s, default 30 s, full 120 s per arm)."
-    yield from race(RACE_BUDGET_S[size], hw=hw, threads=1 if hw.kind == 'cpu' else None)
+    "The architecture race at `size`: the arms of `RACE_ARMS`, `RACE_BUDGET_S` seconds each, alternated in `RACE_ROUNDS` rounds."
+    yield from race(RACE_BUDGET_S[size], patterns=RACE_ARMS[size], rounds=RACE_ROUNDS[size], hw=hw, val_batches=16 if size == 'full' else 8)
 
 # %% ../nbs/21_hybrid_train.ipynb #ff8b3c27
 def race_table(results:list) -> str:
-    "Markdown table of race results, best validation perplexity first."
+    "Markdown table of race results, best validation perplexity first: each arm's training speed against the baseline (alternated) and its score."
     rs = sorted(results, key=lambda r: r.quality['val_ppl'])
-    rows = ['| pattern | d_model | parameters | steps | tokens trained | training tokens/s | val loss (nats/byte) | val ppl |', '|---|---|---|---|---|---|---|---|']
-    rows += [f"| `{r.params['pattern']}` | {r.params['d_model']} | {r.params['n_params']:,} | {r.quality['steps']} | "
-             f"{r.quality['steps'] * r.params['batch_size'] * r.params['seq_len']:,} | {r.throughput['value']:,.0f} | "
+    rows = ['| pattern | d_model | parameters | steps | seconds trained | training tokens/s | times faster [95% interval] | val loss (nats/byte) | val ppl |',
+            '|---|---|---|---|---|---|---|---|---|']
+    rows += [f"| `{r.params['pattern']}` | {r.params['d_model']} | {r.params['n_params']:,} | {r.quality['steps']} | {r.quality['train_s']:.1f} | "
+             f"{r.throughput['value']:,.0f} | {'baseline' if r.ratio['baseline'] == r.name else bench.fmt_ratio(r.ratio)} | "
              f"{r.quality['val_loss']:.3f} | {r.quality['val_ppl']:.2f} |" for r in rs]
     return '\n'.join(rows)
 
 def plot_race(results:list, path=None):
-    "Training loss against seconds, one line per pattern."
+    "Training loss against seconds of each arm's own training, one line per pattern."
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results:
         c = r.conditions['curve']; ax.plot(c['seconds'], c['loss'], label=f"{r.params['pattern']} (val ppl {r.quality['val_ppl']:.1f})")
-    ax.set_xlabel('seconds of training'); ax.set_ylabel('training loss (nats/byte)'); ax.legend(); ax.grid(alpha=0.3)
+    ax.set_xlabel('seconds of training (each arm its own, arms alternated)'); ax.set_ylabel('training loss (nats/byte)'); ax.legend(); ax.grid(alpha=0.3)
     r0 = results[0]
-    ax.set_title(f"{r0.params['n_params'] // 1000}k parameters, {r0.device.get('name') or r0.device.get('kind')}, {r0.conditions['threads']} thread(s)")
+    ax.set_title(f"Which layer mix learns fastest per second? {r0.params['n_params'] // 1000}k parameters, "
+                 f"{r0.device.get('name') or r0.device.get('kind')}, {r0.conditions['threads']} thread(s)", fontsize=10)
     if path: fig.savefig(path, dpi=110, bbox_inches='tight')
     return fig
 
