@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_hybrid_model.ipynb #4c4e61e4
 from __future__ import annotations
-import os, json, math, time, tempfile, contextlib, dataclasses
+import os, json, math, time, tempfile, contextlib, dataclasses, copy
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -23,9 +23,10 @@ __all__ = ['BLOCK_LETTERS', 'DTYPES', 'HEAD_NORMS', 'SCAN_BACKEND', 'BLOCKS', 'W
            'CheckpointTensors', 'int8_rowwise', 'check_state', 'hf_layout', 'hf_config', 'hf_name_map', 'load_hf',
            'save_hf', 'meta_model', 'param_count', 'activation_values', 'infer_values', 'state_values',
            'estimate_memory', 'measured_train_peak', 'measured_infer_peak', 'per_device_bytes', 'fit_table',
-           'matmul_params', 'flops_per_token', 'device_peak', 'runtime_estimates', 'measure_utilisation',
-           'stdlib_bytes', 'random_windows', 'lm_loss', 'train_briefly', 'perplexity', 'quantize_int8', 'weight_bytes',
-           'bench_hybrid', 'random_model', 'generation_table', 'blocks_table', 'int8_table', 'runtime_table']
+           'matmul_params', 'flops_per_token', 'device_peak', 'runtime_devices', 'runtime_estimates', 'fmt_duration',
+           'runtime_table', 'measure_utilisation', 'stdlib_bytes', 'random_windows', 'lm_loss', 'train_briefly',
+           'perplexity', 'quantize_int8', 'weight_bytes', 'int8_variants', 'bench_hybrid', 'random_model',
+           'generation_table', 'blocks_table', 'int8_table']
 
 # %% ../nbs/20_hybrid_model.ipynb #b637af16
 BLOCK_LETTERS = {'M': 'mamba', 'm': 'mlstm', 's': 'slstm', 'A': 'attention'}
@@ -1072,13 +1073,34 @@ def device_peak(label:str) -> tuple[float, str]:
     fl = peak_specs(Hardware(kind='tpu' if 'TPU' in name else 'cuda', name=name)).flops
     return (fl['bf16'], 'bf16') if 'bf16' in fl else (fl['fp16'], 'fp16')
 
-def runtime_estimates(utilisation:float|None=None, # one fraction of peak for every device; None: each GPU's PUBLISHED_MFU
-                      presets:dict|None=None, steps:int=1000, batch:int=8, seq_len:int=2048) -> dict:
+def runtime_devices() -> dict:
+    "label -> (peak FLOP/s, dtype, utilisation, its source) of the GPUs the run-time table lists (`RUNTIME_DEVICES` at `PUBLISHED_MFU`)."
+    return {d: (*device_peak(d), *PUBLISHED_MFU[d]) for d in RUNTIME_DEVICES}
+
+def runtime_estimates(utilisation:float|None=None, # one fraction of peak for every device; None: each device's own
+                      presets:dict|None=None, steps:int=1000, batch:int=8, seq_len:int=2048,
+                      devices:dict|None=None) -> dict: # label -> (peak FLOP/s, dtype, utilisation, source); None: `runtime_devices()`
     "{preset: {device: seconds}} for `steps` training steps of batch x seq_len tokens at a utilisation of each device's peak."
-    presets = presets or PRESETS
-    u = lambda dev: utilisation if utilisation is not None else PUBLISHED_MFU[dev][0]
-    return {k: {dev: steps * batch * seq_len * flops_per_token(c, seq_len) / (device_peak(dev)[0] * u(dev))
-                for dev in RUNTIME_DEVICES} for k, c in presets.items()}
+    presets, devices = presets or PRESETS, devices or runtime_devices()
+    return {k: {dev: steps * batch * seq_len * flops_per_token(c, seq_len) / (pk * (utilisation if utilisation is not None else u))
+                for dev, (pk, _, u, _) in devices.items()} for k, c in presets.items()}
+
+def _row_table(rows:list, head:list) -> str:
+    return '\n'.join(['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head), *('| ' + ' | '.join(map(str, r)) + ' |' for r in rows)])
+
+def fmt_duration(s:float) -> str:
+    "Seconds as the run-time table shows them: seconds below a minute, minutes below an hour, else hours."
+    return f'{s:.2f} s' if s < 60 else f'{s / 60:.0f} min' if s < 3600 else f'{s / 3600:.1f} h'
+
+def runtime_table(steps:int=1000, batch:int=8, seq_len:int=2048, presets:dict|None=None, # None: PRESETS
+                  devices:dict|None=None) -> str: # label -> (peak FLOP/s, dtype, utilisation, source); None: the GPUs at PUBLISHED_MFU
+    "Markdown: estimated time of `steps` training steps of each preset per device, at each device's utilisation (GPUs: published runs)."
+    presets, devices = presets or PRESETS, devices or runtime_devices()
+    est = runtime_estimates(None, presets, steps=steps, batch=batch, seq_len=seq_len, devices=devices)
+    rows = [(k, f'{flops_per_token(presets[k], seq_len) / 1e9:.3g}', *map(fmt_duration, v.values())) for k, v in est.items()]
+    head = [f'{d} ({dt} {pk / 1e12:.3g} TFLOP/s × {u * 100:.2g}%)' for d, (pk, dt, u, _) in devices.items()]
+    return (f'*Estimate*: {steps} steps × {batch} × {seq_len} tokens at each device\'s utilisation.\n\n' + _row_table(rows, ['preset', 'training GFLOP/token', *head])
+            + '\n\n' + '\n'.join(f'- {d}: {s}' for d, (*_, s) in devices.items()))
 
 # %% ../nbs/20_hybrid_model.ipynb #508a4af3
 UTIL_CFG = HybridConfig(vocab=2048, d_model=256, n_layers=6, pattern='MmMmMA', mlstm_heads=2)
@@ -1166,9 +1188,12 @@ def weight_bytes(model:nn.Module) -> int:
     return total
 
 # %% ../nbs/20_hybrid_model.ipynb #8728511e
-_BENCH = dict(quick=dict(d=64, prompts=(16, 32), new=4, L=64, target=1, train_steps=3, util_L=32),
-              default=dict(d=256, prompts=(128, 256, 512), new=8, L=256, target=2, train_steps=30, util_L=128),
-              full=dict(d=256, prompts=(128, 256, 512, 1024, 2048), new=32, L=1024, target=6, train_steps=200, util_L=256))
+# quick and default: the headline only (state cache vs re-encoding, int8 vs fp32/bf16); full adds the prompt sweep, the
+# blocks, the training utilisation and torchao's other int8 paths (compiled A16W8, dynamic W8A8)
+_BENCH = dict(quick=dict(d=64, prompts=(32,), new=4, rounds=3, int8_d=64, train_steps=3),
+              default=dict(d=128, prompts=(128,), new=8, rounds=5, int8_d=128, train_steps=10),
+              full=dict(d=256, prompts=(128, 256, 512, 1024), new=8, rounds=5, int8_d=128, train_steps=30,
+                        L=256, target=2, util_L=128, int8_paths=True))
 
 def _conditions(**kw) -> dict:
     "Run conditions of a result: torch threads and the 1-minute load average (this machine may be shared)."
@@ -1178,23 +1203,23 @@ def _gen_model(d:int=256, pattern:str='MmMmMs') -> HybridLM:
     torch.manual_seed(0)
     return HybridLM(HybridConfig(vocab=512, d_model=d, n_layers=len(pattern), pattern=pattern, mlstm_heads=2)).eval()
 
+def _reencode(m, ids, n:int):
+    "Greedy decoding without a state: `forward` over the whole prefix for every new token (the baseline of the state cache)."
+    with torch.no_grad():
+        for _ in range(n): ids = torch.cat([ids, m(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids
+
 def _bench_generation(hw, sz, dev):
-    m = _gen_model(sz['d']).to(dev)
-    n = sz['new']
+    "Greedy generation with the state cache against re-encoding the prefix for every token, alternated round by round, per prompt length."
+    m, n = _gen_model(sz['d']).to(dev), sz['new']
     for P in sz['prompts']:
         ids = torch.randint(0, 512, (1, P), generator=torch.Generator().manual_seed(P)).to(dev)
-        cached = lambda: m.generate(ids, n, temperature=0)
-        def reencode():
-            x = ids
-            with torch.no_grad():
-                for _ in range(n): x = torch.cat([x, m(x)[:, -1].argmax(-1, keepdim=True)], 1)
-            return x
-        same = torch.equal(cached(), reencode())
-        for name, fn in (('generate: state cache', cached), ('generate: re-encode prefix', reencode)):
-            t = measure(fn, warmup=1, repeat=2 if P >= 1024 else 5, device=dev, track_memory=False)
-            yield record('hybrid', name, t, hw=hw, work=n, unit='tokens/s', dtype=torch.float32,
-                         params=dict(prompt=P, new_tokens=n, d_model=sz['d'], pattern='MmMmMs'), quality=dict(same_tokens=same),
-                         conditions=_conditions())
+        fns = {'generate: state cache': lambda: m.generate(ids, n, temperature=0), 'generate: re-encode prefix': lambda: _reencode(m, ids, n)}
+        same = torch.equal(*(f() for f in fns.values()))
+        for name, r in ratios(fns, 'generate: re-encode prefix', rounds=sz['rounds'], min_time=0.0).items():
+            yield ratio_record('hybrid', name, r, hw=hw, work=n, unit='tokens/s', dtype=torch.float32,
+                               params=dict(prompt=P, new_tokens=n, d_model=sz['d'], pattern='MmMmMs'), quality=dict(same_tokens=same),
+                               conditions=_conditions())
 
 def _stack(letter:str, d:int, target:int):
     "A stack of blocks of one type with about as many parameters as `target` attention layers (12·d² each)."
@@ -1223,23 +1248,47 @@ def _bench_blocks(hw, sz, dev, B:int=2):
                          params=dict(block=name, mode=mode, d_model=d, layers=n, block_params=P, batch=B, L=L),
                          conditions=_conditions())
 
+def _linear_compiled(mod:nn.Linear):
+    "`mod` with its forward under torch.compile (contiguous input: the CPU int8 kernel needs it), shapes dynamic."
+    mod.forward = torch.compile(lambda x: F.linear(x.contiguous(), mod.weight, mod.bias), dynamic=True)
+    return mod
+
+def int8_variants(model:HybridLM, paths:bool=False) -> dict:
+    """name -> model: fp32, bf16 and torchao's int8 weight-only (`quantize_int8`, eager); with `paths`, also int8 weight-only
+    over bf16 activations with the linear layers under torch.compile (A16W8: Inductor lowers it to PyTorch's
+    `_weight_int8pack_mm` CPU kernel, the path torchao and PyTorch recommend for x86 CPUs), its bf16 twin compiled the
+    same way, and int8 dynamic activations + int8 weights (W8A8, `Int8DynamicActivationInt8WeightConfig`)."""
+    from torchao.quantization import quantize_, Int8DynamicActivationInt8WeightConfig
+    out = {'fp32': model, 'bf16': copy.deepcopy(model).to(torch.bfloat16), 'int8': quantize_int8(copy.deepcopy(model))}
+    if not paths: return out
+    def compiled(m):
+        for mod in m.modules():
+            if isinstance(mod, nn.Linear): _linear_compiled(mod)
+        return m
+    out['bf16 compiled'] = compiled(copy.deepcopy(model).to(torch.bfloat16))
+    out['int8 a16w8 compiled'] = compiled(quantize_int8(copy.deepcopy(model).to(torch.bfloat16)))
+    w8a8 = copy.deepcopy(model)
+    quantize_(w8a8, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False),
+              filter_fn=lambda mod, fqn: isinstance(mod, nn.Linear) and not (model.cfg.tie_embeddings and fqn == 'lm_head'))
+    out['int8 w8a8'] = w8a8
+    return out
+
 def _bench_int8(hw, sz, dev):
-    "int8 weight-only vs fp32 on a briefly trained byte-level model: generation tokens/s, weight bytes, perplexity."
-    cfg = HybridConfig(vocab=256, d_model=128, n_layers=4, pattern='MmMs', mlstm_heads=2, chunk_size=32)
+    "int8 vs fp32 (and bf16) on a briefly trained byte-level model: generation and forward tokens/s alternated, weight bytes, perplexity."
+    d = sz['int8_d']
+    cfg = HybridConfig(vocab=256, d_model=d, n_layers=4, pattern='MmMs', mlstm_heads=2, chunk_size=32)
     model, losses = train_briefly(cfg, stdlib_bytes(), steps=sz['train_steps'], batch=8, seq_len=96)
     held = stdlib_bytes(HELD_OUT)
-    import copy
-    models = {'fp32': model, 'bf16': copy.deepcopy(model).to(torch.bfloat16), 'int8': quantize_int8(copy.deepcopy(model))}
-    models = {k: m.to(dev) for k, m in models.items()}
-    ppl = {k: perplexity(m, held, 128, 8) for k, m in models.items()}
-    prompt, x = held[:64].long()[None].to(dev), held[:256].long()[None].to(dev)
-    rounds = 3 if sz['d'] < 128 else 5
-    gen = ratios({k: (lambda m=m: m.generate(prompt, sz['new'], temperature=0)) for k, m in models.items()}, 'fp32', rounds=rounds)
-    fwd = ratios({k: (lambda m=m: _no_grad_forward(m, x)) for k, m in models.items()}, 'fp32', rounds=rounds)
+    with torch._dynamo.config.patch(recompile_limit=64):     # one compiled function per linear layer, prefill and decode shapes
+        models = {k: m.to(dev) for k, m in int8_variants(model, sz.get('int8_paths', False)).items()}
+        ppl = {k: perplexity(m, held, 128, 8) for k, m in models.items()}
+        prompt, x = held[:64].long()[None].to(dev), held[:256].long()[None].to(dev)
+        gen = ratios({k: (lambda m=m: m.generate(prompt, sz['new'], temperature=0)) for k, m in models.items()}, 'fp32', rounds=sz['rounds'])
+        fwd = ratios({k: (lambda m=m: _no_grad_forward(m, x)) for k, m in models.items()}, 'fp32', rounds=sz['rounds'])
     for mode, rs, work in (('generate', gen, sz['new']), ('forward', fwd, x.shape[1])):
         for k, r in rs.items():
-            yield ratio_record('hybrid', f'int8 vs fp32: {k} {mode}', r, hw=hw, work=work, unit='tokens/s', dtype=k,
-                               params=dict(weights=k, mode=mode, d_model=128, pattern='MmMs', prompt=64 if mode == 'generate' else x.shape[1],
+            yield ratio_record('hybrid', f'int8 vs fp32: {k} {mode}', r, hw=hw, work=work, unit='tokens/s', dtype=k.split()[0],
+                               params=dict(weights=k, mode=mode, d_model=d, pattern='MmMs', prompt=64 if mode == 'generate' else x.shape[1],
                                            new_tokens=sz['new'], train_steps=sz['train_steps']),
                                quality=dict(perplexity=ppl[k], ppl_change=ppl[k] / ppl['fp32'] - 1, weight_bytes=weight_bytes(models[k]),
                                             final_loss=sum(losses[-5:]) / 5),
@@ -1257,20 +1306,25 @@ def _bench_utilisation(hw, sz, dev):
                  quality=dict(utilisation=u['utilisation'], achieved_tflops=u['flops_per_s'] / 1e12),
                  conditions=_conditions(peak_tflops=u['peak'] / 1e12 if u['peak'] else None))
 
-@suite('hybrid', plots=[dict(x='prompt', y='throughput', hue='name', logx=True, logy=True)])
+def _bench_notes(hw, size:str) -> list:
+    "What the hybrid suite leaves out at `size`."
+    return [] if size == 'full' else ['the prompt sweep, tokens/s per block type, the training utilisation and the compiled / dynamic int8 paths: --full']
+
+@suite('hybrid', plots=[dict(x='prompt', y='throughput', hue='name', logx=True, logy=True)], notes=_bench_notes)
 def bench_hybrid(hw:Hardware, size:str='default',
                  model=None, # a checkpoint folder or hub name (`load_hf`): prefill and decode of that model instead
                  preset:str|None=None, # a MODEL_PRESETS name (350m, 1_3b, 7b, mamba-130m, xlstm-7b): its real size ...
                  random_weights:bool=False): # ... materialised on the device with random weights (nothing downloaded)
-    "Hybrid LM: generation with state caching vs re-encoding, tokens/s per block type, int8 vs fp32, training utilisation; or one model's prefill / decode."
+    "Hybrid LM: generation with the state cache vs re-encoding, int8 vs fp32 (full: a prompt sweep, tokens/s per block type, training utilisation, more int8 paths); or one model's prefill / decode."
     sz, dev = _BENCH[size], torch_device(hw)
     if model is not None or preset is not None:
         yield from _bench_checkpoint(hw, size, dev, model, preset, random_weights)
         return
     yield from _bench_generation(hw, sz, dev)
-    yield from _bench_blocks(hw, sz, dev)
-    yield from _bench_int8(hw, sz, torch.device('cpu'))      # torchao's int8 weight-only path, here on the CPU
-    yield from _bench_utilisation(hw, sz, dev)
+    yield from _bench_int8(hw, sz, torch.device('cpu'))      # torchao's int8 paths, here on the CPU
+    if size == 'full':
+        yield from _bench_blocks(hw, sz, dev)
+        yield from _bench_utilisation(hw, sz, dev)
 
 # %% ../nbs/20_hybrid_model.ipynb #c2280df0
 MODEL_PRESETS = {   # real sizes to benchmark without a download (`bench_hybrid(preset=..., random_weights=True)`)
@@ -1330,17 +1384,17 @@ def _bench_checkpoint(hw, size, dev, model, preset, random_weights):
                            params=base | dict(prompt=16, new_tokens=n), conditions=_conditions())
 
 # %% ../nbs/20_hybrid_model.ipynb #7e5422f5
-def _row_table(rows:list, head:list) -> str:
-    return '\n'.join(['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head), *('| ' + ' | '.join(map(str, r)) + ' |' for r in rows)])
-
 def generation_table(results:list) -> str:
-    "Markdown: generation tokens/s with the state cache and by re-encoding, per prompt length, and their ratio."
+    "Markdown: greedy generation tokens/s with the state cache and by re-encoding, per prompt length, and the state cache's speed-up (alternated: with its 95% interval)."
     by = {}
     for r in results:
-        if r.name.startswith('generate'): by.setdefault(r.params['prompt'], {})[r.name.split(': ')[1]] = r.throughput['value']
-    rows = [(P, f"{v['state cache']:.1f}", f"{v['re-encode prefix']:.1f}", f"{v['state cache'] / v['re-encode prefix']:.1f}×")
-            for P, v in sorted(by.items())]
-    return _row_table(rows, ['prompt tokens', 'state cache tokens/s', 're-encode tokens/s', 'speed-up (vs re-encoding)'])
+        if r.name.startswith('generate'): by.setdefault(r.params['prompt'], {})[r.name.split(': ')[1]] = r
+    def speedup(c, e):
+        if c.ratio: return f"{c.ratio['value']:.1f}× [{c.ratio['low']:.1f}, {c.ratio['high']:.1f}]"
+        return f"{c.throughput['value'] / e.throughput['value']:.1f}×"      # an older file: timed one after the other
+    rows = [(P, f"{v['state cache'].throughput['value']:.1f}", f"{v['re-encode prefix'].throughput['value']:.1f}",
+             speedup(v['state cache'], v['re-encode prefix'])) for P, v in sorted(by.items())]
+    return _row_table(rows, ['prompt tokens', 'state cache tokens/s', 're-encode tokens/s', 'speed-up vs re-encoding [95% interval]'])
 
 def blocks_table(results:list) -> str:
     "Markdown: forward and forward+backward tokens/s per block type (stacks of about equal parameter count)."
@@ -1352,18 +1406,16 @@ def blocks_table(results:list) -> str:
              f"{v['fwd+bwd'] / att['fwd+bwd']:.2f}×" if att else '—') for b, v in by.items()]
     return _row_table(rows, ['block', 'layers', 'parameters', 'fwd tokens/s', 'fwd+bwd tokens/s', 'fwd+bwd vs attention'])
 
+def _verdict(r) -> str:
+    "'slower' / 'faster' than the baseline where the ratio's 95% interval lies below / above 1, else 'within noise'."
+    if not getattr(r, 'ratio', None) or r.ratio['baseline'] == r.name: return '—'
+    return 'slower' if r.ratio['high'] < 1 else 'faster' if r.ratio['low'] > 1 else 'within noise'
+
 def int8_table(results:list) -> str:
-    "Markdown: int8 weight-only vs fp32 (and bf16): weight bytes, tokens/s, speed vs fp32 (alternated; older runs: —), perplexity."
+    "Markdown: int8 paths vs fp32 (and bf16): weight bytes, tokens/s, speed vs fp32 (alternated; older runs: —) and whether slower, perplexity."
     ratio = lambda r: f"{r.ratio['value']:.2f}× [{r.ratio['low']:.2f}, {r.ratio['high']:.2f}]" if getattr(r, 'ratio', None) else '—'
     rows = [(r.params['weights'], r.params.get('mode', 'generate'), fmt_bytes(r.quality['weight_bytes']), f"{r.throughput['value']:.1f}", ratio(r),
-             f"{r.quality['perplexity']:.3f}", f"{r.quality['ppl_change']:+.2%}") for r in results if r.name.startswith('int8')]
-    return _row_table(rows, ['weights', 'mode', 'weight bytes', 'tokens/s', 'speed vs fp32 (95% interval)', 'held-out perplexity', 'change vs fp32'])
+             _verdict(r), f"{r.quality['perplexity']:.3f}", f"{r.quality['ppl_change']:+.2%}") for r in results if r.name.startswith('int8')]
+    return _row_table(rows, ['weights', 'mode', 'weight bytes', 'tokens/s', 'speed vs fp32 [95% interval]', 'vs fp32',
+                             'held-out perplexity', 'change vs fp32'])
 
-def runtime_table(steps:int=1000, batch:int=8, seq_len:int=2048) -> str:
-    "Markdown: estimated time of `steps` training steps of each preset per GPU, at each GPU's published utilisation (PUBLISHED_MFU)."
-    est = runtime_estimates(None, steps=steps, batch=batch, seq_len=seq_len)
-    fmt = lambda s: f'{s / 3600:.1f} h' if s >= 3600 else f'{s / 60:.0f} min'
-    rows = [(k, f'{flops_per_token(PRESETS[k], seq_len) / 1e9:.1f}', *map(fmt, v.values())) for k, v in est.items()]
-    head = [f'{d} ({device_peak(d)[1]} {device_peak(d)[0] / 1e12:.0f} TFLOP/s × {PUBLISHED_MFU[d][0]:.0%})' for d in RUNTIME_DEVICES]
-    return (f'*Estimate*: {steps} steps × {batch} × {seq_len} tokens at published utilisation.\n\n' + _row_table(rows, ['preset', 'training GFLOP/token', *head])
-            + '\n\n' + '\n'.join(f'- {d}: {PUBLISHED_MFU[d][1]}' for d in RUNTIME_DEVICES))
