@@ -102,23 +102,34 @@ def _scan_specs(cap:int) -> list:
             dict(fn=m._state_update_kernel, sig=sig(m._state_update_kernel, step), consts=step, warps=4, unit=None, work=None,
                  config='bf16, N=16, 32 channels')]
 
-def _tfla_specs(cap:int, L:int=128, D:int=128) -> list:
-    "The TFLA kernels as `mlstm` launches them for bf16 inputs (tensor cores), chunk L, Dqk = Dv = D; the bf16 step at D = 256."
+def _tfla_specs(cap:int, L:int=128, D:int=128, prec:str='lowp') -> list:
+    """The TFLA kernels as `mlstm` launches them on sm_<cap> for bf16 inputs ('lowp': tensor cores; 'tf32'/'ieee': fp32 inputs),
+    chunk L, Dqk = Dv = D, no initial state, the last state returned; the bf16 step at D = 256."""
+    import torch
     import model_lab.kernels.tfla as m
-    BT, BK, BV, W = m._tiles(L, D, D, m._launch_config('lowp', divmod(cap, 10)))
-    consts = dict(L=L, BL=BT, BT=BT, BK=BK, BV=BV, FLOOR=m.FLOOR, PREC='lowp')
-    def spec(fn):
-        c = {p: v for p, v in consts.items() if p in fn.arg_names}
-        sig = {p: 'constexpr' if p in c else '*bf16' if p in ('Q', 'K', 'V') else _TFLA_TYPES.get(p, '*fp32') for p in fn.arg_names}
-        return dict(fn=fn, sig=sig, consts=c, warps=W, maxnreg=m._launch_opts(W, divmod(cap, 10), 'lowp')['maxnreg'], unit='tile FLOP', work=None,
-                    config=f'bf16, L={L}, D={D}, tiles {BT}/{BK}/{BV}')
+    act = '*bf16' if prec == 'lowp' else '*fp32'
+    cc = divmod(cap, 10)
+    cfg = m._launch_config(prec, cc)
+    BT, BK, BV, W = m._tiles(L, D, D, cfg)
+    SK, SV = m._state_blocks(BK, BV)
+    tile, state = m._launch_opts(W, cc, prec, cfg[3]), m._state_opts(cc, prec)
+    flags = dict(SIG=False, HAS_M0=False, HAS_C0=False, HAS_ML=True, HAS_CL=True, HAS_DML=True, HAS_DCL=True, HAS_DNL=True, SAVE_HF=True)
+    base = dict(L=L, FLOOR=m.FLOOR, PREC=prec, BT=BT, BL=BT, **flags)
+    def spec(fn, opts=tile, **blocks):
+        c = {p: v for p, v in {**base, **blocks}.items() if p in fn.arg_names}
+        sig = {p: 'constexpr' if p in c else act if p in ('Q', 'K', 'V', 'H', 'DH', 'DQ', 'DK', 'DV') else
+               'i32' if p in ('SL', 'NC', 'NBH', 'Dk', 'Dv', 'NK', 'NPLG') or (p[0] == 'o' and p[1:2].isupper()) else
+               _TFLA_TYPES.get(p, '*fp32') for p in fn.arg_names}
+        return dict(fn=fn, sig=sig, consts=c, warps=opts['num_warps'], maxnreg=opts.get('maxnreg'), stages=opts.get('num_stages'),
+                    unit='tile FLOP', work=None,
+                    config=f'{act[1:]}/{prec}, L={L}, D={D}, tiles {BT}/{c.get("BK", "-")}/{c.get("BV", "-")}')
     BKs, BVs, Ws = m._step_config(256, 256)
     step = dict(BK=BKs, BV=BVs, SIG=False)
     sig = {p: 'constexpr' if p in step else '*bf16' if p in ('Q', 'K', 'V') else _TFLA_TYPES.get(p, '*fp32') for p in m._step_kernel.arg_names}
-    return [spec(fn) for fn in (m._fw_states_kernel, m._fw_out_kernel, m._bw_states_kernel, m._bw_dq_kernel, m._bw_dk_kernel,
-                                m._bw_dv_kernel)] + [dict(fn=m._step_kernel, sig=sig, consts=step, warps=Ws, unit=None, work=None,
-                                                          config='bf16, D=256')]
-
+    return ([spec(m._gates_kernel, dict(num_warps=4)), spec(m._fw_states_kernel, state, BK=SK, BV=SV), spec(m._fw_out_kernel, BK=BK, BV=BV),
+             spec(m._bw_norm_kernel, BV=BV), spec(m._bw_states_kernel, state, BK=SK, BV=SV), spec(m._bw_dq_kernel, BK=BK, BV=BV),
+             spec(m._bw_dk_kernel, BK=BK, BV=BV), spec(m._bw_dv_kernel, BK=BK, BV=BV), spec(m._gates_bw_kernel, dict(num_warps=8))] +
+            ([dict(fn=m._step_kernel, sig=sig, consts=step, warps=Ws, unit=None, work=None, config='bf16, D=256')] if prec == 'lowp' else []))
 
 # %% ../../nbs/12_kernels_compile.ipynb #4cf9fc63
 def _cuobjdump(cubin:bytes, flag:str) -> str:
@@ -136,9 +147,9 @@ def _compile_one(s:dict, cap:int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     fn = s['fn']
-    aligned = [p for p in fn.arg_names if s['sig'][p][0] == '*' or p in ('Dk', 'Dv')]
+    aligned = [p for p in fn.arg_names if s['sig'][p][0] == '*' or p in ('Dk', 'Dv') or (p[0] == 'o' and p[1:2].isupper())]  # TFLA's area offsets: multiples of 32
     attrs = {(fn.arg_names.index(a),): [['tt.divisibility', 16]] for a in aligned}
-    opts = dict(num_warps=s['warps'], **({'maxnreg': s['maxnreg']} if s.get('maxnreg') else {}))
+    opts = dict(num_warps=s['warps'], **({'maxnreg': s['maxnreg']} if s.get('maxnreg') else {}), **({'num_stages': s['stages']} if s.get('stages') else {}))
     k = triton.compile(ASTSource(fn, s['sig'], s['consts'], attrs), target=GPUTarget('cuda', cap, 32), options=opts)
     regs, stack = (int(x) for x in re.search(r'REG:(\d+) STACK:(\d+)', _cuobjdump(k.asm['cubin'], '-res-usage')).groups())
     sass = _cuobjdump(k.asm['cubin'], '-sass')
@@ -151,7 +162,6 @@ def _compile_one(s:dict, cap:int) -> dict:
 def _report_target(cap:int):
     "Print one JSON line per kernel compiled for sm_<cap> (run in a fresh process without the interpreter)."
     for s in _scan_specs(cap) + _tfla_specs(cap): print(json.dumps(_compile_one(s, cap)), flush=True)
-
 
 # %% ../../nbs/12_kernels_compile.ipynb #9b216198
 def compile_report(targets=("sm_80", "sm_90"), # GPU targets, keys of `TARGETS`
