@@ -254,7 +254,8 @@ def _chunkwise(q, k, v, i, f, state:MLSTMState|None, L:int, variant:str, eps:flo
     Sp = gl.u.shape[-1]
     q, k, v = (F.pad(x.to(ct), (0, 0, 0, Sp - S)) if Sp > S else x.to(ct) for x in (q, k, v))
     C0, n0 = (state.C.to(ct), state.n.to(ct)) if state is not None else _zero_state(q, v, ct)[:2]
-    h, C, n = _TorchCore.apply(q, k, v, gl.u, gl.mu, gl.la, gl.lgam, gl.lw, gl.lb, C0, n0, Dk ** -0.5, eps, L)
+    with torch.autocast(q.device.type, enabled=False):   # float32 products as written (autocast would mix bf16 into bmm's operands)
+        h, C, n = _TorchCore.apply(q, k, v, gl.u, gl.mu, gl.la, gl.lgam, gl.lw, gl.lb, C0, n0, Dk ** -0.5, eps, L)
     return h[:, :, :S].to(out_dtype), MLSTMState(C, n, gl.m_last)
 
 # %% ../../nbs/11_kernels_tfla.ipynb #e3369954
