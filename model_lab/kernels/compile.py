@@ -19,7 +19,8 @@ TARGETS = {'sm_80': 80, 'sm_90': 90}   # target name -> compute capability: A100
 # Capability"; the occupancy calculator's allocation rules): registers are split over 4 schedulers (sub-partitions) and
 # given to a warp in units of 256; each block also takes 1 KiB of shared memory that the system reserves.
 SM_LIMITS = {80: dict(warps=64, blocks=32, regs=65536, reg_unit=256, shared=164 * 1024, shared_unit=128, reserved=1024),
-             90: dict(warps=64, blocks=32, regs=65536, reg_unit=256, shared=228 * 1024, shared_unit=128, reserved=1024)}
+             90: dict(warps=64, blocks=32, regs=65536, reg_unit=256, shared=228 * 1024, shared_unit=128, reserved=1024),
+             75: dict(warps=32, blocks=16, regs=65536, reg_unit=256, shared=64 * 1024, shared_unit=256, reserved=0)}  # nb11's T4 rows
 
 def _round_up(x:int, unit:int) -> int: return -(-x // unit) * unit
 
@@ -35,7 +36,6 @@ def occupancy(regs:int, # registers per thread
     by_shared = lim['shared'] // _round_up(shared + lim['reserved'], lim['shared_unit'])
     blocks = min(by_regs, by_shared, lim['warps'] // warps, lim['blocks'])
     return blocks, blocks * warps / lim['warps']
-
 
 # %% ../../nbs/12_kernels_compile.ipynb #523b0707
 _INSN = re.compile(r'/\*([0-9a-f]{4,})\*/\s+(\S.*?)\s*;')
@@ -102,23 +102,35 @@ def _scan_specs(cap:int) -> list:
             dict(fn=m._state_update_kernel, sig=sig(m._state_update_kernel, step), consts=step, warps=4, unit=None, work=None,
                  config='bf16, N=16, 32 channels')]
 
-def _tfla_specs(cap:int, L:int=128, D:int=128) -> list:
-    "The TFLA kernels as `mlstm` launches them for bf16 inputs (tensor cores), chunk L, Dqk = Dv = D; the bf16 step at D = 256."
+def _tfla_specs(cap:int, L:int=128, D:int=128, prec:str='lowp', dtype:str='bf16') -> list:
+    """The TFLA kernels as `mlstm` launches them on sm_<cap> for bf16 inputs ('lowp': tensor cores; 'tf32'/'ieee': fp32 inputs),
+    chunk L, Dqk = Dv = D, no initial state, the last state returned; the bf16 step at D = 256."""
+    import torch
     import model_lab.kernels.tfla as m
-    BT, BK, BV, W = m._tiles(L, D, D, m._launch_config('lowp', divmod(cap, 10)))
-    consts = dict(L=L, BL=BT, BT=BT, BK=BK, BV=BV, FLOOR=m.FLOOR, PREC='lowp')
-    def spec(fn):
-        c = {p: v for p, v in consts.items() if p in fn.arg_names}
-        sig = {p: 'constexpr' if p in c else '*bf16' if p in ('Q', 'K', 'V') else _TFLA_TYPES.get(p, '*fp32') for p in fn.arg_names}
-        return dict(fn=fn, sig=sig, consts=c, warps=W, maxnreg=m._launch_opts(W, divmod(cap, 10), 'lowp')['maxnreg'], unit='tile FLOP', work=None,
-                    config=f'bf16, L={L}, D={D}, tiles {BT}/{BK}/{BV}')
+    act = '*' + dtype if prec == 'lowp' else '*fp32'
+    cc = divmod(cap, 10)
+    cfg = m._launch_config(prec, cc)
+    BT, BK, BV, W = m._tiles(L, D, D, cfg)
+    SK, SV = m._state_blocks(BK, BV)
+    tile, state = m._launch_opts(W, cc, prec, cfg[3]), m._state_opts(cc, prec)
+    flags = dict(SIG=False, HAS_M0=False, HAS_C0=False, HAS_ML=True, HAS_CL=True, HAS_DML=True, HAS_DCL=True, HAS_DNL=True, SAVE_HF=True)
+    base = dict(L=L, FLOOR=m.FLOOR, PREC=prec, BT=BT, BL=BT, **flags)
+    def spec(fn, opts=tile, **blocks):
+        mma = fn not in (m._gates_kernel, m._bw_norm_kernel, m._gates_bw_kernel)   # these three multiply no matrices
+        c = {p: v for p, v in {**base, **blocks}.items() if p in fn.arg_names}
+        sig = {p: 'constexpr' if p in c else act if p in ('Q', 'K', 'V', 'H', 'DH', 'DQ', 'DK', 'DV') else
+               'i32' if p in ('SL', 'NC', 'NBH', 'Dk', 'Dv', 'NK', 'NPLG') or (p[0] == 'o' and p[1:2].isupper()) else
+               _TFLA_TYPES.get(p, '*fp32') for p in fn.arg_names}
+        return dict(fn=fn, sig=sig, consts=c, warps=opts['num_warps'], maxnreg=opts.get('maxnreg'), stages=opts.get('num_stages'),
+                    unit='tile FLOP' if mma else None, work=None,
+                    config=f'{act[1:]}/{prec}, L={L}, D={D}, tiles {BT}/{c.get("BK", "-")}/{c.get("BV", "-")}')
     BKs, BVs, Ws = m._step_config(256, 256)
     step = dict(BK=BKs, BV=BVs, SIG=False)
-    sig = {p: 'constexpr' if p in step else '*bf16' if p in ('Q', 'K', 'V') else _TFLA_TYPES.get(p, '*fp32') for p in m._step_kernel.arg_names}
-    return [spec(fn) for fn in (m._fw_states_kernel, m._fw_out_kernel, m._bw_states_kernel, m._bw_dq_kernel, m._bw_dk_kernel,
-                                m._bw_dv_kernel)] + [dict(fn=m._step_kernel, sig=sig, consts=step, warps=Ws, unit=None, work=None,
-                                                          config='bf16, D=256')]
-
+    sig = {p: 'constexpr' if p in step else act if p in ('Q', 'K', 'V') else _TFLA_TYPES.get(p, '*fp32') for p in m._step_kernel.arg_names}
+    return ([spec(m._gates_kernel, dict(num_warps=4)), spec(m._fw_states_kernel, state, BK=SK, BV=SV), spec(m._fw_out_kernel, BK=BK, BV=BV),
+             spec(m._bw_norm_kernel, BV=BV), spec(m._bw_states_kernel, state, BK=SK, BV=SV), spec(m._bw_dq_kernel, BK=BK, BV=BV),
+             spec(m._bw_dk_kernel, BK=BK, BV=BV), spec(m._bw_dv_kernel, BK=BK, BV=BV), spec(m._gates_bw_kernel, dict(num_warps=8))] +
+            ([dict(fn=m._step_kernel, sig=sig, consts=step, warps=Ws, unit=None, work=None, config=f'{dtype}, D=256')] if prec == 'lowp' else []))
 
 # %% ../../nbs/12_kernels_compile.ipynb #4cf9fc63
 def _cuobjdump(cubin:bytes, flag:str) -> str:
@@ -136,9 +148,9 @@ def _compile_one(s:dict, cap:int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     fn = s['fn']
-    aligned = [p for p in fn.arg_names if s['sig'][p][0] == '*' or p in ('Dk', 'Dv')]
+    aligned = [p for p in fn.arg_names if s['sig'][p][0] == '*' or p in ('Dk', 'Dv') or (p[0] == 'o' and p[1:2].isupper())]  # TFLA's area offsets: multiples of 32
     attrs = {(fn.arg_names.index(a),): [['tt.divisibility', 16]] for a in aligned}
-    opts = dict(num_warps=s['warps'], **({'maxnreg': s['maxnreg']} if s.get('maxnreg') else {}))
+    opts = dict(num_warps=s['warps'], **({'maxnreg': s['maxnreg']} if s.get('maxnreg') else {}), **({'num_stages': s['stages']} if s.get('stages') else {}))
     k = triton.compile(ASTSource(fn, s['sig'], s['consts'], attrs), target=GPUTarget('cuda', cap, 32), options=opts)
     regs, stack = (int(x) for x in re.search(r'REG:(\d+) STACK:(\d+)', _cuobjdump(k.asm['cubin'], '-res-usage')).groups())
     sass = _cuobjdump(k.asm['cubin'], '-sass')
@@ -151,7 +163,6 @@ def _compile_one(s:dict, cap:int) -> dict:
 def _report_target(cap:int):
     "Print one JSON line per kernel compiled for sm_<cap> (run in a fresh process without the interpreter)."
     for s in _scan_specs(cap) + _tfla_specs(cap): print(json.dumps(_compile_one(s, cap)), flush=True)
-
 
 # %% ../../nbs/12_kernels_compile.ipynb #9b216198
 def compile_report(targets=("sm_80", "sm_90"), # GPU targets, keys of `TARGETS`
@@ -182,7 +193,8 @@ SHARED_MAX = {'sm_80': 163 * 1024, 'sm_90': 227 * 1024}   # shared memory one bl
 # issue 25's targets on the sm_90 report: kernel -> (least theoretical occupancy, most inner-loop warp-instructions per unit)
 TARGETS_SM90 = {'_scan_fwd_kernel': (0.5, 0.6), '_scan_bwd_kernel': (0.25, 1.6), '_fw_states_kernel': (0.25, None),
                 '_fw_out_kernel': (0.25, None), '_bw_states_kernel': (0.25, None), '_bw_dq_kernel': (0.25, None),
-                '_bw_dk_kernel': (0.25, None), '_bw_dv_kernel': (0.25, None)}
+                '_bw_dk_kernel': (0.25, None), '_bw_dv_kernel': (0.25, None), '_bw_norm_kernel': (0.25, None)}
+# (TFLA's two gate kernels run one program per batch*head through the chunks in order: no occupancy target)
 
 def target_check(r:dict) -> dict:
     "Which of issue 25's targets a report row meets: no spills and shared memory always; occupancy, loop cost on sm_90 (None: no target)."
@@ -209,4 +221,3 @@ def report_table(rows:list, before:list|None=None) -> str:
             'inner loop, warp-insns', 'inner loop per unit'] + (['before: registers, occupancy, per unit'] if before else [])
     head = '| ' + ' | '.join(cols) + ' |\n|' + '---|' * len(cols)
     return '\n'.join([head] + [_row(r, old.get((r['kernel'], r['target'])), bool(before)) for r in rows])
-

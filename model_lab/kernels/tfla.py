@@ -18,9 +18,9 @@ except ImportError:  # the PyTorch paths work without triton
     logging.getLogger('model_lab').info("triton is not installed: mlstm runs its PyTorch paths (pip install 'model_lab[kernels]')")
 
 # %% auto #0
-__all__ = ['FLOOR', 'TILE_MAX', 'MAXNREG', 'MAXNREG_SM90_LOWP', 'BACKENDS', 'VARIANTS', 'PEERS', 'BASELINE', 'mlstm_inputs',
-           'mlstm_parallel', 'MLSTMState', 'mlstm_recurrent', 'default_chunk_size', 'mlstm', 'mlstm_step',
-           'mlstm_flops', 'bench_tfla', 'bench_tfla_peers']
+__all__ = ['FLOOR', 'TILE_MAX', 'HEAD_MAX', 'STATE_BLOCK', 'MAXNREG', 'MAXNREG_QUARTER', 'BACKENDS', 'VARIANTS', 'PEERS',
+           'BASELINE', 'mlstm_inputs', 'mlstm_parallel', 'MLSTMState', 'mlstm_recurrent', 'default_chunk_size', 'mlstm',
+           'mlstm_step', 'mlstm_flops', 'bench_tfla', 'bench_tfla_peers']
 
 # %% ../../nbs/11_kernels_tfla.ipynb #bfd67d1b
 def mlstm_inputs(B:int=1, H:int=4, S:int=256, Dqk:int=64, Dv:int|None=None, *,
@@ -247,15 +247,15 @@ class _TorchCore(torch.autograd.Function):
 # %% ../../nbs/11_kernels_tfla.ipynb #8640981e
 def _chunkwise(q, k, v, i, f, state:MLSTMState|None, L:int, variant:str, eps:float, core:str='torch'):
     "Chunkwise mLSTM with the given core ('torch' or 'triton'): (h (B, H, S, Dv) in q's dtype, last MLSTMState)."
+    if core == 'triton': return _tfla(q, k, v, i, f, state, L, variant, eps)
     B, H, S, Dk = q.shape
     ct, out_dtype = _compute_dtype(q), q.dtype
     gl = _chunk_gates(i, f, L, variant, state.m if state is not None else None, ct)
     Sp = gl.u.shape[-1]
-    kv_dtype = ct if core == 'torch' else q.dtype                    # Triton reads q, k, v in their own dtype
-    q, k, v = (F.pad(x.to(kv_dtype), (0, 0, 0, Sp - S)) if Sp > S else x.to(kv_dtype) for x in (q, k, v))
+    q, k, v = (F.pad(x.to(ct), (0, 0, 0, Sp - S)) if Sp > S else x.to(ct) for x in (q, k, v))
     C0, n0 = (state.C.to(ct), state.n.to(ct)) if state is not None else _zero_state(q, v, ct)[:2]
-    fn = _TorchCore.apply if core == 'torch' else _TritonCore.apply
-    h, C, n = fn(q, k, v, gl.u, gl.mu, gl.la, gl.lgam, gl.lw, gl.lb, C0, n0, Dk ** -0.5, eps, L)
+    with torch.autocast(q.device.type, enabled=False):   # float32 products as written (autocast would mix bf16 into bmm's operands)
+        h, C, n = _TorchCore.apply(q, k, v, gl.u, gl.mu, gl.la, gl.lgam, gl.lw, gl.lb, C0, n0, Dk ** -0.5, eps, L)
     return h[:, :, :S].to(out_dtype), MLSTMState(C, n, gl.m_last)
 
 # %% ../../nbs/11_kernels_tfla.ipynb #e3369954
@@ -276,9 +276,9 @@ def _tile_ids(pid, NC, NT: tl.constexpr):
     return (pid // (NT * NC)).to(tl.int64), c, t
 
 @triton_kernel
-def _tile(P, rows, o, D):
-    "P[rows, o] of a row-major (S, D) matrix, as float32; 0 where o >= D."
-    return tl.load(P + rows[:, None] * D + o[None, :], mask=(o < D)[None, :], other=0.).to(tl.float32)
+def _tile(P, rows, o, D, SL):
+    "P[rows, o] of a row-major (SL, D) matrix, as float32; 0 in rows >= SL (the chunk padding) and where o >= D."
+    return tl.load(P + rows[:, None] * D + o[None, :], mask=(rows < SL)[:, None] & (o < D)[None, :], other=0.).to(tl.float32)
 
 @triton_kernel
 def _block(P, o1, o2, D1, D2):
@@ -286,30 +286,32 @@ def _block(P, o1, o2, D1, D2):
     return tl.load(P + o1[:, None] * D2 + o2[None, :], mask=(o1 < D1)[:, None] & (o2 < D2)[None, :], other=0.).to(tl.float32)
 
 @triton_kernel
-def _abt(A, B, rows, cols, D, BD: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    "A[rows] @ B[cols]^T (BT, BT) over all D columns, block by block (q k^T, dnum v^T)."
+def _abt(A, B, rows, cols, D, SL, BD: tl.constexpr, BT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    "A[rows] @ B[cols]^T (BT, BT) over all D columns, block by block (q k^T, dh v^T)."
     s = tl.zeros((BT, BT), dtype=tl.float32)
     for d0 in range(0, D, BD):
         od = d0 + tl.arange(0, BD)
-        s += _dot(_tile(A, rows, od, D), tl.trans(_tile(B, cols, od, D)), DT, PREC)
+        s += _dot(_tile(A, rows, od, D, SL), tl.trans(_tile(B, cols, od, D, SL)), DT, PREC)
     return s
 
 @triton_kernel
-def _times_state(A, rows, M, ov, Dk, Dv, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+def _times_state(A, rows, M, ov, Dk, Dv, SL, BK: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr,
+                 PREC: tl.constexpr):
     "A[rows] (BT, Dk) @ M[:, ov] (Dk, BV) for a (Dk, Dv) state M."
     acc = tl.zeros((BT, BV), dtype=tl.float32)
     for d0 in range(0, Dk, BK):
         od = d0 + tl.arange(0, BK)
-        acc += _dot(_tile(A, rows, od, Dk), _block(M, od, ov, Dk, Dv), DT, PREC)
+        acc += _dot(_tile(A, rows, od, Dk, SL), _block(M, od, ov, Dk, Dv), DT, PREC)
     return acc
 
 @triton_kernel
-def _times_state_t(A, rows, M, ok, Dk, Dv, BV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+def _times_state_t(A, rows, M, ok, Dk, Dv, SL, BV: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr,
+                   PREC: tl.constexpr):
     "A[rows] (BT, Dv) @ M[ok, :]^T (Dv, BK) for a (Dk, Dv) state M."
     acc = tl.zeros((BT, BK), dtype=tl.float32)
     for e0 in range(0, Dv, BV):
         oe = e0 + tl.arange(0, BV)
-        acc += _dot(_tile(A, rows, oe, Dv), tl.trans(_block(M, ok, oe, Dk, Dv)), DT, PREC)
+        acc += _dot(_tile(A, rows, oe, Dv, SL), tl.trans(_block(M, ok, oe, Dk, Dv)), DT, PREC)
     return acc
 
 @triton_kernel
@@ -319,19 +321,85 @@ def _decay(U, MU, rows, cols, FLOOR: tl.constexpr):
     x = tl.minimum(tl.maximum(x, FLOOR), 0.)
     return tl.where(rows[:, None] >= cols[None, :], tl.exp(x), 0.)
 
+@triton_kernel
+def _logsigmoid(x):
+    return tl.minimum(x, 0.) - tl.log(1. + tl.exp(-tl.abs(x)))
+
+@triton_kernel
+def _max2(a, b):
+    return tl.maximum(a, b)
+
+@triton_kernel
+def _argmax2(a, ia, b, ib):
+    "(value, index) of a running maximum: the later pair unless the earlier value is larger."
+    later = b >= a
+    return tl.where(later, b, a), tl.where(later, ib, ia)
+
+@triton_kernel
+def _chunk_logs(I, Fg, r, SL, SIG: tl.constexpr):
+    "Gate pre-activations i, f of rows r and their logs: log sigma(f) (0 past the end), log input gate (-inf past the end)."
+    ok = r < SL
+    f = tl.load(Fg + r, mask=ok, other=0.).to(tl.float32)
+    i = tl.load(I + r, mask=ok, other=0.).to(tl.float32)
+    if SIG:
+        li = _logsigmoid(i)
+    else:
+        li = i
+    return f, i, tl.where(ok, _logsigmoid(f), 0.), tl.where(ok, li, float('-inf'))
+
 # %% ../../nbs/11_kernels_tfla.ipynb #74d7e96e
 @triton_kernel
-def _fw_states_kernel(K, V, LA, LGAM, C0, N0, CS, NS, NC, Dk, Dv,
-                      L: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def _gates_kernel(I, Fg, M0, WS, ML, oG, oCH, SL, NC, NBH,
+                  L: tl.constexpr, SIG: tl.constexpr, HAS_M0: tl.constexpr, HAS_ML: tl.constexpr):
+    """`_chunk_gates` in one program per batch*head, walking the chunks in order: the log-weights u, mu, la, lw, lb of every step,
+    lgam and the max state entering each chunk, and (HAS_ML) the last max state."""
+    bh = tl.program_id(0).to(tl.int64)
+    Sp = NC * L
+    GS = NBH * Sp                                                        # array j of the gate area at G + j * GS
+    I, Fg, G = I + bh * SL, Fg + bh * SL, WS + oG + bh * Sp
+    LGAM, MI = WS + oCH + bh * NC, WS + oCH + (NBH + bh) * NC
+    o = tl.arange(0, L)
+    m_in = tl.where(HAS_M0, tl.load(M0 + bh * HAS_M0).to(tl.float32), float('-inf'))
+    for c in range(NC):
+        r = c * L + o
+        f, i, lf, li = _chunk_logs(I, Fg, r, SL, SIG)
+        b = tl.cumsum(lf, 0)                                             # log forget since the chunk start
+        u = li - b
+        g = tl.sum(tl.where(o == L - 1, b, 0.), 0)
+        if SIG:
+            mu = -b                                                      # m = 0
+        else:
+            mu = tl.maximum(tl.associative_scan(u, 0, _max2), m_in)      # m_t - b_t
+        m_out = g + tl.sum(tl.where(o == L - 1, mu, 0.), 0)
+        tl.store(G + r, u)
+        tl.store(G + GS + r, mu)
+        tl.store(G + 2 * GS + r, g + u - m_out)
+        tl.store(G + 3 * GS + r, m_in - mu)
+        tl.store(G + 4 * GS + r, -(b + mu))
+        tl.store(LGAM + c, g + m_in - m_out)
+        tl.store(MI + c, m_in)
+        m_in = m_out
+    if HAS_ML:
+        tl.store(ML + bh, m_in)
+
+@triton_kernel
+def _fw_states_kernel(K, V, C0, N0, WS, CL, NL, oCS, oNS, oG, oCH, SL, NC, NBH, Dk, Dv,
+                      L: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                      HAS_C0: tl.constexpr, HAS_CL: tl.constexpr):
     "Inter-chunk recurrence: CS[bh, c] = state entering chunk c (c = 0..NC); C <- exp(lgam_c) C + sum_s exp(la_s) k_s v_s^T."
     bh, pk, pv = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     ok, ov = pk * BK + tl.arange(0, BK), pv * BV + tl.arange(0, BV)
     mk, mkv = ok < Dk, (ok < Dk)[:, None] & (ov < Dv)[None, :]
-    K, V, LA = K + bh * NC * L * Dk, V + bh * NC * L * Dv, LA + bh * NC * L
-    CS, NS, LGAM = CS + bh * (NC + 1) * Dk * Dv, NS + bh * (NC + 1) * Dk, LGAM + bh * NC
+    Sp = NC * L
+    K, V, LA = K + bh * SL * Dk, V + bh * SL * Dv, WS + oG + 2 * NBH * Sp + bh * Sp
+    CS, NS, LGAM = WS + oCS + bh * (NC + 1) * Dk * Dv, WS + oNS + bh * (NC + 1) * Dk, WS + oCH + bh * NC
     off = ok[:, None] * Dv + ov[None, :]
-    C = _block(C0 + bh * Dk * Dv, ok, ov, Dk, Dv)
-    n = tl.load(N0 + bh * Dk + ok, mask=mk, other=0.)
+    if HAS_C0:
+        C = _block(C0 + bh * Dk * Dv, ok, ov, Dk, Dv)
+        n = tl.load(N0 + bh * Dk + ok, mask=mk, other=0.).to(tl.float32)
+    else:
+        C = tl.zeros((BK, BV), dtype=tl.float32)
+        n = tl.zeros((BK,), dtype=tl.float32)
     for c in range(NC):
         tl.store(CS + c * Dk * Dv + off, C, mask=mkv)
         if pv == 0:
@@ -340,164 +408,294 @@ def _fw_states_kernel(K, V, LA, LGAM, C0, N0, CS, NS, NC, Dk, Dv,
         C, n = C * g, n * g
         for l0 in range(0, L, BL):
             rows = c * L + l0 + tl.arange(0, BL)
-            kt = _tile(K, rows, ok, Dk) * tl.exp(tl.load(LA + rows))[:, None]
-            C += _dot(tl.trans(kt), _tile(V, rows, ov, Dv), K.dtype.element_ty, PREC)
+            kt = _tile(K, rows, ok, Dk, SL) * tl.exp(tl.load(LA + rows))[:, None]
+            C += _dot(tl.trans(kt), _tile(V, rows, ov, Dv, SL), K.dtype.element_ty, PREC)
             n += tl.sum(kt, 0)
     tl.store(CS + NC * Dk * Dv + off, C, mask=mkv)
     if pv == 0:
         tl.store(NS + NC * Dk + ok, n, mask=mk)
+    if HAS_CL:                                                           # the last state, returned
+        tl.store(CL + bh * Dk * Dv + off, C, mask=mkv)
+        if pv == 0:
+            tl.store(NL + bh * Dk + ok, n, mask=mk)
 
 @triton_kernel
-def _fw_out_kernel(Q, K, V, U, MU, LW, LB, CS, NS, H, DEN, NN, scale, eps, NC, Dk, Dv,
+def _fw_out_kernel(Q, K, V, WS, H, oCS, oNS, oG, oHF, scale, eps, SL, NC, NBH, Dk, Dv,
                    L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                   FLOOR: tl.constexpr, PREC: tl.constexpr):
-    "h for BT rows x BV columns: causal key tiles of the chunk (FlashAttention-style loop), then the incoming state."
+                   FLOOR: tl.constexpr, PREC: tl.constexpr, SAVE_HF: tl.constexpr):
+    """h for BT rows x BV columns, normalized and in h's dtype: causal key tiles of the chunk (FlashAttention-style loop), then the
+    incoming state; the denominator and the normalizer of each row for the backward (SAVE_HF: h in float32 too)."""
     bh, c, t = _tile_ids(tl.program_id(0), NC, L // BT)
     pv = tl.program_id(1)
     ov = pv * BV + tl.arange(0, BV)
-    S = NC * L
-    Q, K, V = Q + bh * S * Dk, K + bh * S * Dk, V + bh * S * Dv
-    U, MU, LW, LB = U + bh * S, MU + bh * S, LW + bh * S, LB + bh * S
+    Sp = NC * L
+    GS = NBH * Sp
+    Q, K, V = Q + bh * SL * Dk, K + bh * SL * Dk, V + bh * SL * Dv
+    U = WS + oG + bh * Sp
+    MU, LW, LB, DEN, NN = U + GS, U + 3 * GS, U + 4 * GS, U + 5 * GS, U + 6 * GS
     DT: tl.constexpr = K.dtype.element_ty
     rows = c * L + t * BT + tl.arange(0, BT)
     num = tl.zeros((BT, BV), dtype=tl.float32)
     den = tl.zeros((BT,), dtype=tl.float32)
     for j in range(0, t + 1):
         cols = c * L + j * BT + tl.arange(0, BT)
-        ct = _abt(Q, K, rows, cols, Dk, BK, BT, DT, PREC) * scale * _decay(U, MU, rows, cols, FLOOR)
-        num += _dot(ct, _tile(V, cols, ov, Dv), DT, PREC)
+        ct = _abt(Q, K, rows, cols, Dk, SL, BK, BT, DT, PREC) * scale * _decay(U, MU, rows, cols, FLOOR)
+        num += _dot(ct, _tile(V, cols, ov, Dv, SL), DT, PREC)
         den += tl.sum(ct, 1)
     w = tl.exp(tl.load(LW + rows)) * scale                              # weight of the incoming state in each row
-    CS, NS = CS + (bh * (NC + 1) + c) * Dk * Dv, NS + (bh * (NC + 1) + c) * Dk
-    num += _times_state(Q, rows, CS, ov, Dk, Dv, BK, BT, BV, DT, PREC) * w[:, None]
+    CS, NS = WS + oCS + (bh * (NC + 1) + c) * Dk * Dv, WS + oNS + (bh * (NC + 1) + c) * Dk
+    num += _times_state(Q, rows, CS, ov, Dk, Dv, SL, BK, BT, BV, DT, PREC) * w[:, None]
     for d0 in range(0, Dk, BK):
         od = d0 + tl.arange(0, BK)
-        den += tl.sum(_tile(Q, rows, od, Dk) * tl.load(NS + od, mask=od < Dk, other=0.)[None, :], 1) * w
+        den += tl.sum(_tile(Q, rows, od, Dk, SL) * tl.load(NS + od, mask=od < Dk, other=0.)[None, :], 1) * w
     n = tl.maximum(tl.abs(den), tl.exp(tl.load(LB + rows)))
-    tl.store(H + bh * S * Dv + rows[:, None] * Dv + ov[None, :], num / (n + eps)[:, None], mask=(ov < Dv)[None, :])
+    h = num / (n + eps)[:, None]
+    tl.store(H + bh * SL * Dv + rows[:, None] * Dv + ov[None, :], h.to(H.dtype.element_ty),
+             mask=(rows < SL)[:, None] & (ov < Dv)[None, :])
+    if SAVE_HF:
+        tl.store(WS + oHF + bh * Sp * Dv + rows[:, None] * Dv + ov[None, :], h, mask=(ov < Dv)[None, :])
     if pv == 0:
-        tl.store(DEN + bh * S + rows, den)
-        tl.store(NN + bh * S + rows, n)
+        tl.store(DEN + rows, den)
+        tl.store(NN + rows, n)
 
 # %% ../../nbs/11_kernels_tfla.ipynb #a28f83e1
 @triton_kernel
-def _bw_states_kernel(Q, DNUM, DDEN, LW, LGAM, DCL, DNL, DCS, DNS, scale, NC, Dk, Dv,
-                      L: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    "Reverse recurrence: DCS[bh, c] = gradient w.r.t. the state entering chunk c (c = NC..0)."
+def _bw_norm_kernel(DH, WS, WB, oHF, oG, oP, eps, SL, NC, NBH, Dv,
+                    L: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+    """Backward through h = num / (max(|den|, e^lb) + eps) for BT rows: d den and d lb of each row, and the row scale
+    1 / (n + eps) that turns dh into d num (the kernels below apply it as they load dh); h is the forward's float32 copy."""
+    bh, c, t = _tile_ids(tl.program_id(0), NC, L // BT)
+    Sp = NC * L
+    GS = NBH * Sp
+    rows = c * L + t * BT + tl.arange(0, BT)
+    r = tl.zeros((BT,), dtype=tl.float32)
+    for e0 in range(0, Dv, BV):
+        oe = e0 + tl.arange(0, BV)
+        r += tl.sum(_tile(DH + bh * SL * Dv, rows, oe, Dv, SL) * _tile(WS + oHF + bh * Sp * Dv, rows, oe, Dv, SL), 1)
+    G = WS + oG + bh * Sp
+    den, ne, lbv = tl.load(G + 5 * GS + rows), tl.load(G + 6 * GS + rows) + eps, tl.exp(tl.load(G + 4 * GS + rows))
+    dn = -r / ne
+    use = tl.abs(den) >= lbv
+    P = WB + oP + bh * Sp
+    tl.store(P + rows, tl.where(use, tl.where(den > 0, dn, tl.where(den < 0, -dn, 0.)), 0.))     # d den
+    tl.store(P + GS + rows, tl.where(use, 0., dn * lbv))                                         # d lb
+    tl.store(P + 2 * GS + rows, 1. / ne)                                                         # d num = dh / (n + eps)
+
+@triton_kernel
+def _bw_states_kernel(Q, DH, WS, WB, DCL, DNL, DC0, DN0, scale, oCS, oNS, oG, oCH, oDCS, oDNS, oP, oPLG, SL, NC, NBH, Dk, Dv,
+                      L: tl.constexpr, BL: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr,
+                      HAS_DCL: tl.constexpr, HAS_DNL: tl.constexpr, HAS_C0: tl.constexpr):
+    """Reverse recurrence: DCS[bh, c] = gradient w.r.t. the state entering chunk c (c = NC..0), and this block's share of
+    sum(dC_{c+1} * C_c) + dn_{c+1} . n_c, the gradient of lgam_c over exp(lgam_c)."""
     bh, pk, pv = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
     ok, ov = pk * BK + tl.arange(0, BK), pv * BV + tl.arange(0, BV)
     mk, mkv = ok < Dk, (ok < Dk)[:, None] & (ov < Dv)[None, :]
-    Q, DNUM, DDEN, LW = Q + bh * NC * L * Dk, DNUM + bh * NC * L * Dv, DDEN + bh * NC * L, LW + bh * NC * L
-    DCS, DNS, LGAM = DCS + bh * (NC + 1) * Dk * Dv, DNS + bh * (NC + 1) * Dk, LGAM + bh * NC
+    Sp = NC * L
+    GS = NBH * Sp
+    Q, DH, LW, LGAM = Q + bh * SL * Dk, DH + bh * SL * Dv, WS + oG + 3 * GS + bh * Sp, WS + oCH + bh * NC
+    DDEN, RS = WB + oP + bh * Sp, WB + oP + 2 * GS + bh * Sp
+    CS, NS = WS + oCS + bh * (NC + 1) * Dk * Dv, WS + oNS + bh * (NC + 1) * Dk
+    DCS, DNS = WB + oDCS + bh * (NC + 1) * Dk * Dv, WB + oDNS + bh * (NC + 1) * Dk
+    PLG = WB + oPLG + ((pk * tl.num_programs(2) + pv) * NBH + bh) * NC
     off = ok[:, None] * Dv + ov[None, :]
-    dC = _block(DCL + bh * Dk * Dv, ok, ov, Dk, Dv)
-    dn = tl.load(DNL + bh * Dk + ok, mask=mk, other=0.)
+    if HAS_DCL:
+        dC = _block(DCL + bh * Dk * Dv, ok, ov, Dk, Dv)
+    else:
+        dC = tl.zeros((BK, BV), dtype=tl.float32)
+    if HAS_DNL:
+        dn = tl.load(DNL + bh * Dk + ok, mask=mk, other=0.).to(tl.float32)
+    else:
+        dn = tl.zeros((BK,), dtype=tl.float32)
     for cc in range(NC):
         c = NC - 1 - cc
         tl.store(DCS + (c + 1) * Dk * Dv + off, dC, mask=mkv)
+        part = tl.sum(tl.sum(dC * _block(CS + c * Dk * Dv, ok, ov, Dk, Dv), 1), 0)
         if pv == 0:
             tl.store(DNS + (c + 1) * Dk + ok, dn, mask=mk)
+            part += tl.sum(dn * tl.load(NS + c * Dk + ok, mask=mk, other=0.), 0)
+        tl.store(PLG + c, part)
         g = tl.exp(tl.load(LGAM + c))
         dC, dn = dC * g, dn * g
         for l0 in range(0, L, BL):
             rows = c * L + l0 + tl.arange(0, BL)
-            qt = _tile(Q, rows, ok, Dk) * (tl.exp(tl.load(LW + rows)) * scale)[:, None]
-            dC += _dot(tl.trans(qt), _tile(DNUM, rows, ov, Dv), Q.dtype.element_ty, PREC)
-            dn += tl.sum(qt * tl.load(DDEN + rows)[:, None], 0)
+            qw = _tile(Q, rows, ok, Dk, SL) * (tl.exp(tl.load(LW + rows)) * scale)[:, None]
+            dC += _dot(tl.trans(qw * tl.load(RS + rows)[:, None]), _tile(DH, rows, ov, Dv, SL), Q.dtype.element_ty, PREC)
+            dn += tl.sum(qw * tl.load(DDEN + rows)[:, None], 0)
     tl.store(DCS + off, dC, mask=mkv)
     if pv == 0:
         tl.store(DNS + ok, dn, mask=mk)
+    if HAS_C0:                                                           # gradient w.r.t. the initial state
+        tl.store(DC0 + bh * Dk * Dv + off, dC.to(DC0.dtype.element_ty), mask=mkv)
+        if pv == 0:
+            tl.store(DN0 + bh * Dk + ok, dn.to(DN0.dtype.element_ty), mask=mk)
 
 @triton_kernel
-def _bw_dq_kernel(Q, K, V, U, MU, LW, CS, NS, DNUM, DDEN, DQ, DMU, DLW, scale, NBH, NC, Dk, Dv,
+def _bw_dq_kernel(Q, K, V, DH, WS, WB, DQ, scale, oCS, oNS, oG, oP, oPD, SL, NC, NBH, Dk, Dv,
                   L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   FLOOR: tl.constexpr, PREC: tl.constexpr):
     """dq for BT rows x BK columns, and this Dqk block's share of the row sums behind d mu and d lw. Two matmuls per key tile
-    (dnum v^T, then ds k): the row sums of ds * (q k^T) are q . (ds k), read off the dq accumulator after the loop."""
+    (dh v^T, then ds k): the row sums of ds * (q k^T) are q . (ds k), read off the dq accumulator after the loop."""
     bh, c, t = _tile_ids(tl.program_id(0), NC, L // BT)
     pk = tl.program_id(1)
     ok = pk * BK + tl.arange(0, BK)
-    S = NC * L
-    Q, K, V, DNUM = Q + bh * S * Dk, K + bh * S * Dk, V + bh * S * Dv, DNUM + bh * S * Dv
-    U, MU, LW, DDEN = U + bh * S, MU + bh * S, LW + bh * S, DDEN + bh * S
+    Sp = NC * L
+    GS = NBH * Sp
+    Q, K, V, DH = Q + bh * SL * Dk, K + bh * SL * Dk, V + bh * SL * Dv, DH + bh * SL * Dv
+    U = WS + oG + bh * Sp
+    MU, LW = U + GS, U + 3 * GS
+    DDEN, RS = WB + oP + bh * Sp, WB + oP + 2 * GS + bh * Sp
     DT: tl.constexpr = Q.dtype.element_ty
     rows = c * L + t * BT + tl.arange(0, BT)
-    dd = tl.load(DDEN + rows)
+    dd, rs = tl.load(DDEN + rows), tl.load(RS + rows)
     dq = tl.zeros((BT, BK), dtype=tl.float32)
     for j in range(0, t + 1):                                            # key tiles left of and on the diagonal
         cols = c * L + j * BT + tl.arange(0, BT)
-        ds = (_abt(DNUM, V, rows, cols, Dv, BV, BT, DT, PREC) + dd[:, None]) * _decay(U, MU, rows, cols, FLOOR)
-        dq += _dot(ds, _tile(K, cols, ok, Dk), DT, PREC)                  # (BT, BK): sum_s ds_ts k_s
-    CS, NS = CS + (bh * (NC + 1) + c) * Dk * Dv, NS + (bh * (NC + 1) + c) * Dk
-    dqi = _times_state_t(DNUM, rows, CS, ok, Dk, Dv, BV, BT, BK, DT, PREC)   # d(q w) from the incoming state
+        ds = (_abt(DH, V, rows, cols, Dv, SL, BV, BT, DT, PREC) * rs[:, None] + dd[:, None]) * _decay(U, MU, rows, cols, FLOOR)
+        dq += _dot(ds, _tile(K, cols, ok, Dk, SL), DT, PREC)              # (BT, BK): sum_s ds_ts k_s
+    CS, NS = WS + oCS + (bh * (NC + 1) + c) * Dk * Dv, WS + oNS + (bh * (NC + 1) + c) * Dk
+    dqi = _times_state_t(DH, rows, CS, ok, Dk, Dv, SL, BV, BT, BK, DT, PREC) * rs[:, None]   # d(q w) from the incoming state
     dqi += dd[:, None] * tl.load(NS + ok, mask=ok < Dk, other=0.)[None, :]
     w = tl.exp(tl.load(LW + rows)) * scale
-    qt = _tile(Q, rows, ok, Dk)
-    tl.store(DQ + bh * S * Dk + rows[:, None] * Dk + ok[None, :], dq * scale + dqi * w[:, None], mask=(ok < Dk)[None, :])
-    tl.store(DLW + (pk * NBH + bh) * S + rows, tl.sum(dqi * qt, 1) * w)
-    tl.store(DMU + (pk * NBH + bh) * S + rows, -tl.sum(qt * dq, 1) * scale)
+    qt = _tile(Q, rows, ok, Dk, SL)
+    tl.store(DQ + bh * SL * Dk + rows[:, None] * Dk + ok[None, :], (dq * scale + dqi * w[:, None]).to(DQ.dtype.element_ty),
+             mask=(rows < SL)[:, None] & (ok < Dk)[None, :])
+    PD = WB + oPD + (pk * NBH + bh) * Sp
+    tl.store(PD + rows, -tl.sum(qt * dq, 1) * scale)                                   # d mu
+    tl.store(PD + tl.num_programs(1) * GS + rows, tl.sum(dqi * qt, 1) * w)              # d lw
 
 @triton_kernel
-def _bw_dk_kernel(Q, K, V, U, MU, LA, DCS, DNS, DNUM, DDEN, DK, DU, DLA, scale, NBH, NC, Dk, Dv,
+def _bw_dk_kernel(Q, K, V, DH, WS, WB, DK, scale, oG, oDCS, oDNS, oP, oPD, SL, NC, NBH, Dk, Dv,
                   L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   FLOOR: tl.constexpr, PREC: tl.constexpr):
     """dk for BT keys x BK columns, and this Dqk block's share of the column sums behind du and d la. Two matmuls per query
-    tile (dnum v^T, then ds^T q): the column sums of ds * (q k^T) are k . (ds^T q), read off the dk accumulator."""
+    tile (dh v^T, then ds^T q): the column sums of ds * (q k^T) are k . (ds^T q), read off the dk accumulator."""
     bh, c, j = _tile_ids(tl.program_id(0), NC, L // BT)
     pk = tl.program_id(1)
     ok = pk * BK + tl.arange(0, BK)
-    S = NC * L
-    Q, K, V, DNUM = Q + bh * S * Dk, K + bh * S * Dk, V + bh * S * Dv, DNUM + bh * S * Dv
-    U, MU, LA, DDEN = U + bh * S, MU + bh * S, LA + bh * S, DDEN + bh * S
+    Sp = NC * L
+    GS = NBH * Sp
+    Q, K, V, DH = Q + bh * SL * Dk, K + bh * SL * Dk, V + bh * SL * Dv, DH + bh * SL * Dv
+    U = WS + oG + bh * Sp
+    MU, LA = U + GS, U + 2 * GS
+    DDEN, RS = WB + oP + bh * Sp, WB + oP + 2 * GS + bh * Sp
     DT: tl.constexpr = Q.dtype.element_ty
     cols = c * L + j * BT + tl.arange(0, BT)
     dk = tl.zeros((BT, BK), dtype=tl.float32)
     for t in range(j, L // BT):                                          # query tiles on and below the diagonal
         rows = c * L + t * BT + tl.arange(0, BT)
-        ds = (_abt(DNUM, V, rows, cols, Dv, BV, BT, DT, PREC) + tl.load(DDEN + rows)[:, None]) * _decay(U, MU, rows, cols, FLOOR)
-        dk += _dot(tl.trans(ds), _tile(Q, rows, ok, Dk), DT, PREC)        # (BT, BK): sum_t ds_ts q_t
-    DCS, DNS = DCS + (bh * (NC + 1) + c + 1) * Dk * Dv, DNS + (bh * (NC + 1) + c + 1) * Dk
-    dkw = _times_state_t(V, cols, DCS, ok, Dk, Dv, BV, BT, BK, DT, PREC)     # d(k exp(la)) from the state after the chunk
+        ds = (_abt(DH, V, rows, cols, Dv, SL, BV, BT, DT, PREC) * tl.load(RS + rows)[:, None]
+              + tl.load(DDEN + rows)[:, None]) * _decay(U, MU, rows, cols, FLOOR)
+        dk += _dot(tl.trans(ds), _tile(Q, rows, ok, Dk, SL), DT, PREC)    # (BT, BK): sum_t ds_ts q_t
+    DCS, DNS = WB + oDCS + (bh * (NC + 1) + c + 1) * Dk * Dv, WB + oDNS + (bh * (NC + 1) + c + 1) * Dk
+    dkw = _times_state_t(V, cols, DCS, ok, Dk, Dv, SL, BV, BT, BK, DT, PREC)   # d(k exp(la)) from the state after the chunk
     dkw += tl.load(DNS + ok, mask=ok < Dk, other=0.)[None, :]
     wk = tl.exp(tl.load(LA + cols))
-    tl.store(DK + bh * S * Dk + cols[:, None] * Dk + ok[None, :], dk * scale + dkw * wk[:, None], mask=(ok < Dk)[None, :])
-    kt = _tile(K, cols, ok, Dk)
-    tl.store(DLA + (pk * NBH + bh) * S + cols, tl.sum(dkw * kt, 1) * wk)
-    tl.store(DU + (pk * NBH + bh) * S + cols, tl.sum(kt * dk, 1) * scale)
+    tl.store(DK + bh * SL * Dk + cols[:, None] * Dk + ok[None, :], (dk * scale + dkw * wk[:, None]).to(DK.dtype.element_ty),
+             mask=(cols < SL)[:, None] & (ok < Dk)[None, :])
+    kt = _tile(K, cols, ok, Dk, SL)
+    PD = WB + oPD + (2 * tl.num_programs(1) + pk) * GS + bh * Sp
+    tl.store(PD + cols, tl.sum(kt * dk, 1) * scale)                                    # d u
+    tl.store(PD + tl.num_programs(1) * GS + cols, tl.sum(dkw * kt, 1) * wk)             # d la
 
 @triton_kernel
-def _bw_dv_kernel(Q, K, U, MU, LA, DCS, DNUM, DV, scale, NC, Dk, Dv,
+def _bw_dv_kernel(Q, K, DH, WS, WB, DV, scale, oG, oDCS, oP, SL, NC, NBH, Dk, Dv,
                   L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   FLOOR: tl.constexpr, PREC: tl.constexpr):
-    "dv for BT keys x BV columns: C~^T dnum within the chunk plus exp(la) k^T dC of the state after the chunk."
+    "dv for BT keys x BV columns: C~^T d num within the chunk plus exp(la) k^T dC of the state after the chunk."
     bh, c, j = _tile_ids(tl.program_id(0), NC, L // BT)
     pv = tl.program_id(1)
     ov = pv * BV + tl.arange(0, BV)
-    S = NC * L
-    Q, K, DNUM = Q + bh * S * Dk, K + bh * S * Dk, DNUM + bh * S * Dv
-    U, MU, LA = U + bh * S, MU + bh * S, LA + bh * S
+    Sp = NC * L
+    GS = NBH * Sp
+    Q, K, DH = Q + bh * SL * Dk, K + bh * SL * Dk, DH + bh * SL * Dv
+    U = WS + oG + bh * Sp
+    MU, LA, RS = U + GS, U + 2 * GS, WB + oP + 2 * GS + bh * Sp
     DT: tl.constexpr = Q.dtype.element_ty
     cols = c * L + j * BT + tl.arange(0, BT)
     dv = tl.zeros((BT, BV), dtype=tl.float32)
     for t in range(j, L // BT):
         rows = c * L + t * BT + tl.arange(0, BT)
-        ct = _abt(Q, K, rows, cols, Dk, BK, BT, DT, PREC) * scale * _decay(U, MU, rows, cols, FLOOR)
-        dv += _dot(tl.trans(ct), _tile(DNUM, rows, ov, Dv), DT, PREC)
-    DCS = DCS + (bh * (NC + 1) + c + 1) * Dk * Dv
-    dv += _times_state(K, cols, DCS, ov, Dk, Dv, BK, BT, BV, DT, PREC) * tl.exp(tl.load(LA + cols))[:, None]
-    tl.store(DV + bh * S * Dv + cols[:, None] * Dv + ov[None, :], dv, mask=(ov < Dv)[None, :])
+        ct = _abt(Q, K, rows, cols, Dk, SL, BK, BT, DT, PREC) * (scale * tl.load(RS + rows))[:, None] * _decay(U, MU, rows, cols, FLOOR)
+        dv += _dot(tl.trans(ct), _tile(DH, rows, ov, Dv, SL), DT, PREC)
+    DCS = WB + oDCS + (bh * (NC + 1) + c + 1) * Dk * Dv
+    dv += _times_state(K, cols, DCS, ov, Dk, Dv, SL, BK, BT, BV, DT, PREC) * tl.exp(tl.load(LA + cols))[:, None]
+    tl.store(DV + bh * SL * Dv + cols[:, None] * Dv + ov[None, :], dv.to(DV.dtype.element_ty),
+             mask=(cols < SL)[:, None] & (ov < Dv)[None, :])
+
+@triton_kernel
+def _gates_bw_kernel(I, Fg, DI, DF, DM0, DML, WS, WB, oG, oCH, oP, oPD, oPLG, SL, NC, NBH, NK, NPLG,
+                     L: tl.constexpr, SIG: tl.constexpr, HAS_M0: tl.constexpr, HAS_DML: tl.constexpr):
+    """The backward of `_gates_kernel`, chunks in reverse: the log-weights' gradients (summed over the Dqk blocks that wrote
+    them) back to the gate pre-activations i, f, through the running max, the chunk cumsums and the max state carried
+    between chunks; and to the initial max state."""
+    bh = tl.program_id(0).to(tl.int64)
+    Sp = NC * L
+    GS = NBH * Sp
+    I, Fg, DI, DF = I + bh * SL, Fg + bh * SL, DI + bh * SL, DF + bh * SL
+    LGAM, MI = WS + oCH + bh * NC, WS + oCH + (NBH + bh) * NC
+    DLB, PD, PLG = WB + oP + GS + bh * Sp, WB + oPD + bh * Sp, WB + oPLG + bh * NC
+    o = tl.arange(0, L)
+    dmo = tl.where(HAS_DML, tl.load(DML + bh * HAS_DML).to(tl.float32), 0.)   # gradient w.r.t. the m leaving the chunk
+    for cc in range(NC):
+        c = NC - 1 - cc
+        r = c * L + o
+        f, i, lf, li = _chunk_logs(I, Fg, r, SL, SIG)
+        b = tl.cumsum(lf, 0)
+        u = li - b
+        mi = tl.load(MI + c)
+        dmu_, dlw, du, dla = tl.zeros((L,), tl.float32), tl.zeros((L,), tl.float32), tl.zeros((L,), tl.float32), tl.zeros((L,), tl.float32)
+        for p in range(NK):
+            dmu_ += tl.load(PD + p * GS + r)
+            dlw += tl.load(PD + (NK + p) * GS + r)
+            du += tl.load(PD + (2 * NK + p) * GS + r)
+            dla += tl.load(PD + (3 * NK + p) * GS + r)
+        plg = tl.load(PLG + c)
+        for p in range(1, NPLG):
+            plg += tl.load(PLG + p * NBH * NC + c)
+        dlgam = plg * tl.exp(tl.load(LGAM + c))
+        dlb = tl.load(DLB + r)
+        sla = tl.sum(dla, 0)
+        dmo_t = dmo - sla - dlgam                       # la = g + u - m_out, lgam = g + m_in - m_out, m_out = g + mu[-1]
+        dg = sla + dlgam + dmo_t
+        du += dla
+        dmi = dlgam + tl.sum(dlw, 0)                    # lw = m_in - mu
+        dmu = dmu_ - dlw - dlb + tl.where(o == L - 1, dmo_t, 0.)
+        db = -dlb                                       # lb = -(b + mu)
+        if SIG:
+            db -= dmu                                   # mu = -b
+        else:                                           # mu = max(cummax(u), m_in)
+            run, idx = tl.associative_scan((u, o), 0, _argmax2)
+            sel = run >= mi
+            dmi += tl.sum(tl.where(sel, 0., dmu), 0)
+            drun = tl.where(sel, dmu, 0.)
+            du += tl.sum(tl.where(idx[None, :] == o[:, None], drun[None, :], 0.), 1)
+        db -= du                                        # u = li - b
+        dlf = tl.cumsum(db, 0, reverse=True) + dg       # b = cumsum(lf), g = b[-1]
+        if SIG:
+            di = du * tl.sigmoid(-i)
+        else:
+            di = du
+        tl.store(DI + r, di.to(DI.dtype.element_ty), mask=r < SL)
+        tl.store(DF + r, (dlf * tl.sigmoid(-f)).to(DF.dtype.element_ty), mask=r < SL)
+        dmo = dmi
+    if HAS_M0:
+        tl.store(DM0 + bh, dmo.to(DM0.dtype.element_ty))
 
 # %% ../../nbs/11_kernels_tfla.ipynb #5b8dc1d1
 TILE_MAX = 64   # largest query/key tile (rows) and head-dimension block in the interpreter and on ROCm
+HEAD_MAX = 128  # largest head-dimension block with tensor cores (sm_80+): q k^T and dh v^T are computed once up to D = 128
+STATE_BLOCK = 64  # head-dimension blocks of the two recurrent kernels (a (BK, BV) block of C lives in registers)
 
 def _launch_config(prec:str, # how tl.dot multiplies: 'lowp' (fp16/bf16 operands), 'tf32' or 'ieee' (fp32 operands)
                    capability:tuple|None, # the CUDA GPU's compute capability; None: interpreter or ROCm
                   ) -> tuple:
-    "(largest row tile, largest head-dimension block, warps per program) of the chunkwise kernels (see the table)."
-    if capability is None: return TILE_MAX, TILE_MAX, 4
-    if tuple(capability) < (8, 0): return 32, 32, 4
-    if prec == 'ieee': return 32, 64, 8
-    return (64, 64, 8) if tuple(capability) >= (9, 0) else (64, 64, 4)
+    """(largest row tile, largest head-dimension block, warps, pipeline stages) of the tile kernels (see the table); the
+    recurrent kernels run 8 warps, 1 stage. Stages None: triton's default."""
+    if capability is None: return TILE_MAX, TILE_MAX, 4, None
+    if tuple(capability) < (8, 0): return 32, 32, 4, None
+    if prec == 'ieee': return 32, 32, 8, None
+    if prec == 'tf32': return (64 if tuple(capability) >= (9, 0) else 32), HEAD_MAX, 16, 1
+    return 64, HEAD_MAX, 16, 2
 
 def _capability(x:torch.Tensor) -> tuple|None:
     "The compute capability of x's CUDA GPU; None on a CPU (interpreter) or ROCm."
@@ -505,82 +703,153 @@ def _capability(x:torch.Tensor) -> tuple|None:
 
 def _tiles(L:int, Dk:int, Dv:int, cfg:tuple) -> tuple:
     "(BT, BK, BV, num_warps): row tile, Dqk block, Dv block and warps for chunk size L under `_launch_config` cfg."
-    tmax, dmax, warps = cfg
+    tmax, dmax, warps = cfg[:3]
     p2 = triton.next_power_of_2
     return min(L, tmax), max(16, min(p2(Dk), dmax)), max(16, min(p2(Dv), dmax)), warps
 
-def _precision(x:torch.Tensor) -> str:
+def _state_blocks(BK:int, BV:int) -> tuple:
+    "(Dqk block, Dv block) of the recurrent kernels: at most `STATE_BLOCK` (more programs per batch*head, fewer registers)."
+    return min(BK, STATE_BLOCK), min(BV, STATE_BLOCK)
+
+def _precision(x:torch.Tensor, tf32:bool=True) -> str:
     """How the kernels' tl.dot multiplies inputs like `x`: 'lowp' (fp16/bf16 operands: tensor cores), 'tf32' (fp32 inputs on
-    an sm_80+ GPU while `torch.backends.cuda.matmul.allow_tf32` is on, as for torch's own fp32 matmuls), else 'ieee'."""
+    an sm_80+ GPU unless `tf32=False`: TF32 tensor cores, as mlstm_kernels' TFLA), else 'ieee' (exact fp32 products)."""
     if triton_interpreted() or not x.is_cuda: return 'ieee'          # the interpreter multiplies in fp32 (and mishandles bf16)
-    if x.dtype in (torch.float16, torch.bfloat16): return 'lowp'
-    cap = _capability(x)
-    return 'tf32' if cap is not None and cap >= (8, 0) and torch.backends.cuda.matmul.allow_tf32 else 'ieee'
+    return _precision_for(x.dtype, _capability(x), tf32)
 
-MAXNREG = 255  # registers per thread the CUDA kernels may use: ptxas otherwise caps some at 128 (or 80-96) and spills
-MAXNREG_SM90_LOWP = 128  # sm_90, fp16/bf16, 8 warps: two blocks per SM (25% occupancy instead of 12.5%), no spills (compile_report)
+def _precision_for(dtype, capability:tuple|None, tf32:bool=True) -> str:
+    "`_precision` on a GPU of this compute capability (None: ROCm)."
+    if dtype in (torch.float16, torch.bfloat16): return 'lowp'
+    return 'tf32' if tf32 and capability is not None and tuple(capability) >= (8, 0) else 'ieee'
 
-def _launch_opts(warps:int, capability:tuple|None, prec:str='lowp') -> dict:
-    "Launch options: the warps, and on CUDA the register limit (without it ptxas trades spills for occupancy, see below)."
+MAXNREG = 255  # registers per thread the 4- and 8-warp CUDA kernels may use: ptxas otherwise caps some at 128 (or 80-96) and spills
+MAXNREG_QUARTER = 128  # the most that lets 16 warps per SM stay resident (25% theoretical occupancy): 65536 / (16 * 32)
+
+def _launch_opts(warps:int, capability:tuple|None, prec:str='lowp', stages:int|None=None) -> dict:
+    """Launch options: warps, pipeline stages, and on CUDA the register limit: 128 for 16-warp blocks (or they could not launch)
+    and for the 8-warp kernels on sm_90 with fp16/bf16 (two blocks per SM), else 255 (fewer would spill)."""
     if capability is None: return dict(num_warps=warps)
-    two_blocks = tuple(capability) >= (9, 0) and prec == 'lowp' and warps == 8
-    return dict(num_warps=warps, maxnreg=MAXNREG_SM90_LOWP if two_blocks else MAXNREG)
+    quarter = warps == 16 or (tuple(capability) >= (9, 0) and prec == 'lowp' and warps == 8)
+    return dict(num_warps=warps, maxnreg=MAXNREG_QUARTER if quarter else MAXNREG, **({'num_stages': stages} if stages else {}))
+
+def _state_opts(capability:tuple|None, prec:str) -> dict:
+    "Launch options of the two recurrent kernels: 8 warps, one stage (their loop carries C in registers; no spills, compile_report)."
+    return _launch_opts(8, capability, prec, 1) if capability is not None else dict(num_warps=4)
+
+def _launch(kernel, grid:tuple, *args, **opts):
+    "Launch a Triton kernel: the one place the kernels run (tests count the PyTorch ops around them, not in them)."
+    kernel[grid](*args, **opts)
+
+def _areas(*sizes) -> tuple:
+    "Offsets of consecutive areas of the given sizes in one float32 buffer (each starting at a multiple of 32), and its size."
+    offs, at = [], 0
+    for s in sizes: offs.append(at); at += -(-s // 32) * 32
+    return offs, max(at, 1)
 
 def _f32(*xs): return [x.float().contiguous() for x in xs]
 
-class _TritonCore(torch.autograd.Function):
-    "Chunkwise mLSTM (TFLA) given the gate log-weights; same interface as `_TorchCore`."
+# %% ../../nbs/11_kernels_tfla.ipynb #c47b0001
+class _Plan(NamedTuple):
+    "Everything a TFLA launch needs besides the tensors: sizes, tiles, precision, launch options."
+    B: int; H: int; S: int; Dk: int; Dv: int; L: int; NC: int
+    BT: int; BK: int; BV: int; SK: int; SV: int
+    prec: str; opts: dict; sopts: dict; sig: bool; eps: float
+
+def _plan(q, v, L:int, variant:str, eps:float, tf32:bool) -> _Plan:
+    B, H, S, Dk = q.shape; Dv = v.shape[-1]
+    prec, cap = _precision(q, tf32), _capability(q)
+    cfg = _launch_config(prec, cap)
+    BT, BK, BV, W = _tiles(L, Dk, Dv, cfg)
+    return _Plan(B, H, S, Dk, Dv, L, -(-S // L), BT, BK, BV, *_state_blocks(BK, BV), prec, _launch_opts(W, cap, prec, cfg[3]),
+                 _state_opts(cap, prec), variant == 'sig', eps)
+
+def _tfla_forward(p:_Plan, q, k, v, i, f, C0, n0, m0, want_state:bool, save_hf:bool):
+    "The three forward kernels: h, the last C, n, m (or placeholders), the float32 work area the backward reads and its areas' offsets."
+    BH, NC, L, Sp, Dk, Dv = p.B * p.H, p.NC, p.L, p.NC * p.L, p.Dk, p.Dv
+    (oCS, oNS, oG, oCH, oHF), total = _areas(BH * (NC + 1) * Dk * Dv, BH * (NC + 1) * Dk, 7 * BH * Sp, 2 * BH * NC,
+                                              BH * Sp * Dv if save_hf else 0)
+    ws = torch.empty(total, device=q.device, dtype=torch.float32)
+    h = torch.empty(p.B, p.H, p.S, Dv, device=q.device, dtype=q.dtype)
+    C, n, m = ((torch.empty(p.B, p.H, Dk, Dv, device=q.device), torch.empty(p.B, p.H, Dk, device=q.device),
+                torch.empty(p.B, p.H, device=q.device)) if want_state else (ws, ws, ws))
+    has0 = C0 is not None
+    _launch(_gates_kernel, (BH,), i, f, m0 if has0 else ws, ws, m, oG, oCH, p.S, NC, BH, L, p.sig, has0, want_state, num_warps=4)
+    _launch(_fw_states_kernel, (BH, triton.cdiv(Dk, p.SK), triton.cdiv(Dv, p.SV)), k, v, C0 if has0 else ws, n0 if has0 else ws,
+            ws, C, n, oCS, oNS, oG, oCH, p.S, NC, BH, Dk, Dv, L, p.BT, p.SK, p.SV, p.prec, has0, want_state, **p.sopts)
+    _launch(_fw_out_kernel, (BH * NC * (L // p.BT), triton.cdiv(Dv, p.BV)), q, k, v, ws, h, oCS, oNS, oG, oHF, Dk ** -0.5, p.eps,
+            p.S, NC, BH, Dk, Dv, L, p.BT, p.BK, p.BV, FLOOR, p.prec, save_hf, **p.opts)
+    return h, C, n, m, ws, (oCS, oNS, oG, oCH, oHF)
+
+def _tfla_backward(p:_Plan, q, k, v, i, f, C0, n0, m0, ws, offs, dh, dC, dn, dm):
+    "The six backward kernels: gradients w.r.t. q, k, v, i, f and (with an initial state) C0, n0, m0, in their dtypes."
+    BH, NC, L, Sp, Dk, Dv = p.B * p.H, p.NC, p.L, p.NC * p.L, p.Dk, p.Dv
+    oCS, oNS, oG, oCH, oHF = offs
+    nK, nKs, nVs = triton.cdiv(Dk, p.BK), triton.cdiv(Dk, p.SK), triton.cdiv(Dv, p.SV)
+    (oDCS, oDNS, oP, oPD, oPLG), total = _areas(BH * (NC + 1) * Dk * Dv, BH * (NC + 1) * Dk, 3 * BH * Sp, 4 * nK * BH * Sp,
+                                                 nKs * nVs * BH * NC)
+    wb = torch.empty(total, device=q.device, dtype=torch.float32)
+    dq, dk, dv, di, df = (torch.empty_like(x) for x in (q, k, v, i, f))
+    has0 = C0 is not None
+    dC0, dn0, dm0 = (torch.empty_like(C0), torch.empty_like(n0), torch.empty_like(m0)) if has0 else (None, None, None)
+    tiles = (BH * NC * (L // p.BT),)
+    _launch(_bw_norm_kernel, tiles, dh, ws, wb, oHF, oG, oP, p.eps, p.S, NC, BH, Dv, L, p.BT, p.BV, **p.opts)
+    _launch(_bw_states_kernel, (BH, nKs, nVs), q, dh, ws, wb, wb if dC is None else dC, wb if dn is None else dn,
+            dC0 if has0 else wb, dn0 if has0 else wb, Dk ** -0.5, oCS, oNS, oG, oCH, oDCS, oDNS, oP, oPLG, p.S, NC, BH, Dk, Dv,
+            L, p.BT, p.SK, p.SV, p.prec, dC is not None, dn is not None, has0, **p.sopts)
+    _launch(_bw_dq_kernel, tiles + (nK,), q, k, v, dh, ws, wb, dq, Dk ** -0.5, oCS, oNS, oG, oP, oPD, p.S, NC, BH, Dk, Dv,
+            L, p.BT, p.BK, p.BV, FLOOR, p.prec, **p.opts)
+    _launch(_bw_dk_kernel, tiles + (nK,), q, k, v, dh, ws, wb, dk, Dk ** -0.5, oG, oDCS, oDNS, oP, oPD, p.S, NC, BH, Dk, Dv,
+            L, p.BT, p.BK, p.BV, FLOOR, p.prec, **p.opts)
+    _launch(_bw_dv_kernel, tiles + (triton.cdiv(Dv, p.BV),), q, k, dh, ws, wb, dv, Dk ** -0.5, oG, oDCS, oP, p.S, NC, BH, Dk, Dv,
+            L, p.BT, p.BK, p.BV, FLOOR, p.prec, **p.opts)
+    _launch(_gates_bw_kernel, (BH,), i, f, di, df, dm0 if has0 else wb, wb if dm is None else dm, ws, wb, oG, oCH, oP, oPD, oPLG,
+            p.S, NC, BH, nK, nKs * nVs, L, p.sig, has0, dm is not None, num_warps=8)
+    return dq, dk, dv, di, df, dC0, dn0, dm0
+
+def _torch_grads(x:tuple, grads:tuple, L:int, variant:str, eps:float, want_state:bool) -> tuple:
+    "The backward by the chunkwise PyTorch path: recompute the forward with autograd and differentiate it (the fallback)."
+    with torch.enable_grad():
+        leaves = [None if a is None else a.detach().requires_grad_() for a in x]
+        q, k, v, i, f, C0, n0, m0 = leaves
+        h, st = _chunkwise(q, k, v, i, f, MLSTMState(C0, n0, m0) if C0 is not None else None, L, variant, eps, 'torch')
+        outs = [(o, g) for o, g in zip((h, *st) if want_state else (h,), grads) if g is not None]
+        ins = [a for a in leaves if a is not None]
+        got = iter(torch.autograd.grad([o for o, _ in outs], ins, [g for _, g in outs], allow_unused=True))
+    return tuple(None if a is None else next(got) for a in leaves)
+
+class _TFLA(torch.autograd.Function):
+    "mLSTM by the Triton TFLA kernels, gates and normalization included: h (and the last C, n, m with `want_state`)."
     @staticmethod
-    def forward(ctx, q, k, v, u, mu, la, lgam, lw, lb, C0, n0, scale, eps, L):
-        B, H, Sp, Dk = q.shape; Dv, NC, BH = v.shape[-1], Sp // L, B * H
-        q, k, v = (x.reshape(BH, Sp, -1).contiguous() for x in (q, k, v))
-        u, mu, la, lw, lb = _f32(*(x.reshape(BH, Sp) for x in (u, mu, la, lw, lb)))
-        lgam, C0, n0 = _f32(lgam.reshape(BH, NC), C0.reshape(BH, Dk, Dv), n0.reshape(BH, Dk))
-        prec, cap = _precision(q), _capability(q)
-        BT, BK, BV, W = _tiles(L, Dk, Dv, _launch_config(prec, cap))
-        opts = _launch_opts(W, cap, prec)
-        f32 = dict(device=q.device, dtype=torch.float32)
-        CS, NS = torch.empty(BH, NC + 1, Dk, Dv, **f32), torch.empty(BH, NC + 1, Dk, **f32)
-        _fw_states_kernel[(BH, triton.cdiv(Dk, BK), triton.cdiv(Dv, BV))](
-            k, v, la, lgam, C0, n0, CS, NS, NC, Dk, Dv, L, BT, BK, BV, prec, **opts)
-        h, den, n = torch.empty(BH, Sp, Dv, **f32), torch.empty(BH, Sp, **f32), torch.empty(BH, Sp, **f32)
-        _fw_out_kernel[(BH * NC * (L // BT), triton.cdiv(Dv, BV))](
-            q, k, v, u, mu, lw, lb, CS, NS, h, den, n, scale, eps, NC, Dk, Dv, L, BT, BK, BV, FLOOR, prec, **opts)
-        ctx.save_for_backward(q, k, v, u, mu, la, lgam, lw, lb, CS, NS, h, den, n)
-        ctx.cfg = (B, H, L, scale, eps, prec, (BT, BK, BV), opts)
-        return h.view(B, H, Sp, Dv), CS[:, -1].view(B, H, Dk, Dv), NS[:, -1].view(B, H, Dk)
+    def forward(ctx, q, k, v, i, f, C0, n0, m0, L, variant, eps, tf32, want_state, auto):
+        q, k, v, i, f = (x.contiguous() for x in (q, k, v, i, f))   # no copy for contiguous inputs
+        p = _plan(q, v, L, variant, eps, tf32)
+        grad = any(ctx.needs_input_grad[:8])                      # then h is also kept in float32 in the work area
+        h, C, n, m, ws, offs = _tfla_forward(p, q, k, v, i, f, C0, n0, m0, want_state, grad)
+        ctx.save_for_backward(q, k, v, i, f, C0, n0, m0, ws)        # not h: saving an output costs an op each way
+        ctx.p, ctx.offs, ctx.variant, ctx.want_state, ctx.auto = p, offs, variant, want_state, auto
+        ctx.set_materialize_grads(False)
+        return (h, C, n, m) if want_state else h
 
     @staticmethod
-    def backward(ctx, dh, dC_last, dn_last):
-        q, k, v, u, mu, la, lgam, lw, lb, CS, NS, h, den, n = ctx.saved_tensors
-        B, H, L, scale, eps, prec, (BT, BK, BV), opts = ctx.cfg
-        BH, Sp, Dk = q.shape; Dv, NC = v.shape[-1], Sp // L
-        nK = triton.cdiv(Dk, BK)
-        dnum, dden, dlb = _norm_grads(dh.reshape(BH, Sp, Dv).float(), h, den, n, lb.exp(), eps)
-        dnum, dden = dnum.contiguous(), dden.contiguous()
-        dCl = torch.zeros_like(CS[:, 0]) if dC_last is None else dC_last.reshape(BH, Dk, Dv).float().contiguous()
-        dnl = torch.zeros_like(NS[:, 0]) if dn_last is None else dn_last.reshape(BH, Dk).float().contiguous()
-        DCS, DNS = torch.empty_like(CS), torch.empty_like(NS)
-        _bw_states_kernel[(BH, nK, triton.cdiv(Dv, BV))](q, dnum, dden, lw, lgam, dCl, dnl, DCS, DNS, scale, NC, Dk, Dv, L, BT, BK, BV, prec, **opts)
-        f32 = dict(device=q.device, dtype=torch.float32)
-        grid = (BH * NC * (L // BT),)
-        dq, dmu, dlw = torch.empty(BH, Sp, Dk, **f32), torch.empty(nK, BH, Sp, **f32), torch.empty(nK, BH, Sp, **f32)
-        _bw_dq_kernel[grid + (nK,)](q, k, v, u, mu, lw, CS, NS, dnum, dden, dq, dmu, dlw, scale, BH, NC, Dk, Dv, L, BT, BK, BV, FLOOR, prec, **opts)
-        dk, du, dla = torch.empty(BH, Sp, Dk, **f32), torch.empty(nK, BH, Sp, **f32), torch.empty(nK, BH, Sp, **f32)
-        _bw_dk_kernel[grid + (nK,)](q, k, v, u, mu, la, DCS, DNS, dnum, dden, dk, du, dla, scale, BH, NC, Dk, Dv, L, BT, BK, BV, FLOOR, prec, **opts)
-        dv = torch.empty(BH, Sp, Dv, **f32)
-        _bw_dv_kernel[grid + (triton.cdiv(Dv, BV),)](q, k, u, mu, la, DCS, dnum, dv, scale, NC, Dk, Dv, L, BT, BK, BV, FLOOR, prec, **opts)
-        dlgam = ((DCS[:, 1:] * CS[:, :-1]).sum((-1, -2)) + (DNS[:, 1:] * NS[:, :-1]).sum(-1)) * lgam.exp()
-        r = lambda x, *d: x.reshape(B, H, *d)
-        return (r(dq, Sp, Dk).to(q.dtype), r(dk, Sp, Dk).to(k.dtype), r(dv, Sp, Dv).to(v.dtype), r(du.sum(0), Sp), r(dmu.sum(0), Sp),
-                r(dla.sum(0), Sp), r(dlgam, NC), r(dlw.sum(0), Sp), r(dlb, Sp), r(DCS[:, 0], Dk, Dv), r(DNS[:, 0], Dk),
-                None, None, None)
+    def backward(ctx, dh, dC=None, dn=None, dm=None):
+        q, k, v, i, f, C0, n0, m0, ws = ctx.saved_tensors
+        p, grads = ctx.p, (dh, dC, dn, dm)
+        if dh is None: dh = q.new_zeros(p.B, p.H, p.S, p.Dv)
+        triton_bw = lambda: _tfla_backward(p, q, k, v, i, f, C0, n0, m0, ws, ctx.offs, dh.contiguous(),
+                                           *(None if g is None else g.contiguous() for g in (dC, dn, dm)))
+        torch_bw = lambda: _torch_grads((q, k, v, i, f, C0, n0, m0), grads, p.L, ctx.variant, p.eps, ctx.want_state)
+        g = (with_fallback('mlstm backward', 'triton', triton_bw, 'torch', torch_bw, dtype=q.dtype, device=q.device)
+             if ctx.auto else triton_bw())
+        return (*g, None, None, None, None, None, None)
+
+def _tfla(q, k, v, i, f, state:MLSTMState|None, L:int, variant:str, eps:float, want_state:bool=True, tf32:bool=True,
+          auto:bool=False):
+    "Chunkwise mLSTM by the TFLA kernels: h (B, H, S, Dv) in q's dtype, and the last MLSTMState (float32) with `want_state`."
+    C0, n0, m0 = state if state is not None else (None, None, None)
+    out = _TFLA.apply(q, k, v, i, f, C0, n0, m0, L, variant, eps, tf32, want_state, auto)
+    return (out[0], MLSTMState(*out[1:])) if want_state else (out, None)
 
 # %% ../../nbs/11_kernels_tfla.ipynb #635b852d
-@triton_kernel
-def _logsigmoid(x):
-    return tl.minimum(x, 0.) - tl.log(1. + tl.exp(-tl.abs(x)))
-
 @triton_kernel
 def _step_kernel(Q, K, V, I, Fg, C, N, M, H, C2, N2, M2, scale, eps, Dk, Dv,
                  BK: tl.constexpr, BV: tl.constexpr, SIG: tl.constexpr):
@@ -701,7 +970,9 @@ def mlstm(q, k, v, i, f, # q, k (B, H, S, Dqk); v (B, H, S, Dv); i, f (B, H, S) 
           chunk_size:int|None=None, # steps per chunk (torch, triton); None: `default_chunk_size`
           variant:str='exp', # 'exp' (exponential input gate, max state) or 'sig' (sigmoid input gate)
           backend:str='auto', # auto | torch | triton | parallel | recurrent
-          eps:float=1e-6):
+          eps:float=1e-6,
+          tf32:bool=True, # triton on sm_80+ with fp32 inputs: TF32 tensor-core products (False: exact fp32, slower)
+         ):
     "mLSTM over a sequence: h (B, H, S, Dv) in q's dtype, or (h, MLSTMState) with `return_last_state`."
     _check_options(backend, variant, chunk_size)
     _check_inputs(q, k, v, i, f, initial_state)
@@ -712,7 +983,9 @@ def mlstm(q, k, v, i, f, # q, k (B, H, S, Dqk); v (B, H, S, Dv); i, f (B, H, S) 
             raise ValueError("backend='parallel' has no state: drop initial_state/return_last_state or use backend='torch'")
         return mlstm_parallel(q, k, v, i, f, eps, variant)
     if backend == 'recurrent': return mlstm_recurrent(q, k, v, i, f, state, return_last_state, eps, variant)
-    run = lambda core: _chunkwise(q, k, v, i, f, state, chunk_size, variant, eps, core)
+    def run(core):
+        if core == 'torch': return _chunkwise(q, k, v, i, f, state, chunk_size, variant, eps)
+        return _tfla(q, k, v, i, f, state, chunk_size, variant, eps, return_last_state, tf32, auto=backend == 'auto')
     if backend == 'triton': _triton_ready(q, chunk_size); h, st = run('triton')
     elif backend == 'auto' and _triton_fits(q, chunk_size):
         h, st = with_fallback('mlstm', 'triton', lambda: run('triton'), 'torch', lambda: run('torch'), dtype=q.dtype, device=q.device)
