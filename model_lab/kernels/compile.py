@@ -11,7 +11,7 @@ from ..devices import triton_tool
 
 # %% auto #0
 __all__ = ['TARGETS', 'SM_LIMITS', 'SHARED_MAX', 'TARGETS_SM90', 'occupancy', 'sass_instructions', 'sass_loops', 'innermost',
-           'mma_flops', 'loop_stats', 'compile_report', 'target_check', 'report_table']
+           'mma_flops', 'loop_stats', 'chunk_loop_stats', 'compile_report', 'target_check', 'report_table']
 
 # %% ../../nbs/12_kernels_compile.ipynb #1f8381d5
 TARGETS = {'sm_80': 80, 'sm_90': 90}   # target name -> compute capability: A100, H100/H200
@@ -86,19 +86,44 @@ _SCAN_ACT = ('u_ptr', 'delta_ptr', 'B_ptr', 'C_ptr', 'z_ptr', 'y_ptr', 'gy_ptr',
              'dt_ptr', 'state_ptr')
 _TFLA_TYPES = dict(scale='fp32', eps='fp32', NC='i32', Dk='i32', Dv='i32', NBH='i32')
 
+def chunk_loop_stats(sass:str, # `cuobjdump -sass` of one kernel
+                     warps:int, # warps per block
+                     work:int, # units of work one iteration of the outer loop does (a chunk's steps x states)
+                     trips:int, # iterations of the inner loops per outer iteration (N)
+                    ) -> dict:
+    """The cost of a loop nest: the innermost loops' bodies `trips` times plus the rest of the loop around them, in
+    warp-instructions per unit of `work` (done by one iteration of the outer loop). The scan's chunk loop runs its state
+    loop N times: all of a chunk's work is counted, not only the state loop's."""
+    insns = sass_instructions(sass)
+    loops = sass_loops(insns)
+    inner = innermost(loops)
+    outer = [o for o in loops if o not in inner and any(o[0] <= i[0] and i[1] <= o[1] for i in inner)]
+    if not outer: return dict(loop_insns=None, per_unit=None)
+    o = min(outer, key=lambda l: l[1] - l[0])                                    # the tightest loop around inner loops
+    body = [i for i in inner if o[0] <= i[0] and i[1] <= o[1]]
+    n_inner = sum(i[1] - i[0] + 1 for i in body)
+    total = (o[1] - o[0] + 1 - n_inner) + n_inner * trips
+    return dict(loop_insns=total, loop_count=len(body) + 1, per_unit=round(total * warps / work, 4))
+
 def _scan_specs(cap:int) -> list:
-    "The scan kernels as `selective_scan` launches them for bf16 activations, N = 16, every option on."
+    """The scan kernels as `selective_scan` launches them for bf16 activations, N = 16, every option on, L divisible by 16 (as
+    triton's launcher specialises it); the loop cost is the whole chunk loop's (`chunk_loop_stats`)."""
     import model_lab.kernels.scan as m
     sig = lambda fn, consts: {p: 'constexpr' if p in consts else ('*bf16' if p in _SCAN_ACT else '*fp32') if p.endswith('_ptr')
                               else 'i32' for p in fn.arg_names}
-    on = dict(B_FIXED=False, C_FIXED=False, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
-    chunk = m._scan_chunk(16)
-    fwd, bwd = dict(NP=16, CHUNK=chunk, HAS_H0=True, **on), dict(NP=16, CHUNK=chunk, HAS_GLAST=True, **on)
+    on = dict(B_FIXED=False, C_FIXED=False, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True, FAST=True)
+    chunk = m._scan_chunk()
+    T, K = m._chunk_split(chunk)
+    shape = dict(NS=16, NSP=16, T=T, K=K)
+    fwd, bwd = dict(HAS_H0=True, **shape, **on), dict(HAS_GLAST=True, **shape, **on)
     step = dict(BLOCK_D=32, BLOCK_N=16, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
-    return [dict(fn=m._scan_fwd_kernel, sig=sig(m._scan_fwd_kernel, fwd), consts=fwd, warps=m.SCAN_WARPS, unit='step x state',
-                 work=chunk * 16, config=f'bf16, N=16, chunk {chunk}'),
-            dict(fn=m._scan_bwd_kernel, sig=sig(m._scan_bwd_kernel, bwd), consts=bwd, warps=m.SCAN_WARPS, unit='step x state',
-                 work=chunk * 16, config=f'bf16, N=16, chunk {chunk}'),
+    stats = lambda sass: chunk_loop_stats(sass, m.SCAN_WARPS, chunk * 16, 16)
+    return [dict(fn=m._scan_fwd_kernel, sig=sig(m._scan_fwd_kernel, fwd), consts=fwd, warps=m.SCAN_WARPS, divisible=('L',),
+                 maxnreg=m._scan_maxnreg('fwd', cap), unit='step x state', stats=stats, work=None,
+                 config=f'bf16, N=16, chunk {chunk} ({T} threads x {K} steps)'),
+            dict(fn=m._scan_bwd_kernel, sig=sig(m._scan_bwd_kernel, bwd), consts=bwd, warps=m.SCAN_WARPS, divisible=('L',),
+                 maxnreg=m._scan_maxnreg('bwd', cap), unit='step x state', stats=stats, work=None,
+                 config=f'bf16, N=16, chunk {chunk} ({T} threads x {K} steps)'),
             dict(fn=m._state_update_kernel, sig=sig(m._state_update_kernel, step), consts=step, warps=4, unit=None, work=None,
                  config='bf16, N=16, 32 channels')]
 
@@ -148,7 +173,7 @@ def _compile_one(s:dict, cap:int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     fn = s['fn']
-    aligned = [p for p in fn.arg_names if s['sig'][p][0] == '*' or p in ('Dk', 'Dv') or (p[0] == 'o' and p[1:2].isupper())]  # TFLA's area offsets: multiples of 32
+    aligned = [p for p in fn.arg_names if s['sig'][p][0] == '*' or p in ('Dk', 'Dv') + tuple(s.get('divisible', ())) or (p[0] == 'o' and p[1:2].isupper())]  # TFLA's area offsets: multiples of 32
     attrs = {(fn.arg_names.index(a),): [['tt.divisibility', 16]] for a in aligned}
     opts = dict(num_warps=s['warps'], **({'maxnreg': s['maxnreg']} if s.get('maxnreg') else {}), **({'num_stages': s['stages']} if s.get('stages') else {}))
     k = triton.compile(ASTSource(fn, s['sig'], s['consts'], attrs), target=GPUTarget('cuda', cap, 32), options=opts)
@@ -158,7 +183,7 @@ def _compile_one(s:dict, cap:int) -> dict:
     spills = sum(1 for _, t in sass_instructions(sass) if re.match(r'\s*(?:@!?P\w+\s+)?(LDL|STL)\b', t))
     return dict(kernel=fn.__name__, target=f'sm_{cap}', config=s['config'], warps=s['warps'], regs=regs, stack=stack,
                 spill_insns=spills, shared=k.metadata.shared, blocks_per_sm=blocks, occupancy=occ, unit=s['unit'],
-                **loop_stats(sass, s['warps'], s['work']))
+                **(s['stats'](sass) if 'stats' in s else loop_stats(sass, s['warps'], s['work'])))
 
 def _report_target(cap:int):
     "Print one JSON line per kernel compiled for sm_<cap> (run in a fresh process without the interpreter)."

@@ -479,148 +479,238 @@ def _then(a1, b1, a2, b2):
     return a1 * a2, a2 * b1 + b2
 
 @triton_kernel
-def _softplus(x): return tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)
+def _first(a, b): return a   # with `tl.reduce`: the first element (free when the axis lies within one thread)
 
 @triton_kernel
-def _first(x, s, k): return tl.reduce(tl.where(s[None, :] == k, x, 0.0), 1, _add)
+def _last(a, b): return b    # ... the last
+
+@triton_kernel
+def _lg2(x, FAST: tl.constexpr):
+    "log2 x: on a GPU the one-instruction approximation (relative error ~2^-22); tl.log2 in the interpreter (no inline asm there)."
+    if FAST: return tl.inline_asm_elementwise('lg2.approx.ftz.f32 $0, $1;', '=f,f', [x], dtype=tl.float32, is_pure=True, pack=1)
+    else: return tl.log2(x)
+
+@triton_kernel
+def _softplus(x, FAST: tl.constexpr):
+    "log(1 + e^x), x itself above 20; exp and log through exp2/log2 (one instruction each on a GPU)."
+    return tl.where(x <= 20.0, _lg2(1.0 + tl.exp2(tl.minimum(x, 20.0) * 1.4426950408889634), FAST) * 0.6931471805599453, x)
+
+@triton_kernel
+def _sigmoid(x): return 1.0 / (1.0 + tl.exp2(x * -1.4426950408889634))
+
+@triton_kernel
+def _ld(p, m, MASKED: tl.constexpr):
+    "A float32 tile from p: masked by m only in the ragged last chunk (an unmasked tile loads as 16-byte vectors)."
+    if MASKED: return tl.load(p, mask=m, other=0.0).to(tl.float32)
+    else: return tl.load(p).to(tl.float32)
+
+@triton_kernel
+def _st(p, v, m, MASKED: tl.constexpr):
+    if MASKED: tl.store(p, v.to(p.dtype.element_ty), mask=m)
+    else: tl.store(p, v.to(p.dtype.element_ty))
+
+@triton_kernel
+def _states(dA, dBu, at, h, j, k):
+    """The states (T, K) after each step of a chunk whose thread j owns steps jK..jK+K-1: x_t = dA_t x_{t-1} + dBu_t from the
+    state h entering the chunk; at (T,) is the product of dA over each thread's steps."""
+    bt = tl.reduce(tl.associative_scan((dA, dBu), 1, _then)[1], 1, _last)      # (T,) each thread's steps from a zero state
+    bt = tl.where(j == 0, at * h + bt, bt)                                      # the entering state, folded into thread 0
+    xe = tl.associative_scan((at, bt), 0, _then)[1]                             # (T,) the state after each thread's steps
+    xs = tl.where(j == 0, h, tl.gather(xe, tl.maximum(j - 1, 0), 0))            # ... and before them
+    return tl.associative_scan((dA, tl.where(k == 0, dA * xs[:, None] + dBu, dBu)), 1, _then)[1]
+
+@triton_kernel
+def _rev(x, T: tl.constexpr, K: tl.constexpr):
+    """x (T, K) with each thread's K steps in reverse order: `tl.flip`'s xor swaps, which the compiler folds into register renaming;
+    a reverse `tl.associative_scan` instead moves every element across the warp and back (one shuffle each, triton 3.9)."""
+    if K == 1: return x
+    else: return tl.flip(x, 1)
+
+@triton_kernel
+def _then2(p1, q1, e1, f1, p2, q2, e2, f2):
+    "The map (v, w) -> (p1 v + e1, q1 v + f1) followed by (v, w) -> (p2 v + e2, q2 v + f2) (w is not read)."
+    return p1 * p2, q2 * p1, p2 * e1 + e2, q2 * e1 + f2
+
+@triton_kernel
+def _adjoints(dA, cg, at, nu, j, k, T: tl.constexpr, K: tl.constexpr):
+    """The adjoint states lam (T, K) of a chunk, backwards: lam_t = cg_t + nu_{t+1} with nu_t = dA_t lam_t (the gradient that reaches
+    x_{t-1}), from nu after the chunk; at (T,) is the product of dA over each thread's steps. Also nu (T,) at each thread's
+    first step. Within a thread the steps run last to first: per step the map (nu, lam) -> (dA (cg + nu), cg + nu)."""
+    ra, rc = _rev(dA, T, K), _rev(cg, T, K)
+    one = tl.full((T, K), 1.0, tl.float32)
+    bt = tl.reduce(tl.associative_scan((ra, one, ra * rc, rc), 1, _then2)[2], 1, _last)   # (T,) nu at each thread's first step, zero after
+    bt = tl.where(j == T - 1, at * nu + bt, bt)                                          # nu after the chunk, into the last thread
+    ns = tl.associative_scan((at, bt), 0, _then, reverse=True)[1]                        # (T,) nu at each thread's first step
+    rc = tl.where(k == 0, rc + tl.where(j == T - 1, nu, tl.gather(ns, tl.minimum(j + 1, T - 1), 0))[:, None], rc)
+    return _rev(tl.associative_scan((ra, one, ra * rc, rc), 1, _then2)[3], T, K), ns
+
+@triton_kernel
+def _add_halves(p, v, c, L, T: tl.constexpr, K: tl.constexpr, MASKED: tl.constexpr):
+    """Atomically add v (T, K) to the steps of chunk c at p: as two (T, K/2) halves, each thread's steps in one 16-byte
+    atomic (float32 vectors go up to 4 wide; a (T, K) add would move half of every thread's values to another lane first)."""
+    lo, hi = tl.split(tl.permute(tl.reshape(v, (T, 2, K // 2)), (0, 2, 1)))
+    t = c * (T * K) + tl.arange(0, T)[:, None] * K + tl.arange(0, K // 2)[None, :]
+    if MASKED:
+        tl.atomic_add(p + t, lo, mask=t < L, sem='relaxed')
+        tl.atomic_add(p + t + K // 2, hi, mask=t + K // 2 < L, sem='relaxed')
+    else:
+        tl.atomic_add(p + t, lo, sem='relaxed')
+        tl.atomic_add(p + t + K // 2, hi, sem='relaxed')
 
 # %% ../../nbs/10_kernels_scan.ipynb #b81e8212
 @triton_kernel
+def _fwd_chunk(c, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, hs_ptr, L, DIM, GB, GC, NC,
+               NS: tl.constexpr, T: tl.constexpr, K: tl.constexpr, MASKED: tl.constexpr, B_FIXED: tl.constexpr,
+               C_FIXED: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+               SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
+    "Chunk c (T·K steps) of one channel: reads the states entering it from hs[c], writes those leaving it to hs[c + 1]."
+    pid = tl.program_id(0)                                                   # one program per (batch row, channel)
+    b, d = pid // DIM, pid % DIM                                             # (offsets computed per chunk: fewer registers held)
+    row = pid.to(tl.int64) * L                                               # the channel's sequence in (B, D, L)
+    Bp = B_ptr + (b * GB + d // (DIM // GB)).to(tl.int64) * NS * L           # its (N, L) rows of B (B, G, N, L)
+    Cp = C_ptr + (b * GC + d // (DIM // GC)).to(tl.int64) * NS * L
+    hs = hs_ptr + pid.to(tl.int64) * (NC + 1) * NS                           # (NC + 1, N): the states entering each chunk, then the last
+    j, k = tl.arange(0, T), tl.arange(0, K)[None, :]
+    t = c * (T * K) + j[:, None] * K + k                                     # (T, K): thread j owns K consecutive steps
+    mt = t < L
+    u = _ld(u_ptr + row + t, mt, MASKED)
+    dt = _ld(delta_ptr + row + t, mt, MASKED)
+    if HAS_BIAS: dt += tl.load(bias_ptr + d).to(tl.float32)
+    if SOFTPLUS: dt = _softplus(dt, FAST)
+    if MASKED: dt = tl.where(mt, dt, 0.0)                                    # steps past L: the identity map
+    dtu, dtsum = dt * u, tl.sum(dt, 1)
+    if HAS_D: y = tl.load(D_ptr + d).to(tl.float32) * u
+    else: y = tl.zeros((T, K), dtype=tl.float32)
+    tl.debug_barrier()                                                       # hs[c], written by the last chunk's last thread
+    for n in range(NS):                                                      # one state element at a time, all steps at once
+        A2 = tl.load(A_ptr + d * NS + n).to(tl.float32) * 1.4426950408889634   # exp(Δ A) = exp2(Δ A log2 e)
+        if B_FIXED: Bn = tl.load(B_ptr + d * NS + n).to(tl.float32)
+        else: Bn = _ld(Bp + n * L + t, mt, MASKED)
+        if C_FIXED: Cn = tl.load(C_ptr + d * NS + n).to(tl.float32)
+        else: Cn = _ld(Cp + n * L + t, mt, MASKED)
+        dA = tl.exp2(dt * A2)
+        x = _states(dA, Bn * dtu, tl.exp2(dtsum * A2), tl.load(hs + c * NS + n), j, k)
+        y += Cn * x
+        tl.store(hs + (c + 1) * NS + n + j * 0, tl.reduce(x, 1, _last), mask=j == T - 1)
+    if HAS_Z:
+        zz = _ld(z_ptr + row + t, mt, MASKED)
+        y *= zz * _sigmoid(zz)
+    _st(y_ptr + row + t, y, mt, MASKED)
+
+@triton_kernel
 def _scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, y_ptr, hs_ptr,
-                     L, DIM, N, GB, GC, NC,
-                     NP: tl.constexpr, CHUNK: tl.constexpr, B_FIXED: tl.constexpr, C_FIXED: tl.constexpr,
-                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                     HAS_H0: tl.constexpr):
-    pid = tl.program_id(0)                                      # one program per (batch row, channel)
-    b, d = pid // DIM, pid % DIM
-    n, s = tl.arange(0, NP), tl.arange(0, CHUNK)
-    mn = n < N
-    A = tl.load(A_ptr + d * N + n, mask=mn, other=0.0).to(tl.float32)                # (NP,)
-    row = pid.to(tl.int64) * L                                   # this channel's sequence in (B, D, L)
-    if B_FIXED: Bf = tl.load(B_ptr + d * N + n, mask=mn, other=0.0).to(tl.float32)
-    else: Bp = B_ptr + (b * GB + d // (DIM // GB)).to(tl.int64) * N * L + n[:, None] * L   # (NP, 1) rows of (B, G, N, L)
-    if C_FIXED: Cf = tl.load(C_ptr + d * N + n, mask=mn, other=0.0).to(tl.float32)
-    else: Cp = C_ptr + (b * GC + d // (DIM // GC)).to(tl.int64) * N * L + n[:, None] * L
-    if HAS_D: Dv = tl.load(D_ptr + d).to(tl.float32)
-    if HAS_BIAS: bias = tl.load(bias_ptr + d).to(tl.float32)
-    if HAS_H0: h = tl.load(h0_ptr + pid.to(tl.int64) * N + n, mask=mn, other=0.0).to(tl.float32)
-    else: h = tl.zeros((NP,), dtype=tl.float32)
-    hs = hs_ptr + pid.to(tl.int64) * (NC + 1) * NP + n
-    for c in range(0, NC):
-        t = c * CHUNK + s
-        mt = t < L
-        m2 = mn[:, None] & mt[None, :]
-        tl.store(hs + c * NP, h)                                 # the state entering chunk c
-        u = tl.load(u_ptr + row + t, mask=mt, other=0.0).to(tl.float32)              # (CHUNK,)
-        dt = tl.load(delta_ptr + row + t, mask=mt, other=0.0).to(tl.float32)
-        if HAS_BIAS: dt += bias
-        if SOFTPLUS: dt = _softplus(dt)
-        dt = tl.where(mt, dt, 0.0)                               # steps past L: the identity map (exp(0) = 1, no input)
-        dA = tl.exp(A[:, None] * dt[None, :])                    # (NP, CHUNK)
-        if B_FIXED: Bt = Bf[:, None]
-        else: Bt = tl.load(Bp + t[None, :], mask=m2, other=0.0).to(tl.float32)       # (NP, CHUNK) tile, coalesced in t
-        if C_FIXED: Ct = Cf[:, None]
-        else: Ct = tl.load(Cp + t[None, :], mask=m2, other=0.0).to(tl.float32)
-        a, bu = tl.associative_scan((dA, Bt * (dt * u)[None, :]), 1, _then)           # the chunk's maps composed
-        x = a * h[:, None] + bu                                  # (NP, CHUNK) the states after each step
-        y = tl.reduce(Ct * x, 0, _add)                           # (CHUNK,)
-        if HAS_D: y += Dv * u
-        if HAS_Z:
-            z = tl.load(z_ptr + row + t, mask=mt, other=0.0).to(tl.float32)
-            y *= z / (1.0 + tl.exp(-z))
-        tl.store(y_ptr + row + t, y.to(y_ptr.dtype.element_ty), mask=mt)
-        h = _first(x, s, CHUNK - 1)                              # the last state (steps past L change nothing)
-    tl.store(hs + NC * NP, h)
+                     L, DIM, GB, GC, NC,
+                     NS: tl.constexpr, NSP: tl.constexpr, T: tl.constexpr, K: tl.constexpr, B_FIXED: tl.constexpr,
+                     C_FIXED: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, FAST: tl.constexpr):
+    pid = tl.program_id(0)
+    hs = hs_ptr + pid.to(tl.int64) * (NC + 1) * NS
+    n = tl.arange(0, NSP)
+    if HAS_H0: tl.store(hs + n, tl.load(h0_ptr + pid.to(tl.int64) * NS + n, mask=n < NS, other=0.0), mask=n < NS)
+    else: tl.store(hs + n, tl.zeros((NSP,), dtype=tl.float32), mask=n < NS)
+    full = L // (T * K)
+    for c in range(0, full):
+        _fwd_chunk(c, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, hs_ptr, L, DIM, GB, GC, NC, NS, T, K,
+                   False, B_FIXED, C_FIXED, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FAST)
+    if full < NC:                                                            # the ragged last chunk, masked
+        _fwd_chunk(full, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, hs_ptr, L, DIM, GB, GC, NC, NS, T, K,
+                   True, B_FIXED, C_FIXED, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FAST)
 
 # %% ../../nbs/10_kernels_scan.ipynb #b9d744ea
 @triton_kernel
-def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, hs_ptr, gy_ptr, glast_ptr,
-                     gu_ptr, gdelta_ptr, gz_ptr, gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr, gh0_ptr,
-                     L, DIM, N, GB, GC, NC,
-                     NP: tl.constexpr, CHUNK: tl.constexpr, B_FIXED: tl.constexpr, C_FIXED: tl.constexpr,
-                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                     HAS_GLAST: tl.constexpr):
-    pid = tl.program_id(0)
-    b, d = pid // DIM, pid % DIM
-    n, s = tl.arange(0, NP), tl.arange(0, CHUNK)
-    mn = n < N
-    A = tl.load(A_ptr + d * N + n, mask=mn, other=0.0).to(tl.float32)
+def _bwd_chunk(c, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gy_ptr, gu_ptr, gdelta_ptr, gz_ptr, gA_ptr,
+               gB_ptr, gC_ptr, gD_ptr, gbias_ptr, hs_ptr, lam_ptr, L, DIM, GB, GC, NC,
+               NS: tl.constexpr, T: tl.constexpr, K: tl.constexpr, MASKED: tl.constexpr, B_FIXED: tl.constexpr,
+               C_FIXED: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+               SOFTPLUS: tl.constexpr, FAST: tl.constexpr):
+    """Chunk c of one channel, backwards: recomputes its states from hs[c], runs the adjoint from lam[c + 1] (lam of the step
+    after the chunk, in nu form: see `_adjoints`) and writes nu at its first step to lam[c]; every gradient of the chunk's steps."""
+    pid = tl.program_id(0)                                                   # one program per (batch row, channel)
+    b, d = pid // DIM, pid % DIM                                             # (offsets computed per chunk: fewer registers held)
     row = pid.to(tl.int64) * L
-    if B_FIXED: Bf = tl.load(B_ptr + d * N + n, mask=mn, other=0.0).to(tl.float32)
-    else: Bo = (b * GB + d // (DIM // GB)).to(tl.int64) * N * L + n[:, None] * L
-    if C_FIXED: Cf = tl.load(C_ptr + d * N + n, mask=mn, other=0.0).to(tl.float32)
-    else: Co = (b * GC + d // (DIM // GC)).to(tl.int64) * N * L + n[:, None] * L
-    if HAS_D: Dv = tl.load(D_ptr + d).to(tl.float32)
-    if HAS_BIAS: bias = tl.load(bias_ptr + d).to(tl.float32)
-    hs = hs_ptr + pid.to(tl.int64) * (NC + 1) * NP + n
-    if HAS_GLAST: lam = tl.load(glast_ptr + pid.to(tl.int64) * N + n, mask=mn, other=0.0).to(tl.float32)
-    else: lam = tl.zeros((NP,), dtype=tl.float32)             # lam_{t+1} of the step after the chunk
-    gA = tl.zeros((NP,), dtype=tl.float32)
-    gBf = tl.zeros((NP,), dtype=tl.float32)
-    gCf = tl.zeros((NP,), dtype=tl.float32)
-    gh0 = tl.zeros((NP,), dtype=tl.float32)
-    gD = 0.0
-    gbias = 0.0
-    for cc in range(0, NC):
-        c = NC - 1 - cc
-        t = c * CHUNK + s
-        mt = t < L
-        m2 = mn[:, None] & mt[None, :]
-        u = tl.load(u_ptr + row + t, mask=mt, other=0.0).to(tl.float32)
-        raw = tl.load(delta_ptr + row + t, mask=mt, other=0.0).to(tl.float32)
-        if HAS_BIAS: raw += bias
-        dt = _softplus(raw) if SOFTPLUS else raw
-        dt = tl.where(mt, dt, 0.0)
-        dt1 = tl.load(delta_ptr + row + t + 1, mask=t + 1 < L, other=0.0).to(tl.float32)   # Δ one step later
-        if HAS_BIAS: dt1 += bias
-        if SOFTPLUS: dt1 = _softplus(dt1)
-        dt1 = tl.where(t + 1 < L, dt1, 0.0)
-        dA = tl.exp(A[:, None] * dt[None, :])
-        if B_FIXED: Bt = Bf[:, None]
-        else: Bt = tl.load(B_ptr + Bo + t[None, :], mask=m2, other=0.0).to(tl.float32)
-        if C_FIXED: Ct = Cf[:, None]
-        else: Ct = tl.load(C_ptr + Co + t[None, :], mask=m2, other=0.0).to(tl.float32)
-        dBu = Bt * (dt * u)[None, :]
-        a, bu = tl.associative_scan((dA, dBu), 1, _then)
-        x = a * tl.load(hs + c * NP)[:, None] + bu                # the chunk's states, recomputed from the stored one
-        g = tl.load(gy_ptr + row + t, mask=mt, other=0.0).to(tl.float32)
-        if HAS_Z:
-            y = tl.reduce(Ct * x, 0, _add)
-            if HAS_D: y += Dv * u
-            z = tl.load(z_ptr + row + t, mask=mt, other=0.0).to(tl.float32)
-            sz = 1.0 / (1.0 + tl.exp(-z))
-            tl.store(gz_ptr + row + t, (g * y * sz * (1.0 + z * (1.0 - sz))).to(gz_ptr.dtype.element_ty), mask=mt)
-            g = g * z * sz                                       # dloss/dy before the gate
-        # lam_t = C_t g_t + exp(Δ_{t+1} A) lam_{t+1}: the same kind of scan, backwards
-        ra, rb = tl.associative_scan((tl.exp(A[:, None] * dt1[None, :]), Ct * g[None, :]), 1, _then, reverse=True)
-        lt = ra * lam[:, None] + rb                              # (NP, CHUNK)
-        lam = _first(lt, s, 0)
-        gh0 = _first(lt * dA, s, 0)
-        gdA = lt * (x - dBu)                                     # lam_t exp(Δ_t A) x_{t-1} = dloss/d(Δ_t A)
-        gA += tl.reduce(gdA * dt[None, :], 1, _add)
-        sB = tl.reduce(lt * Bt, 0, _add)                         # (CHUNK,) Σ_n lam_t B_t
-        gu = sB * dt
-        gdt = tl.reduce(gdA * A[:, None], 0, _add) + sB * u
-        if HAS_D:
-            gu += Dv * g
-            gD += tl.reduce(g * u, 0, _add)
-        if SOFTPLUS: gdt = tl.where(raw <= 20.0, gdt / (1.0 + tl.exp(-raw)), gdt)
-        gdt = tl.where(mt, gdt, 0.0)
-        gbias += tl.reduce(gdt, 0, _add)
-        tl.store(gu_ptr + row + t, gu.to(gu_ptr.dtype.element_ty), mask=mt)
-        tl.store(gdelta_ptr + row + t, gdt.to(gdelta_ptr.dtype.element_ty), mask=mt)
-        gBt = lt * (dt * u)[None, :]
-        gCt = x * g[None, :]
-        if B_FIXED: gBf += tl.reduce(gBt, 1, _add)
-        else: tl.atomic_add(gB_ptr + Bo + t[None, :], gBt, mask=m2)
-        if C_FIXED: gCf += tl.reduce(gCt, 1, _add)
-        else: tl.atomic_add(gC_ptr + Co + t[None, :], gCt, mask=m2)
-    tl.store(gh0_ptr + pid.to(tl.int64) * N + n, gh0, mask=mn)
-    tl.atomic_add(gA_ptr + d * N + n, gA, mask=mn)
-    if B_FIXED: tl.atomic_add(gB_ptr + d * N + n, gBf, mask=mn)
-    if C_FIXED: tl.atomic_add(gC_ptr + d * N + n, gCf, mask=mn)
-    if HAS_D: tl.atomic_add(gD_ptr + d, gD)
-    if HAS_BIAS: tl.atomic_add(gbias_ptr + d, gbias)
+    Bo = (b * GB + d // (DIM // GB)).to(tl.int64) * NS * L
+    Co = (b * GC + d // (DIM // GC)).to(tl.int64) * NS * L
+    hs, lam = hs_ptr + pid.to(tl.int64) * (NC + 1) * NS, lam_ptr + pid.to(tl.int64) * (NC + 1) * NS
+    j, k = tl.arange(0, T), tl.arange(0, K)[None, :]
+    t = c * (T * K) + j[:, None] * K + k
+    mt = t < L
+    dt = _ld(delta_ptr + row + t, mt, MASKED)
+    if HAS_BIAS: dt += tl.load(bias_ptr + d).to(tl.float32)
+    if SOFTPLUS: dt = _softplus(dt, FAST)
+    if MASKED: dt = tl.where(mt, dt, 0.0)
+    g = _ld(gy_ptr + row + t, mt, MASKED)
+    if HAS_Z:
+        zz = _ld(z_ptr + row + t, mt, MASKED)
+        g = g * zz * _sigmoid(zz)                                            # dloss/dy before the gate
+    u = _ld(u_ptr + row + t, mt, MASKED)
+    dtu, dtsum = dt * u, tl.sum(dt, 1)
+    sB = tl.zeros((T, K), dtype=tl.float32)                                  # Σ_n lam_t B_t
+    sA = tl.zeros((T, K), dtype=tl.float32)                                  # Σ_n dloss/d(Δ_t A) A
+    y = tl.zeros((T, K), dtype=tl.float32)                                   # Σ_n C_t x_t
+    tl.debug_barrier()                                                       # lam[c + 1], written by the chunk after
+    for n in range(NS):
+        An = tl.load(A_ptr + d * NS + n).to(tl.float32)
+        A2 = An * 1.4426950408889634
+        if B_FIXED: Bn = tl.load(B_ptr + d * NS + n).to(tl.float32)
+        else: Bn = _ld(B_ptr + Bo + n * L + t, mt, MASKED)
+        if C_FIXED: Cn = tl.load(C_ptr + d * NS + n).to(tl.float32)
+        else: Cn = _ld(C_ptr + Co + n * L + t, mt, MASKED)
+        dA, dBu, at = tl.exp2(dt * A2), Bn * dtu, tl.exp2(dtsum * A2)
+        x = _states(dA, dBu, at, tl.load(hs + c * NS + n), j, k)
+        lt, ns = _adjoints(dA, Cn * g, at, tl.load(lam + (c + 1) * NS + n), j, k, T, K)
+        tl.store(lam + c * NS + n + j * 0, ns, mask=j == 0)                 # nu at the chunk's first step, for the chunk before
+        gdA = lt * (x - dBu)                                                 # lam_t exp(Δ_t A) x_{t-1} = dloss/d(Δ_t A)
+        tl.atomic_add(gA_ptr + d * NS + n, tl.sum(tl.sum(gdA * dt, 1), 0), sem='relaxed')
+        sA += gdA * An
+        sB += lt * Bn
+        if HAS_Z: y += Cn * x
+        if B_FIXED: tl.atomic_add(gB_ptr + d * NS + n, tl.sum(tl.sum(lt * dtu, 1), 0), sem='relaxed')
+        else: _add_halves(gB_ptr + Bo + n * L, lt * dtu, c, L, T, K, MASKED)
+        if C_FIXED: tl.atomic_add(gC_ptr + d * NS + n, tl.sum(tl.sum(g * x, 1), 0), sem='relaxed')
+        else: _add_halves(gC_ptr + Co + n * L, g * x, c, L, T, K, MASKED)
+    u = _ld(u_ptr + row + t, mt, MASKED)                                     # read again: fewer registers across the loop
+    gu, gdt = sB * dt, sA + sB * u
+    g = _ld(gy_ptr + row + t, mt, MASKED)
+    if HAS_Z:
+        zz = _ld(z_ptr + row + t, mt, MASKED)
+        sz = _sigmoid(zz)
+        if HAS_D: y += tl.load(D_ptr + d).to(tl.float32) * u
+        _st(gz_ptr + row + t, g * y * sz * (1.0 + zz * (1.0 - sz)), mt, MASKED)   # silu'(z) = σ(z)(1 + z(1 - σ(z)))
+        g = g * zz * sz
+    if HAS_D:
+        gu += tl.load(D_ptr + d).to(tl.float32) * g
+        tl.atomic_add(gD_ptr + d, tl.sum(tl.sum(g * u, 1), 0), sem='relaxed')
+    if SOFTPLUS:
+        raw = _ld(delta_ptr + row + t, mt, MASKED)
+        if HAS_BIAS: raw += tl.load(bias_ptr + d).to(tl.float32)
+        gdt = tl.where(raw <= 20.0, gdt * _sigmoid(raw), gdt)
+    if MASKED: gdt = tl.where(mt, gdt, 0.0)
+    if HAS_BIAS: tl.atomic_add(gbias_ptr + d, tl.sum(tl.sum(gdt, 1), 0), sem='relaxed')
+    _st(gu_ptr + row + t, gu, mt, MASKED)
+    _st(gdelta_ptr + row + t, gdt, mt, MASKED)
+
+@triton_kernel
+def _scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, hs_ptr, lam_ptr, gy_ptr, glast_ptr,
+                     gu_ptr, gdelta_ptr, gz_ptr, gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr,
+                     L, DIM, GB, GC, NC,
+                     NS: tl.constexpr, NSP: tl.constexpr, T: tl.constexpr, K: tl.constexpr, B_FIXED: tl.constexpr,
+                     C_FIXED: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     SOFTPLUS: tl.constexpr, HAS_GLAST: tl.constexpr, FAST: tl.constexpr):
+    pid = tl.program_id(0)
+    lam = lam_ptr + pid.to(tl.int64) * (NC + 1) * NS                         # (NC + 1, N): nu at each chunk's first step; nu[0] = dloss/dh0
+    n = tl.arange(0, NSP)
+    if HAS_GLAST: la = tl.load(glast_ptr + pid.to(tl.int64) * NS + n, mask=n < NS, other=0.0).to(tl.float32)
+    else: la = tl.zeros((NSP,), dtype=tl.float32)
+    tl.store(lam + NC * NS + n, la, mask=n < NS)                             # after the last step: the last state's gradient
+    full = L // (T * K)
+    if full < NC:
+        _bwd_chunk(full, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gy_ptr, gu_ptr, gdelta_ptr, gz_ptr,
+                   gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr, hs_ptr, lam_ptr, L, DIM, GB, GC, NC, NS, T, K,
+                   True, B_FIXED, C_FIXED, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FAST)
+    for cc in range(0, full):
+        _bwd_chunk(full - 1 - cc, u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, gy_ptr, gu_ptr, gdelta_ptr, gz_ptr,
+                   gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr, hs_ptr, lam_ptr, L, DIM, GB, GC, NC, NS, T, K,
+                   False, B_FIXED, C_FIXED, HAS_D, HAS_Z, HAS_BIAS, SOFTPLUS, FAST)
 
 # %% ../../nbs/10_kernels_scan.ipynb #929e743f
 def _bc_kernel(X):
@@ -631,50 +721,75 @@ def _bc_kernel(X):
 
 def _kernel_flags(B, C, D, z, delta_bias, softplus) -> dict:
     return dict(B_FIXED=B.dim() == 2, C_FIXED=C.dim() == 2, HAS_D=D is not None, HAS_Z=z is not None,
-                HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus))
+                HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus), FAST=not INTERPRET)
 
-def _scan_chunk(n2:int) -> int:
-    "Steps per chunk: a (N2, CHUNK) tile of 512 elements, 16 to 32 steps."
-    return max(16, min(32, 512 // n2))
+SCAN_WARPS = 1                       # warps per program (one channel): the scan across threads stays within a warp
+
+def _scan_maxnreg(kernel:str, cap:int) -> int:
+    """Registers per thread a launch allows ('fwd' or 'bwd' kernel, compute capability 10·major + minor): 64 and 128, i.e. 32 and
+    16 one-warp blocks per SM (50% and 25% occupancy); the backward needs 144 on sm_80 and older (scalar float32 atomics) not to spill."""
+    return 64 if kernel == 'fwd' else 128 if cap >= 90 else 144
+
+def _capability(t) -> int:
+    "10·major + minor of the GPU holding t (90 in the interpreter, where it does not matter)."
+    if not t.is_cuda: return 90
+    major, minor = torch.cuda.get_device_capability(t.device)
+    return 10 * major + minor
+
+def _scan_steps(esize:int) -> int:
+    "Consecutive steps each thread owns: one 16-byte load per input row (8 for bf16/fp16, 4 for fp32), at most 8."
+    return max(1, min(8, 16 // esize))
+
+def _scan_chunk(esize:int=2, # bytes per input element
+                threads:int=32 * SCAN_WARPS, # threads per program (4 in the interpreter: it is slow per element)
+               ) -> int:
+    "Steps per chunk for inputs of `esize` bytes: every thread of the program owns `_scan_steps` of them (256 for bf16 on a GPU)."
+    return threads * _scan_steps(esize)
+
+def _chunk_split(chunk:int, esize:int=2) -> tuple:
+    "(threads, steps per thread) of a chunk."
+    k = min(_scan_steps(esize), chunk)
+    return chunk // k, k
 
 def _ptr(t, default):
     "A contiguous tensor for the kernel; `default` (never read) stands in for an absent one."
     return t.contiguous() if t is not None else default
 
-SCAN_WARPS = 4
-
 # %% ../../nbs/10_kernels_scan.ipynb #52cacdd1
 def _triton_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, softplus, chunk):
-    "y (B, D, L) and the states (B·D, L/chunk + 1, N2) in float32: entering each chunk, then the last."
+    "y (B, D, L) and the states (B·D, L/chunk + 1, N) in float32: entering each chunk, then the last."
     (b, d, l), n = u.shape, A.shape[1]
-    n2, nc = _next_pow2(n), _cdiv(l, chunk)
+    (T, K), nc = _chunk_split(chunk, u.element_size()), _cdiv(l, chunk)
     (Bk, gb), (Ck, gc) = _bc_kernel(B), _bc_kernel(C)
     y = torch.empty(b, d, l, device=u.device, dtype=u.dtype)
-    hs = torch.empty(b * d, nc + 1, n2, device=u.device, dtype=torch.float32)
+    hs = torch.empty(b * d, nc + 1, n, device=u.device, dtype=torch.float32)
     _scan_fwd_kernel[(b * d,)](u.contiguous(), delta.contiguous(), A.contiguous(), Bk, Ck, _ptr(D, y), _ptr(z, y),
-                               _ptr(delta_bias, y), _ptr(initial_state, y), y, hs, l, d, n, gb or 1, gc or 1, nc,
-                               NP=n2, CHUNK=chunk, HAS_H0=initial_state is not None,
-                               **_kernel_flags(B, C, D, z, delta_bias, softplus), num_warps=SCAN_WARPS)
+                               _ptr(delta_bias, y), _ptr(initial_state, y), y, hs, l, d, gb or 1, gc or 1, nc,
+                               NS=n, NSP=_next_pow2(n), T=T, K=K, HAS_H0=initial_state is not None,
+                               **_kernel_flags(B, C, D, z, delta_bias, softplus), num_warps=SCAN_WARPS,
+                               maxnreg=_scan_maxnreg('fwd', _capability(u)))
     return y, hs
 
 def _triton_scan_bwd(u, delta, A, B, C, D, z, delta_bias, initial_state, hs, chunk, softplus, gout, glast):
     "Gradients of (u, delta, A, B, C, D, z, delta_bias, initial_state), like `_torch_scan_bwd`."
     (b, d, l), n = u.shape, A.shape[1]
+    T, K = _chunk_split(chunk, u.element_size())
     (Bk, gb), (Ck, gc) = _bc_kernel(B), _bc_kernel(C)
     f32 = dict(device=u.device, dtype=torch.float32)
     gout = torch.zeros_like(u) if gout is None else gout
     gu, gdelta = torch.empty_like(u), torch.empty_like(delta)
     gz = torch.empty_like(z) if z is not None else gu
     gA, gB, gC = torch.zeros(d, n, **f32), torch.zeros(Bk.shape, **f32), torch.zeros(Ck.shape, **f32)
-    gD, gbias, gh0 = torch.zeros(d, **f32), torch.zeros(d, **f32), torch.empty(b, d, n, **f32)
+    gD, gbias, lam = torch.zeros(d, **f32), torch.zeros(d, **f32), torch.empty_like(hs)
     _scan_bwd_kernel[(b * d,)](u.contiguous(), delta.contiguous(), A.contiguous(), Bk, Ck, _ptr(D, gu), _ptr(z, gu),
-                               _ptr(delta_bias, gu), hs, gout.contiguous(), _ptr(glast, gu),
-                               gu, gdelta, gz, gA, gB, gC, gD, gbias, gh0, l, d, n, gb or 1, gc or 1, hs.shape[1] - 1,
-                               NP=hs.shape[2], CHUNK=chunk, HAS_GLAST=glast is not None,
-                               **_kernel_flags(B, C, D, z, delta_bias, softplus), num_warps=SCAN_WARPS)
+                               _ptr(delta_bias, gu), hs, lam, gout.contiguous(), _ptr(glast, gu),
+                               gu, gdelta, gz, gA, gB, gC, gD, gbias, l, d, gb or 1, gc or 1, hs.shape[1] - 1,
+                               NS=n, NSP=_next_pow2(n), T=T, K=K, HAS_GLAST=glast is not None,
+                               **_kernel_flags(B, C, D, z, delta_bias, softplus), num_warps=SCAN_WARPS,
+                               maxnreg=_scan_maxnreg('bwd', _capability(u)))
     opt = lambda g, X: g.to(X.dtype) if X is not None else None
     return (gu, gdelta, gA.to(A.dtype), gB.reshape(B.shape).to(B.dtype), gC.reshape(C.shape).to(C.dtype), opt(gD, D),
-            gz if z is not None else None, opt(gbias, delta_bias), opt(gh0, initial_state))
+            gz if z is not None else None, opt(gbias, delta_bias), opt(lam[:, 0].reshape(b, d, n), initial_state))
 
 # %% ../../nbs/10_kernels_scan.ipynb #004c4d84
 class _TritonScan(torch.autograd.Function):
@@ -707,7 +822,7 @@ def _triton_ready(t):
 
 def _scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state, chunk, may_fall_back):
     _triton_ready(u)
-    chunk = chunk or _scan_chunk(_next_pow2(A.shape[1]))
+    chunk = chunk or _scan_chunk(u.element_size(), 32 * SCAN_WARPS if u.is_cuda else 4)   # interpreted: 4 threads
     if chunk < 1 or chunk & (chunk - 1): raise ValueError(f'chunk must be a power of two, got {chunk}')
     y, last = _TritonScan.apply(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk, may_fall_back)
     return (y, last) if return_last_state else y
@@ -909,10 +1024,13 @@ def _scan_quality(fn, kw, y_ref, p) -> dict:
     with torch.no_grad(): return dict(max_rel_err=_rel_err(fn(**kw, delta_softplus=True)[:, :8], y_ref))
 
 @suite('scan', plots=[dict(x='L', y='median', hue='name', logx=True, logy=True)])
-def bench_scan(hw:Hardware, size:str='default'):
+def bench_scan(hw:Hardware, size:str='default',
+               device=None, # where the tensors live (default: hw's device); the CPU runs the GPU contenders interpreted
+               cfg:dict|None=None, # dims, lengths, rounds, min_time instead of `size`'s (a smoke test of the GPU run)
+              ):
     """Selective scan: the fair sequential baseline vs PyTorch, compiled CPU, Triton and mamba_ssm, forward and forward+backward,
     timed alternated round by round (`bench.ratios`): each backend's speed-up over the baseline with its interval."""
-    cfg, dev, peak = _SCAN_SIZES[size], torch_device(hw), peak_specs(hw)
+    cfg, dev, peak = cfg or _SCAN_SIZES[size], torch.device(device) if device is not None else torch_device(hw), peak_specs(hw)
     gpu = hw.kind in ('cuda', 'rocm')
     dtype = best_dtype(hw).dtype if gpu else torch.float32
     for d in cfg['dims']:
