@@ -1090,7 +1090,7 @@ def _row_table(rows:list, head:list) -> str:
 
 def fmt_duration(s:float) -> str:
     "Seconds as the run-time table shows them: seconds below a minute, minutes below an hour, else hours."
-    return f'{s:.2f} s' if s < 60 else f'{s / 60:.0f} min' if s < 3600 else f'{s / 3600:.1f} h'
+    return f'{s:.3g} s' if s < 60 else f'{s / 60:.0f} min' if s < 3600 else f'{s / 3600:.1f} h'
 
 def runtime_table(steps:int=1000, batch:int=8, seq_len:int=2048, presets:dict|None=None, # None: PRESETS
                   devices:dict|None=None) -> str: # label -> (peak FLOP/s, dtype, utilisation, source); None: the GPUs at PUBLISHED_MFU
@@ -1192,7 +1192,7 @@ def weight_bytes(model:nn.Module) -> int:
 # blocks, the training utilisation and torchao's other int8 paths (compiled A16W8, dynamic W8A8)
 _BENCH = dict(quick=dict(d=64, prompts=(32,), new=4, rounds=3, int8_d=64, train_steps=3),
               default=dict(d=128, prompts=(128,), new=8, rounds=5, int8_d=128, train_steps=10),
-              full=dict(d=256, prompts=(128, 256, 512, 1024), new=8, rounds=5, int8_d=128, train_steps=30,
+              full=dict(d=256, prompts=(128, 256, 512), new=8, rounds=5, int8_d=128, train_steps=30,
                         L=256, target=2, util_L=128, int8_paths=True))
 
 def _conditions(**kw) -> dict:
@@ -1408,7 +1408,7 @@ def blocks_table(results:list) -> str:
 
 def _verdict(r) -> str:
     "'slower' / 'faster' than the baseline where the ratio's 95% interval lies below / above 1, else 'within noise'."
-    if not getattr(r, 'ratio', None) or r.ratio['baseline'] == r.name: return '—'
+    if not getattr(r, 'ratio', None) or r.ratio['baseline'] in (r.name, r.params.get('weights')): return '—'   # the baseline itself
     return 'slower' if r.ratio['high'] < 1 else 'faster' if r.ratio['low'] > 1 else 'within noise'
 
 def int8_table(results:list) -> str:
