@@ -1327,7 +1327,7 @@ def render(tr:Transcript, fmt:str) -> str:
 # %% ../nbs/30_audio_bench.ipynb #b113ea41
 _BENCH_SIZES = dict(  # every size runs each configuration with the VAD off and on, alternated by `bench.ratios`
     quick=dict(n_clips=1, rounds=3, all_types=False, beams=(1,), long_copies=0, memory=False),
-    default=dict(n_clips=1, rounds=5, all_types=True, beams=(1,), long_copies=0, memory=False),
+    default=dict(n_clips=1, rounds=3, all_types=True, beams=(1,), long_copies=0, memory=False),
     full=dict(n_clips=None, rounds=7, all_types=True, beams=(1, 5), long_copies=5, memory=True))
 VADS = (False, True)
 BASELINE = ('openai-whisper', 'float32')  # the reference implementation: the ratios' baseline (VAD off, same beam) where it is measured
