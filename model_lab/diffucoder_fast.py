@@ -24,12 +24,13 @@ from .diffucoder_train import (load_tiny, body_parses, function_body, eval_promp
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'FAST_ALGS', 'FDL_CACHES', 'FDL_TRACES', 'GiB', 'TPU_SLICES', 'DECODERS', 'HALVES', 'BARE', 'DECODER_CHOICES',
-           'layer_kv', 'forward_kv', 'forward_cached', 'select_step', 'DecodeStats', 'fast_generate', 'forward_window',
-           'fastdllm_select', 'fastdllm_generate', 'torch_fastdllm_generate', 'tpu_compiler_available', 'topology_mesh',
-           'abstract_sharded', 'compile_on', 'memory_figures', 'fit_record', 'largest_batch', 'fit_results',
-           'tpu_fit_sweep', 'fit_table', 'fit_plot', 'decode', 'compare_decoders', 'decoding_table', 'goal_met',
-           'halves_table', 'body_facts', 'body_table', 'samples_markdown', 'generate_text', 'bench_fast', 'fast_table']
+__all__ = ['log', 'FAST_ALGS', 'FDL_CACHES', 'FDL_TRACES', 'GiB', 'TPU_SLICES', 'FIT_RUNS', 'DECODERS', 'HALVES', 'BARE',
+           'DECODER_CHOICES', 'FAST_BENCH', 'layer_kv', 'forward_kv', 'forward_cached', 'select_step', 'forward_window',
+           'fastdllm_select', 'fastdllm_generate', 'torch_fastdllm_generate', 'TpuSlice', 'tpu_compiler_available',
+           'topology_mesh', 'abstract_sharded', 'compile_on', 'memory_figures', 'fit_record', 'largest_batch',
+           'fit_results', 'tpu_fit_sweep', 'fit_table', 'fit_plot', 'decode', 'compare_decoders', 'decoding_table',
+           'goal_met', 'halves_table', 'body_facts', 'body_table', 'samples_markdown', 'generate_text', 'bench_fast',
+           'fast_table']
 
 # %% ../nbs/41_diffucoder_fast.ipynb #fcefa77a
 def _attend(q, k, v, keep, cfg:DreamConfig):
@@ -96,83 +97,6 @@ def select_step(logits, # (B, Lb, V) shifted logits of the block's positions
     count = jnp.where(last, n_masked, count)
     rank = jnp.argsort(jnp.argsort(-jnp.where(mask, conf, -jnp.inf), axis=-1, stable=True), axis=-1)
     return jnp.where(mask & (rank < count[:, None]), x0, x)
-
-_select = jax.jit(select_step, static_argnames=('threshold', 'alg', 'temperature', 'top_p', 'top_k', 'mask_token_id'))
-
-@functools.partial(jax.jit, static_argnames=('graphdef', 'with_kv'))
-def _full(graphdef, state, x, pos, keep, with_kv:bool):
-    "Shifted logits (B, L, V) of the whole canvas, and the KV cache when `with_kv`."
-    lg, kv = forward_kv(nnx.merge(graphdef, state), x, pos, keep)
-    return jnp.concatenate([lg[:, :1], lg[:, :-1]], 1), (kv if with_kv else None)
-
-@functools.partial(jax.jit, static_argnames=('graphdef', 'lo'))
-def _cached(graphdef, state, x, pos, keep, kv, lo:int):
-    "Shifted logits of positions [lo, L) from the window [lo - 1, L) over a cache of [0, lo - 1)."
-    kvp = (kv[0][:, :, :lo - 1], kv[1][:, :, :lo - 1])
-    lg = forward_cached(nnx.merge(graphdef, state), x[:, lo - 1:], pos[:, lo - 1:], None if keep is None else keep[:, lo - 1:], kvp)
-    return lg[:, :-1]                                                      # row j predicts position lo + j
-
-# %% ../nbs/41_diffucoder_fast.ipynb #0ffc424c
-@dataclass
-class DecodeStats:
-    "What a decoding run cost: forward passes over the whole canvas, over a cached window, and the tokens each step unmasked."
-    full: int = 0
-    cached: int = 0
-    per_step: list = field(default_factory=list)
-    step_of: np.ndarray|None = None  # with trace=True: (B, new tokens) the step that unmasked each answer position
-    p_of: np.ndarray|None = None     # ... and the model's p(x0) of the token it wrote there, at that step
-    @property
-    def forwards(self) -> int: return self.full + self.cached
-
-def _check_decode_args(max_new_tokens, steps, block_size, threshold, alg, cache):
-    if alg not in FAST_ALGS: raise ValueError(f'alg must be one of {FAST_ALGS} (origin has no confidence to threshold), got {alg!r}')
-    if max_new_tokens < 1 or steps < 1: raise ValueError(f'max_new_tokens and steps must be >= 1, got {max_new_tokens}, {steps}')
-    if max_new_tokens % block_size: raise ValueError(f'block_size={block_size} must divide max_new_tokens={max_new_tokens}')
-    if steps % (max_new_tokens // block_size): raise ValueError(f'steps={steps} must divide by the number of blocks {max_new_tokens // block_size}')
-    if not 0 < threshold <= 1: raise ValueError(f'threshold must be in (0, 1], got {threshold}')
-
-def fast_generate(model:DreamModel, input_ids, attention_mask=None, *, max_new_tokens:int, steps:int|None=None,
-                  threshold:float=1.0, # unmask every position with p(x0) > threshold (1.0: Dream's schedule only)
-                  block_size:int|None=None, # semi-autoregressive blocks (None: the whole answer is one block)
-                  cache:bool=False, # approximate prefix KV cache, refreshed at each block's first step
-                  alg:str='maskgit_plus', temperature:float=0.0, top_p=None, top_k=None, eps:float=1e-3, rng=None,
-                  trace:bool=False, # record when and how confidently each answer position was written (`DecodeStats.step_of`, `p_of`)
-                 ):
-    "Masked-diffusion generation with Fast-dLLM's speed-ups: (token ids (B, prompt + max_new_tokens), `DecodeStats`)."
-    steps, block_size = steps or max_new_tokens, block_size or max_new_tokens
-    _check_decode_args(max_new_tokens, steps, block_size, threshold, alg, cache)
-    mid = model.config.mask_token_id
-    x, am, pos = prepare_inputs(input_ids, attention_mask, max_new_tokens, mid)
-    B, L = x.shape; P0 = L - max_new_tokens
-    x = jnp.asarray(x)
-    pos = jnp.asarray(pos) if pos is not None else jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-    keep = attention_keep(jnp.asarray(am)) if am is not None else None
-    key = rng if isinstance(rng, jax.Array) else jax.random.key(0 if rng is None else rng)
-    graphdef, state = nnx.split(model)
-    nblocks = max_new_tokens // block_size; spb = steps // nblocks
-    ts, stats = dream_timesteps(spb, eps), DecodeStats()
-    if trace: stats.step_of, stats.p_of = np.full((B, max_new_tokens), -1), np.full((B, max_new_tokens), np.nan, np.float32)
-    kw = dict(threshold=float(threshold), alg=alg, temperature=float(temperature), top_p=top_p, top_k=top_k, mask_token_id=mid)
-    for b in range(nblocks):
-        lo, hi = P0 + b * block_size, P0 + (b + 1) * block_size
-        for i in range(spb):
-            if i == 0 or not cache:
-                logits, kv = _full(graphdef, state, x, pos, keep, with_kv=cache); logits = logits[:, lo:hi]; stats.full += 1
-            else:
-                logits = _cached(graphdef, state, x, pos, keep, kv, lo=lo)[:, :block_size]; stats.cached += 1
-            key, sk = jax.random.split(key)
-            blk = x[:, lo:hi]
-            new = _select(logits, blk, ts[i], ts[i + 1], i == spb - 1, sk, **kw)
-            x = x.at[:, lo:hi].set(new)
-            if trace:
-                hit = np.asarray((blk == mid) & (new != mid))
-                p = np.asarray(jnp.take_along_axis(jax.nn.softmax(logits.astype(jnp.float32), -1), new[..., None], -1)[..., 0])
-                stats.step_of[:, lo - P0:hi - P0][hit] = len(stats.per_step)
-                stats.p_of[:, lo - P0:hi - P0][hit] = p[hit]
-            n_left = int(jnp.sum(new == mid))
-            stats.per_step.append(int(jnp.sum(blk == mid)) - n_left)
-            if n_left == 0: break
-    return np.asarray(x), stats
 
 # %% ../nbs/41_diffucoder_fast.ipynb #970b30f3
 def _layer_window(x, w:dict, cos, sin, keep, cfg:DreamConfig, kc, vc, start, fresh):
@@ -357,25 +281,40 @@ def torch_fastdllm_generate(hf_model, input_ids, attention_mask=None, *, max_new
 
 # %% ../nbs/41_diffucoder_fast.ipynb #0de36c3b
 GiB = 2**30
-TPU_SLICES = {  # name: (topology for jax.experimental.topologies, HBM per device in bytes, what a device is)
-    'v5e-8': ('v5e:2x4', 16 * GiB, '8 chips, 1 TensorCore and 16 GiB each'),
-    'v4-8': ('v4:2x2x1', 16 * GiB, '4 chips, 2 TensorCores sharing 32 GiB each'),
-    'v2-8': ('v2:2x2', 8 * GiB, '4 chips, 2 TensorCores with 8 GiB each'),
+
+@dataclass(frozen=True)
+class TpuSlice:
+    "A TPU slice as the compiler sees it: libtpu's topology, the mesh over it, and the HBM of one mesh device."
+    topology: str     # for jax.experimental.topologies.get_topology_desc
+    mesh: tuple       # (data, model) axis sizes
+    hbm: int          # bytes of HBM per mesh device
+    megacore: bool    # a mesh device is a chip whose 2 TensorCores share its HBM (compiled as one TensorCore, see above)
+    about: str
+
+TPU_SLICES = {
+    'v5e-8': TpuSlice('v5e:2x4', (2, 4), 16 * GiB, False, '8 chips, 1 TensorCore and 16 GiB each'),
+    'v4-8': TpuSlice('v4:2x2x1', (1, 4), 32 * GiB, True, '4 chips, 2 TensorCores sharing 32 GiB each (megacore)'),
+    'v2-8': TpuSlice('v2:2x2', (2, 4), 8 * GiB, False, '4 chips, 2 TensorCores with 8 GiB each'),
+    'v5e-1': TpuSlice('v5e:2x2', (1, 1), 16 * GiB, False, "one v5e chip (Colab's TPU runtime)"),
+    'v4-1': TpuSlice('v4:2x2x1', (1, 1), 32 * GiB, True, 'one v4 chip (megacore)'),
 }
 
 def tpu_compiler_available() -> bool:
     "Is libtpu importable (what `jax.experimental.topologies` needs to compile for TPU on any host)?"
     return importlib.util.find_spec('libtpu') is not None
 
-def topology_mesh(slice_name:str, data:int=2, model:int=4):
-    "A ('data', 'model') Mesh over the devices of a TPU slice described (not attached) by libtpu."
-    from jax.experimental import topologies
+def topology_mesh(slice_name:str):
+    "A ('data', 'model') Mesh over the devices of a TPU slice described (not attached) by libtpu; one device per chip on megacore chips."
+    from jax.experimental import topologies, mesh_utils
     if slice_name not in TPU_SLICES: raise ValueError(f'slice_name must be one of {sorted(TPU_SLICES)}, got {slice_name!r}')
     if not tpu_compiler_available(): raise RuntimeError('libtpu is not installed: pip install "jax[tpu]" (or run the tpu_compile CI environment)')
-    topo = topologies.get_topology_desc(topology_name=TPU_SLICES[slice_name][0], platform='tpu')
-    try: return topologies.make_mesh(topo, (data, model), ('data', 'model'))
-    except AssertionError:   # v4 and later want one device per chip ("megacore"); the description lists TensorCores
-        return jax.sharding.Mesh(np.asarray(topo.devices).reshape(data, model), ('data', 'model'))
+    s = TPU_SLICES[slice_name]
+    devs = list(topologies.get_topology_desc(topology_name=s.topology, platform='tpu').devices)
+    if s.megacore: devs = [d for d in devs if d.core_on_chip == 0]          # the description lists TensorCores: one per chip
+    devs = devs[:math.prod(s.mesh)]
+    try: grid = mesh_utils.create_device_mesh(s.mesh, devs)                  # the physical ring order where JAX knows it
+    except (AssertionError, ValueError, NotImplementedError): grid = np.asarray(devs).reshape(s.mesh)
+    return jax.sharding.Mesh(grid, ('data', 'model'))
 
 # %% ../nbs/41_diffucoder_fast.ipynb #8436dfd4
 def _name(path) -> str:
@@ -389,30 +328,32 @@ def abstract_sharded(cfg:DreamConfig, mesh, dtype=jnp.bfloat16):
     return graphdef, jax.tree_util.tree_map_with_path(
         lambda p, a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, rules[_name(p)])), state)
 
-def _forward(graphdef):
-    def forward(state, ids): return nnx.merge(graphdef, state)(ids)              # (B, L, V) fp32 logits
+def _forward(graphdef, logits_dtype=jnp.float32):
+    def forward(state, ids): return nnx.merge(graphdef, state)(ids).astype(logits_dtype)   # (B, L, V) logits
     return forward
 
-def _decode_step(graphdef, mask_token_id:int, alg:str='entropy'):
+def _decode_step(graphdef, mask_token_id:int, alg:str='entropy', logits_dtype=jnp.float32):
     "One step of Dream's sampler on the whole canvas (forward, shift, confidence, per-row top-k): what generation runs per step."
     def step(state, x, key):
-        lg = nnx.merge(graphdef, state)(x)
+        lg = nnx.merge(graphdef, state)(x).astype(logits_dtype)
         lg = jnp.concatenate([lg[:, :1], lg[:, :-1]], 1)
         return select_step(lg, x, jnp.float32(1.0), jnp.float32(0.99), False, key, threshold=1.0, alg=alg,
                            temperature=0.0, top_p=None, top_k=None, mask_token_id=mask_token_id)
     return step
 
-def compile_on(mesh, what:str, batch:int, seq:int, cfg:DreamConfig|None=None, dtype=jnp.bfloat16):
+def compile_on(mesh, what:str, batch:int, seq:int, cfg:DreamConfig|None=None, dtype=jnp.bfloat16,
+               logits='float32', # the logits' dtype: 'float32' (upcast) or 'bfloat16' (Dream's)
+              ):
     "The TPU executable of `what` ('forward' or 'decode_step') for a (batch, seq) canvas of `cfg` (default DiffuCoder-7B) on `mesh`."
     cfg = cfg or PRESETS['diffucoder_7b']
     if batch % mesh.shape['data']: raise ValueError(f'batch={batch} must divide by the data axis {mesh.shape["data"]}')
     graphdef, state = abstract_sharded(cfg, mesh, dtype)
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=NamedSharding(mesh, P('data', None)))
     if what == 'forward':
-        fn, args, out = _forward(graphdef), (state, ids), NamedSharding(mesh, P('data', None, 'model'))
+        fn, args, out = _forward(graphdef, jnp.dtype(logits)), (state, ids), NamedSharding(mesh, P('data', None, 'model'))
     elif what == 'decode_step':
         key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, P()))
-        fn, args, out = _decode_step(graphdef, cfg.mask_token_id), (state, ids, key), NamedSharding(mesh, P('data', None))
+        fn, args, out = _decode_step(graphdef, cfg.mask_token_id, logits_dtype=jnp.dtype(logits)), (state, ids, key), NamedSharding(mesh, P('data', None))
     else: raise ValueError(f"what must be 'forward' or 'decode_step', got {what!r}")
     return jax.jit(fn, out_shardings=out).trace(*args).lower().compile()
 
@@ -428,35 +369,40 @@ def memory_figures(compiled) -> dict:
 _OOM = re.compile(r'required[^(]*\(([\d.]+)([KMGT])\).*available HBM \(([\d.]+)([KMGT])\)')
 _UNIT = dict(K=2**10, M=2**20, G=2**30, T=2**40)
 
-def fit_record(mesh, slice_name:str, what:str, batch:int, seq:int, cfg:DreamConfig|None=None) -> dict:
-    "Compile and measure: dict(slice, what, batch, seq, fits, compile_s, per-device figures; for an OOM the compiler's required/available)."
-    t0 = time.perf_counter()
-    try: figs, err = memory_figures(compile_on(mesh, what, batch, seq, cfg)), None
+def fit_record(mesh, slice_name:str, what:str, batch:int, seq:int, cfg:DreamConfig|None=None, logits='float32') -> dict:
+    "Compile and measure: dict(slice, what, batch, seq, logits, fits, compile_s, per-device figures; for an OOM the compiler's required/available)."
+    s, t0 = TPU_SLICES[slice_name], time.perf_counter()
+    try: figs, err = memory_figures(compile_on(mesh, what, batch, seq, cfg, logits=logits)), None
     except Exception as e:
         figs, err = {}, f'{type(e).__name__}: {str(e).splitlines()[0][:300]}'
         if (m := _OOM.search(err)):
             figs = dict(peak=int(float(m[1]) * _UNIT[m[2]]), hbm_available=int(float(m[3]) * _UNIT[m[4]]))
-    return dict(slice=slice_name, what=what, batch=batch, seq=seq, hbm=TPU_SLICES[slice_name][1], fits=err is None,
-                compile_s=time.perf_counter() - t0, error=err, **figs)
+    usable = figs['hbm_available'] * (2 if s.megacore else 1) if 'hbm_available' in figs else None
+    fits = err is None or (s.megacore and usable is not None and figs['peak'] <= usable)   # megacore: the figure against the chip
+    return dict(slice=slice_name, what=what, batch=batch, seq=seq, logits=jnp.dtype(logits).name, devices=mesh.size, hbm=s.hbm,
+                usable=usable, fits=fits, verdict='compiled' if err is None else 'compiler figure', compile_s=time.perf_counter() - t0,
+                error=err, **figs)
 
-def largest_batch(slice_name:str, what:str, seq:int, cfg:DreamConfig|None=None, max_compiles:int=8) -> tuple:
-    "(largest batch that compiles within HBM or 0, every compile's record); batches are multiples of the data axis (2)."
+def largest_batch(slice_name:str, what:str, seq:int, cfg:DreamConfig|None=None, logits='float32', max_compiles:int=8) -> tuple:
+    "(largest batch that fits or 0, every compile's record); batches are multiples of the data axis."
     mesh, recs, done = topology_mesh(slice_name), [], {}
+    step = mesh.shape['data']
     def run(b):
-        if b not in done: r = fit_record(mesh, slice_name, what, b, seq, cfg); recs.append(r); done[b] = r
+        if b not in done: r = fit_record(mesh, slice_name, what, b, seq, cfg, logits); recs.append(r); done[b] = r
         return done[b]
-    big = max(2, 1024 * 512 // seq // 2 * 2)
+    best = lambda: max([b for b, r in done.items() if r['fits']], default=0)
+    big = max(step, 1024 * 512 // seq // step * step)
     a, c = run(big), run(2 * big)
-    if 'peak' not in a or 'peak' not in c: return (max([b for b, r in done.items() if r['fits']], default=0)), recs
+    if 'peak' not in a or 'peak' not in c: return best(), recs
     slope = (c['peak'] - a['peak']) / big
-    avail = a.get('hbm_available') or c.get('hbm_available') or TPU_SLICES[slice_name][1]
-    b = max(2, min(big, int((avail - (a['peak'] - slope * big)) / slope)) // 2 * 2)
+    avail = a['usable'] or c['usable'] or TPU_SLICES[slice_name].hbm
+    b = max(step, min(big, int((avail - (a['peak'] - slope * big)) / slope)) // step * step)
     while len(recs) < max_compiles:
-        lo, hi = run(b), run(b + 2)
+        lo, hi = run(b), run(b + step)
         if lo['fits'] and not hi['fits']: return b, recs
-        if not lo['fits'] and b == 2: return 0, recs
-        b = b + 2 if lo['fits'] else b - 2
-    return (max([b for b, r in done.items() if r['fits']], default=0)), recs
+        if not lo['fits'] and b == step: return 0, recs
+        b = b + step if lo['fits'] else b - step
+    return best(), recs
 
 # %% ../nbs/41_diffucoder_fast.ipynb #7e8f054b
 def fit_results(recs:list, cfg_name:str='diffucoder_7b') -> list:
@@ -465,91 +411,106 @@ def fit_results(recs:list, cfg_name:str='diffucoder_7b') -> list:
     out = []
     for r in recs:
         t = bench.Timing(r['compile_s'], r['compile_s'], r['compile_s'], 1, r.get('peak'))   # the time is the compile's; peak per TPU device
-        cond = {k: r.get(k) for k in ('fits', 'hbm', 'hbm_available', 'peak', 'argument', 'output', 'temp', 'alias', 'error')}
+        cond = {k: r.get(k) for k in ('fits', 'verdict', 'hbm', 'hbm_available', 'usable', 'peak', 'argument', 'output', 'temp', 'alias', 'error')}
         out.append(bench.record('diffucoder_fast', 'tpu_fit', t, hw=detect(), dtype='bfloat16', pkgs=('jax', 'libtpu'),
-                                params=dict(model=cfg_name, slice=r['slice'], what=r['what'], batch=r['batch'], seq=r['seq']),
+                                params=dict(model=cfg_name, slice=r['slice'], what=r['what'], batch=r['batch'], seq=r['seq'], logits=r['logits'], devices=r['devices']),
                                 conditions=cond))
     return out
 
-def tpu_fit_sweep(slices=('v5e-8', 'v4-8', 'v2-8'), whats=('decode_step', 'forward'), seqs=(512, 1024), path=None) -> list:
+def tpu_fit_sweep(slices=tuple(TPU_SLICES), whats=('decode_step', 'forward'), seqs=(512, 1024), logits=('float32', 'bfloat16'), path=None) -> list:
     "Run `largest_batch` over every combination; with `path`, save all records after each combination (`bench.save_results`)."
     recs = []
     for sl in slices:
-        for seq in seqs:
-            for what in whats:
-                b, rs = largest_batch(sl, what, seq); recs += rs
-                log.info('%s %s seq %d: largest batch %d (%d compiles)', sl, what, seq, b, len(rs))
-                if path: bench.save_results(fit_results(recs), path, run=dict(kind='tpu_fit', libtpu=package_version('libtpu')))
+        for lg in logits:
+            for seq in seqs:
+                for what in whats:
+                    b, rs = largest_batch(sl, what, seq, logits=lg); recs += rs
+                    log.info('%s %s seq %d %s logits: largest batch %d (%d compiles)', sl, what, seq, lg, b, len(rs))
+                    if path: bench.save_results(fit_results(recs), path, run=dict(kind='tpu_fit', libtpu=package_version('libtpu')))
     return recs
 
+FIT_RUNS = {  # measurements file: the sweep that writes it (the 8-device bf16 compiles take minutes each, hence apart)
+    'diffucoder_tpu_fit.json': dict(slices=('v5e-8',), logits=('float32',)),
+    'diffucoder_tpu_fit_v5e8_bf16.json': dict(slices=('v5e-8',), logits=('bfloat16',)),
+    'diffucoder_tpu_fit_chips.json': dict(slices=('v5e-1', 'v4-1', 'v4-8')),
+    'diffucoder_tpu_fit_v2.json': dict(slices=('v2-8',)),
+}
+
 # %% ../nbs/41_diffucoder_fast.ipynb #2eda3e1e
+def _logits(r) -> str: return r.params.get('logits', 'float32')   # records from before the logits column were fp32
+
 def _fits(results:list) -> dict:
-    "{(slice, what, seq): [(batch, fits, peak, error)] sorted by batch}."
+    "{(slice, what, seq, logits): [(batch, fits, peak, error)] sorted by batch}."
     out = {}
     for r in results:
         p, c = r.params, r.conditions
-        out.setdefault((p['slice'], p['what'], p['seq']), []).append((p['batch'], c['fits'], c.get('peak'), c.get('error')))
+        out.setdefault((p['slice'], p['what'], p['seq'], _logits(r)), []).append((p['batch'], c['fits'], c.get('peak'), c.get('error')))
     return {k: sorted(v) for k, v in out.items()}
 
+def _fit_cell(v:list) -> str:
+    ok = [x for x in v if x[1]]; top = ok[-1][0] if ok else 0
+    bad = [x for x in v if not x[1] and x[0] > top]
+    over = (f"; {bad[0][0]} needs {bad[0][2] / GiB:.1f}" if bad[0][2] else f"; {bad[0][0]}: compile error") if bad else ''
+    return (f"**{top}** ({ok[-1][2] / GiB:.1f} GiB)" if ok else ('none fits' if v else 'not measured')) + over
+
+def _usable(results:list, sl:str):
+    return next((r.conditions.get('usable') or r.conditions['hbm_available'] for r in results
+                 if r.params['slice'] == sl and (r.conditions.get('usable') or r.conditions.get('hbm_available'))), None)
+
 def fit_table(results:list) -> str:
-    "Markdown: per slice and function, the largest batch that compiles within HBM at each sequence length, and the evidence."
-    fits, seqs = _fits(results), sorted({r.params['seq'] for r in results})
-    rows = ['| slice | HBM per device | function | ' + ' | '.join(f'seq {s}: largest batch (peak/device) | first batch over' for s in seqs) + ' |',
-            '|---|---|---|' + '---|---|' * len(seqs)]
+    "Markdown: per slice and function, the largest batch that fits (peak per device) and the first batch over, per sequence length and logits dtype."
+    fits = _fits(results)
+    cols = sorted({(k[2], k[3]) for k in fits}, key=lambda c: (c[0], c[1] != 'float32'))
+    short = dict(float32='fp32', bfloat16='bf16')
+    rows = ['| slice | devices × HBM (usable) | function | ' + ' | '.join(f'seq {s}, {short.get(l, l)} logits' for s, l in cols) + ' |',
+            '|---|---|---|' + '---|' * len(cols)]
     for sl, what in dict.fromkeys((k[0], k[1]) for k in fits):
-        cells = []
-        for s in seqs:
-            v = fits.get((sl, what, s), [])
-            ok = [x for x in v if x[1]]; bad = [x for x in v if not x[1] and (not ok or x[0] > max(o[0] for o in ok))]
-            cells.append(f"{ok[-1][0]} ({ok[-1][2] / GiB:.1f} GiB)" if ok else ('none fits' if v else 'not measured'))
-            cells.append((f"{bad[0][0]} (needs {bad[0][2] / GiB:.1f} GiB)" if bad[0][2] else f"{bad[0][0]} (compile error)") if bad else '—')
-        av = next((r.conditions['hbm_available'] for r in results if r.params['slice'] == sl and r.conditions.get('hbm_available')), None)
-        hbm = f"{TPU_SLICES[sl][1] / GiB:.0f} GiB" + (f" ({av / GiB:.2f} usable)" if av else '')
-        rows.append(f"| {sl} | {hbm} | {what} | " + ' | '.join(cells) + ' |')
+        s, av = TPU_SLICES[sl], _usable(results, sl)
+        hbm = f"{math.prod(s.mesh)} × {s.hbm / GiB:.0f} GiB" + (f" ({av / GiB:.2f})" if av else '') + (' megacore' if s.megacore else '')
+        rows.append(f"| {sl} | {hbm} | {what} | " + ' | '.join(_fit_cell(fits.get((sl, what, sq, lg), [])) for sq, lg in cols) + ' |')
     return '\n'.join(rows)
 
 def fit_plot(results:list, path=None):
-    "Bytes per device against batch, one panel per slice, HBM as a line: compiled (o) or refused with the figure it needed (x)."
+    "Bytes per device against batch, one panel per slice, usable HBM as a line: compiled (o) or refused with the figure it needed (x)."
     import matplotlib.pyplot as plt
     fits, slices = _fits(results), list(dict.fromkeys(r.params['slice'] for r in results))
-    fig, axs = plt.subplots(1, len(slices), figsize=(4.5 * len(slices), 3.6), squeeze=False)
+    fig, axs = plt.subplots(1, len(slices), figsize=(4.2 * len(slices), 3.6), squeeze=False)
     for ax, sl in zip(axs[0], slices):
-        for (s_, what, seq), v in fits.items():
+        for (s_, what, seq, lg), v in fits.items():
             if s_ != sl: continue
             pts = [(b, pk / GiB) for b, f, pk, e in v if pk]
-            line, = ax.plot(*zip(*pts), '-', lw=1, label=f'{what}, seq {seq}')
+            line, = ax.plot(*zip(*pts), '-' if lg == 'float32' else ':', lw=1, label=f'{what}, {seq}, {lg[:4]}')
             for b, f, pk, e in v:
-                if pk: ax.plot([b], [pk / GiB], 'o' if f else 'x', color=line.get_color())
-        ax.axhline(TPU_SLICES[sl][1] / GiB, color='r', ls='--', lw=1, label='HBM per device')
-        ax.set(title=f'DiffuCoder-7B bf16 on {sl}', xlabel='batch', ylabel='GiB per device (compiler)', xscale='log', yscale='log'); ax.legend(fontsize=7)
+                if pk: ax.plot([b], [pk / GiB], 'o' if f else 'x', color=line.get_color(), ms=4)
+        ax.axhline((_usable(results, sl) or TPU_SLICES[sl].hbm) / GiB, color='r', ls='--', lw=1, label='usable HBM per device')
+        ax.set(title=f'DiffuCoder-7B bf16 on {sl}', xlabel='batch', ylabel='GiB per device (compiler)', xscale='log', yscale='log'); ax.legend(fontsize=6)
     fig.tight_layout()
     if path: fig.savefig(path, dpi=110)
     return fig
 
 # %% ../nbs/41_diffucoder_fast.ipynb #30fe9a23
 def decode(model, tok, prompts:list, *, max_new_tokens:int, decoder:dict|None=None, steps:int|None=None, alg:str='entropy'):
-    "(ids (B, prompt + new), prompt length, forward passes): Dream's sampler when `decoder` is None, else `fast_generate(**decoder)`."
+    "(ids (B, prompt + new), prompt length, forward passes): Dream's sampler when `decoder` is None, else `fastdllm_generate(**decoder)`."
     ids, am = encode_prompts(tok, prompts, pad_id=model.config.pad_token_id)
     steps = steps or max_new_tokens
     if decoder is None:
         return np.asarray(diffusion_generate(model, ids, am, max_new_tokens=max_new_tokens, steps=steps, alg=alg)), ids.shape[1], steps
-    out, st = fast_generate(model, ids, am, max_new_tokens=max_new_tokens, steps=steps, alg=alg, **decoder)
-    return out, ids.shape[1], st.forwards
+    dec = dict(decoder, block_size=decoder.get('block_size') or max_new_tokens)           # block_size None: the whole answer is one block
+    out, passes = fastdllm_generate(model, ids, am, max_new_tokens=max_new_tokens, **dec)
+    return out, ids.shape[1], passes
 
 # %% ../nbs/41_diffucoder_fast.ipynb #2beafa5d
-DECODERS = {  # name: fast_generate options (None: Dream's own sampler, the baseline)
+DECODERS = {  # name: fastdllm_generate options (None: Dream's own sampler, the baseline); Fast-dLLM's threshold 0.9 throughout
     'dream': None,
-    'parallel 0.9': dict(threshold=0.9),
-    'parallel 0.7': dict(threshold=0.7),
-    'block 32 + cache': dict(block_size=32, cache=True),
-    'block 32 + cache + 0.9': dict(block_size=32, cache=True, threshold=0.9),
-    'block 64 + cache + 0.9': dict(block_size=64, cache=True, threshold=0.9),
-    'block 128 + cache + 0.9': dict(block_size=128, cache=True, threshold=0.9),
+    'threshold, one block': dict(cache=None, block_size=None, threshold=0.9),
+    'threshold, blocks of 32': dict(cache=None, block_size=32, threshold=0.9),
+    'prefix cache, blocks of 32': dict(cache='prefix', block_size=32, threshold=0.9),     # Fast-dLLM's defaults
+    'dual cache, blocks of 32': dict(cache='dual', block_size=32, threshold=0.9),
 }
 
 def _agreement(a:np.ndarray, b:np.ndarray, P0:int) -> float: return float(np.mean(a[:, P0:] == b[:, P0:]))
 
-def compare_decoders(model, tok, prompts:list, *, max_new_tokens:int=256, decoders:dict=DECODERS, batch:int=16,
+def compare_decoders(model, tok, prompts:list, *, max_new_tokens:int=128, decoders:dict=DECODERS, batch:int=32,
                      alg:str='entropy', hw=None, samples:dict|None=None, # filled with {decoder: [(prompt, completion, hit_end)]}
                     ) -> list:
     "One `bench.Result` per decoder over `prompts` (in batches): forward passes, time, agreement with 'dream', parse fraction."
@@ -573,7 +534,7 @@ def compare_decoders(model, tok, prompts:list, *, max_new_tokens:int=256, decode
                                 quality=dict(parse_fraction=parse_fraction(prompts, comps), forward_passes=float(np.mean(fwd)),
                                              token_agreement=float(np.mean(agree)), same_body=float(np.mean(same))),
                                 conditions=dict(total_seconds=total, threads=len(os.sched_getaffinity(0)), load_avg=os.getloadavg()[0],
-                                                note='times include compilation (a few seconds per distinct shape; block decoders compile one window per block)')))
+                                                note='times include compilation (a few seconds per distinct shape and decoder)')))
         log.info('%s: %s', name, res[-1].quality)
     return res
 
@@ -588,11 +549,12 @@ def decoding_table(results:list) -> str:
                     f"{bench.fmt_time(r.times_s['median'])} | {base.times_s['median'] / r.times_s['median']:.2f}x | {q['token_agreement']:.3f} | "
                     f"{q['same_body']:.3f} | {q['parse_fraction']:.3f} |")
     p = base.params
-    return '\n'.join([f"{p['prompts']} held-out prompts in batches of {p['batch']}, {p['max_new_tokens']} new tokens, alg `{p['alg']}`, "
-                      f"temperature 0; Dream's sampler with steps = new tokens. Threads: {base.conditions['threads']}.", ''] + rows)
+    return '\n'.join([f"{p['prompts']} held-out prompts in batches of {p['batch']}, {p['max_new_tokens']} new tokens, temperature 0; "
+                      f"Dream's sampler with alg `{p['alg']}` and steps = new tokens, Fast-dLLM's decoders with its threshold rule. "
+                      f"Threads: {base.conditions['threads']}, load average {base.conditions['load_avg']:.1f}.", ''] + rows)
 
 # %% ../nbs/41_diffucoder_fast.ipynb #54a38e13
-HALVES = {'choice (1-64)': slice(0, 64), 'goal (65-128)': slice(64, 128), 'all 128': slice(None)}
+HALVES = {'prompts 1-64': slice(0, 64), 'prompts 65-128': slice(64, 128), 'all 128': slice(None)}
 
 def _parse_on(samples:dict, name:str, rows:slice) -> float:
     s = samples[name][rows]
@@ -645,12 +607,12 @@ def body_table(samples:dict, # {decoder: [(prompt, completion, hit_end)]}, as co
     return '\n'.join(rows)
 
 # %% ../nbs/41_diffucoder_fast.ipynb #c4afee39
-def samples_markdown(samples:dict, decoders=('dream', 'block 128 + cache + 0.9'), n:int=4) -> str:
-    "Markdown: the first `n` prompts' functions as each of `decoders` wrote them."
+def samples_markdown(samples:dict, decoders=('dream', 'prefix cache, blocks of 32'), n:int=4) -> str:
+    "Markdown: the first `n` prompts' functions as each of `decoders` (those the samples have) wrote them."
     from model_lab.diffucoder_train import function_body
     out = []
     for i in range(n):
-        for d in decoders:
+        for d in [d for d in decoders if d in samples]:
             p, c, h = samples[d][i]
             out += [f"**{d}** {'✓' if body_parses(p, c, h) else '✗'}", '```python', p + function_body(c, h), '```']
     return '\n'.join(out)
@@ -687,10 +649,13 @@ def generate_text(prompt:str, *, model='diffucoder-tiny', # bundled name, HF fol
                 forward_passes=int(passes), load_seconds=inf.load_time_s, seconds=secs, tokens_per_second=max_new_tokens / secs)
 
 # %% ../nbs/41_diffucoder_fast.ipynb #549d4e56
+FAST_BENCH = dict(  # prompts, new tokens, alternated rounds, decoders (`DECODER_CHOICES`); default: the headline, Fast-dLLM's defaults vs Dream's
+    quick=(2, 32, 3, tuple(DECODER_CHOICES)), default=(4, 64, 3, ('dream', 'block')), full=(32, 256, 7, tuple(DECODER_CHOICES)))
+
 @bench.suite('diffucoder_fast', plots=[dict(x='decoder', y='median')])
 def bench_fast(hw, size:str='default'):
     "Dream's sampler vs Fast-dLLM's decoders on the bundled tiny coder, alternated round by round: speed ratio, passes, parse rate, bodies."
-    n, new, rounds = dict(quick=(2, 32, 3), default=(4, 64, 5), full=(32, 256, 7))[size]
+    n, new, rounds, decoders = FAST_BENCH[size]
     inf = DiffuCoderInference('diffucoder-tiny', dtype='float32')
     tok = inf.tokenizer.backend_tokenizer
     prompts = eval_prompts([p for p in stdlib_files() if is_validation(p)], n=n, tokenizer=tok)
@@ -698,7 +663,7 @@ def bench_fast(hw, size:str='default'):
     fast = dict(block_size=32, threshold=0.9)
     runs = {'dream': lambda: (np.asarray(diffusion_generate(inf.model, ids, am, max_new_tokens=new, steps=new, alg='entropy')), new),
             **{k: (lambda c=c['cache']: fastdllm_generate(inf.model, ids, am, max_new_tokens=new, cache=c, **fast))
-               for k, c in DECODER_CHOICES.items() if c is not None}}
+               for k, c in DECODER_CHOICES.items() if c is not None and k in decoders}}
     outs = {k: f() for k, f in runs.items()}                                  # also the warm-up (compilation)
     rs = bench.ratios({k: (lambda f=f: f()[0]) for k, f in runs.items()}, 'dream', rounds=rounds, min_time=0)
     eos = inf.config.eos_token_id
