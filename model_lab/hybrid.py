@@ -1191,7 +1191,7 @@ def weight_bytes(model:nn.Module) -> int:
 # quick and default: the headline only (state cache vs re-encoding, int8 vs fp32/bf16); full adds the prompt sweep, the
 # blocks, the training utilisation and torchao's other int8 paths (compiled A16W8, dynamic W8A8)
 _BENCH = dict(quick=dict(d=64, prompts=(32,), new=4, rounds=3, int8_d=64, train_steps=3),
-              default=dict(d=128, prompts=(128,), new=8, rounds=5, int8_d=128, train_steps=10),
+              default=dict(d=128, prompts=(64,), new=4, rounds=3, int8_d=64, train_steps=5),
               full=dict(d=256, prompts=(128, 256, 512), new=8, rounds=5, int8_d=128, train_steps=30,
                         L=256, target=2, util_L=128, int8_paths=True))
 
