@@ -283,21 +283,25 @@ def ratios(fns:dict, # name -> a function called with no arguments; its output i
            sync:Callable|None=None, # waits for the device; None: inferred from each output, as `measure` does
            min_time:float=0.05, # seconds each contender runs per round (repeated calls)
            inner:int=3, # timed batches per contender per round (each about min_time/inner); the fastest one counts
+           per_round:str='calls', # 'calls': the same number of calls every round (set at warm-up); 'time': calls until min_time has passed, so every contender runs equally long (stateful work: training arms sharing a budget)
           ) -> dict:
     "Time `fns` alternated round by round: a `Ratio` (baseline_time / its time) for each name, the baseline's included."
     if baseline not in fns: raise ValueError(f'baseline {baseline!r} is not one of the contenders {list(fns)}')
+    if per_round not in ('calls', 'time'): raise ValueError(f"per_round must be 'calls' or 'time', got {per_round!r}")
     if rounds < 1 or warmup < 1 or inner < 1 or min_time < 0:
         raise ValueError(f'ratios needs rounds >= 1, warmup >= 1, inner >= 1, min_time >= 0; got rounds={rounds}, warmup={warmup}, inner={inner}, min_time={min_time}')
     names, devs, calls, batches = list(fns), {}, {}, {}
     load0, started = _loadavg(), _now()
     for n in names:
         for _ in range(warmup): t, devs[n] = _timed_batch(fns[n], 1, devs.get(n), sync)
+        if per_round == 'time': batches[n], calls[n] = 1, None; continue   # each round: calls until min_time has passed
         if 0 < t < min_time / inner: t, devs[n] = _calibrate(fns[n], min_time / inner, devs[n], sync)  # a short call: time many of them
         batches[n] = max(1, min(inner, int(min_time // t))) if t > 0 else inner  # a slow call runs once per round
         calls[n] = max(1, math.ceil(min_time / batches[n] / t)) if t > 0 else 1
     per = {n: [] for n in names}
     for i in range(rounds):
         for n in names[i % len(names):] + names[:i % len(names)]:
+            if per_round == 'time': t, devs[n] = _calibrate(fns[n], min_time, devs[n], sync); per[n].append(t); continue
             best = math.inf
             for _ in range(batches[n]): t, devs[n] = _timed_batch(fns[n], calls[n], devs[n], sync); best = min(best, t)
             per[n].append(best)
@@ -308,7 +312,7 @@ def ratios(fns:dict, # name -> a function called with no arguments; its output i
         rs = [b / t for b, t in zip(per[baseline], per[n])]
         lo, hi, cov = median_interval(rs)
         v, ts = statistics.median(rs), per[n]
-        cond = dict(threads=_threads(), cores=cores, loadavg_before=load0, loadavg_after=load1, calls_per_round=calls[n] * batches[n],
+        cond = dict(threads=_threads(), cores=cores, loadavg_before=load0, loadavg_after=load1, calls_per_round=calls[n] * batches[n] if calls[n] else 'until min_time', per_round=per_round,
                     min_time=min_time, batches=batches[n], coverage=round(cov, 4), interval='order statistics of the median of per-round ratios; each round the fastest of `batches` batches')
         out[n] = Ratio(v, lo, hi, rounds, baseline, Timing(min(ts), statistics.median(ts), max(ts), rounds, None, started, ts, warmup),
                        cond, bool(hi - lo > 0.30 * v or overloaded))
@@ -654,9 +658,16 @@ def plot(results:Iterable[Result], x:str, # a params key (e.g. 'L', 'n')
     ax.grid(True, which='both', alpha=.3); ax.legend(fontsize=8)
     return _save(fig, path)
 
-def _bar_label(r:Result) -> str:
-    p = _params(r.params)
-    return f'{r.name}\n{p}' if p else r.name
+def _distinct_params(r:Result, rat:list) -> dict:
+    "The params of `r` that tell it apart in a headline: those that differ among `rat` (all of them when `rat` is one record), less those its name already says."
+    keys = list(r.params) if len(rat) == 1 else [k for k in r.params if len({json.dumps(x.params.get(k), default=str) for x in rat}) > 1]
+    return {k: r.params[k] for k in keys if str(r.params[k]) not in r.name.split()}
+
+def _bar_label(r:Result, rs:list, width:int=22) -> str:
+    "A bar's tick label: its name, then the params that tell it apart from the other bars `rs`, wrapped to `width` characters (3 lines at most)."
+    import textwrap
+    p = _params(_distinct_params(r, rs))
+    return '\n'.join([r.name] + textwrap.wrap(p, width, max_lines=3, placeholder=' …')) if p else r.name
 
 def _short_label(r:Result, width:int=60, lines:int=3) -> str:
     "A configuration's name and params wrapped to `lines` lines of `width` characters (the rest elided): a tick label that leaves room for the bars."
@@ -696,7 +707,7 @@ def bar_plot(results:Iterable[Result], y:str='median', # 'median' | 'throughput'
         vals, lo, hi = zip(*[_spread(r, y) for r in rs])
         _bars(ax, vals, lo, hi, color='tab:green', width=0.6)
         ax.set_ylabel(_ylabel(rs, y) + ', whiskers: fastest..slowest call')
-    ax.set_xticks(range(len(rs)), [_bar_label(r) for r in rs], fontsize=8, rotation=20 if len(rs) > 4 else 0, ha='right' if len(rs) > 4 else 'center')
+    ax.set_xticks(range(len(rs)), [_bar_label(r, rs) for r in rs], fontsize=8, rotation=20 if len(rs) > 4 else 0, ha='right' if len(rs) > 4 else 'center')
     ax.set_xlim(-0.7, len(rs) - 0.3)
     _title(ax, title); ax.grid(True, axis='y', alpha=.3)
     return _save(fig, path)
@@ -777,11 +788,6 @@ def suite_kwargs(s:Suite, options:dict) -> dict:
     ps = inspect.signature(s.fn).parameters
     if any(p.kind == p.VAR_KEYWORD for p in ps.values()): return dict(options)
     return {k: v for k, v in options.items() if k in ps}
-
-def _distinct_params(r:Result, rat:list) -> dict:
-    "The params of `r` that tell it apart in a headline: those that differ among `rat` (all of them when `rat` is one record), less those its name already says."
-    keys = list(r.params) if len(rat) == 1 else [k for k in r.params if len({json.dumps(x.params.get(k), default=str) for x in rat}) > 1]
-    return {k: r.params[k] for k in keys if str(r.params[k]) not in r.name.split()}
 
 def _first_quality(r:Result) -> str:
     "A record's quality figure for the headline: its first one (suites put the figure that matters first)."

@@ -1022,7 +1022,8 @@ def race(budget_s:float=5, # seconds of training per arm (all rounds together)
     cfgs, (ac, dt), dev = race_configs(target_params, patterns), _race_precision(hw), torch_device(hw)
     with _threads(threads if hw.kind == 'cpu' else None):
         arms = {p: RaceArm(c, tc, PackedBlocks(tr, seq_len), dev, ac) for p, c in cfgs.items()}
-        rs = bench.ratios({f'race {p}': arm for p, arm in arms.items()}, f'race {baseline}', rounds=rounds, min_time=budget_s / rounds)
+        rs = bench.ratios({f'race {p}': arm for p, arm in arms.items()}, f'race {baseline}', rounds=rounds, min_time=budget_s / rounds,
+                          per_round='time')   # every arm trains budget_s / rounds seconds per round: equal budgets
         vloss = {p: arm.module.evaluate(val) for p, arm in arms.items()}
     out = []
     for p, arm in arms.items():
