@@ -674,10 +674,11 @@ def _short_label(r:Result, width:int=60, lines:int=3) -> str:
     import textwrap
     return '\n'.join(textwrap.wrap(', '.join(filter(None, (r.name, _params(r.params)))), width, max_lines=lines, placeholder=' …'))
 
-def _bars(ax, vals:list, lo:list, hi:list, **kw):
-    "Bars at 0..n-1 with asymmetric whiskers from lo to hi."
+def _bars(ax, vals:list, lo:list, hi:list, horiz:bool=False, width:float=0.8, **kw):
+    "Bars at 0..n-1 (rows when `horiz`) with asymmetric whiskers from lo to hi."
     err = [[max(v - l, 0) for v, l in zip(vals, lo)], [max(h - v, 0) for v, h in zip(vals, hi)]]
-    return ax.bar(range(len(vals)), vals, yerr=err, capsize=4, **kw)
+    if horiz: return ax.barh(range(len(vals)), vals, height=width, xerr=err, capsize=4, **kw)
+    return ax.bar(range(len(vals)), vals, width=width, yerr=err, capsize=4, **kw)
 
 def _spread(r:Result, y:str) -> tuple:
     "(value, low, high) of `y` for one result: the fastest..slowest call around the median (throughput = work / time, so inverted)."
@@ -692,24 +693,31 @@ def bar_plot(results:Iterable[Result], y:str='median', # 'median' | 'throughput'
     import matplotlib.pyplot as plt
     rs = [r for r in results if (r.ratio and r.ratio.get('baseline') != r.name if y == 'ratio' else _yval(r, y) is not None)]
     if not rs: raise ValueError(f'no results have a value for {y!r}' + (' (other than their baseline)' if y == 'ratio' else ''))
-    fig, ax = plt.subplots(figsize=(max(5.5, 1.1 * len(rs) + 2), 4))
+    labels = [_bar_label(r, rs) for r in rs]
+    horiz = len(rs) > 6 or any('\n' in l for l in labels)  # long or many labels: one row per bar, labels on the left
+    if horiz: labels = [_bar_label(r, rs, width=48) for r in rs]
+    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.5 * len(rs) + 0.12 * sum(l.count('\n') for l in labels)) if horiz else (max(5.5, 1.1 * len(rs) + 2), 4))
     if y == 'ratio':
         vals, lo, hi = zip(*[(r.ratio['value'], r.ratio['low'], r.ratio['high']) for r in rs])
-        bars = _bars(ax, vals, lo, hi, color='tab:blue', width=0.6)
+        bars = _bars(ax, vals, lo, hi, horiz, color='tab:blue', width=0.6)
         for b, r in zip(bars, rs):
             if r.ratio.get('noisy'): b.set_hatch('//'); b.set_alpha(.6)
         base = sorted({r.ratio.get('baseline') for r in rs} - {None})
-        ax.axhline(1, color='k', lw=1, ls='--', label=f'{" / ".join(base)} (the baseline, 1×)')
-        ax.set_ylabel(f'times faster than the baseline (×)\nwhiskers: 95% interval')
+        (ax.axvline if horiz else ax.axhline)(1, color='k', lw=1, ls='--', label=f'{" / ".join(base)} (the baseline, 1×)')
+        (ax.set_xlabel if horiz else ax.set_ylabel)('times faster than the baseline (×)' + (', ' if horiz else '\n') + 'whiskers: 95% interval')
         if any(r.ratio.get('noisy') for r in rs): ax.bar([0], [0], color='tab:blue', alpha=.6, hatch='//', label=NOISY)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc='upper right' if horiz else 'best')
     else:
         vals, lo, hi = zip(*[_spread(r, y) for r in rs])
-        _bars(ax, vals, lo, hi, color='tab:green', width=0.6)
-        ax.set_ylabel(_ylabel(rs, y) + ', whiskers: fastest..slowest call')
-    ax.set_xticks(range(len(rs)), [_bar_label(r, rs) for r in rs], fontsize=8, rotation=20 if len(rs) > 4 else 0, ha='right' if len(rs) > 4 else 'center')
-    ax.set_xlim(-0.7, len(rs) - 0.3)
-    _title(ax, title); ax.grid(True, axis='y', alpha=.3)
+        _bars(ax, vals, lo, hi, horiz, color='tab:green', width=0.6)
+        (ax.set_xlabel if horiz else ax.set_ylabel)(_ylabel(rs, y) + ', whiskers: fastest..slowest call')
+    if horiz:
+        ax.set_yticks(range(len(rs)), labels, fontsize=8); ax.set_ylim(len(rs) - 0.3, -1.7)  # the first result on top, a free band above for the legend
+        ax.set_xlim(left=0); ax.grid(True, axis='x', alpha=.3)
+    else:
+        ax.set_xticks(range(len(rs)), labels, fontsize=8, rotation=20 if len(rs) > 4 else 0, ha='right' if len(rs) > 4 else 'center')
+        ax.set_xlim(-0.7, len(rs) - 0.3); ax.grid(True, axis='y', alpha=.3)
+    _title(ax, title)
     return _save(fig, path)
 
 def grouped_bars(results:Iterable[Result], column:Callable, # result -> its bar's label (a machine, a run)

@@ -564,7 +564,11 @@ def hf_4d_mask(attention_mask, dtype=None):
 def save_hf_reference(hf_model, cfg:DreamConfig, path, max_shard_size=None) -> Path:
     "Save a transformers model as HF safetensors (sharded when `max_shard_size`) with a DiffuCoder-style config.json."
     p = Path(path)
-    hf_model.save_pretrained(p, safe_serialization=True, **(dict(max_shard_size=max_shard_size) if max_shard_size else {}))
+    from transformers.utils import logging as hf_logging
+    bar = hf_logging.is_progress_bar_enabled(); hf_logging.disable_progress_bar()  # no "Writing model shards" line in a bench run
+    try: hf_model.save_pretrained(p, safe_serialization=True, **(dict(max_shard_size=max_shard_size) if max_shard_size else {}))
+    finally:
+        if bar: hf_logging.enable_progress_bar()
     (p / 'config.json').write_text(json.dumps(cfg.to_hf(), indent=1))
     return p
 
