@@ -1143,9 +1143,14 @@ def _guarded(fn, suite_name, name, params, hw, dtype, work=None, unit=None, qual
     r.dtype = dtype
     return r, t
 
-@suite('diffucoder', plots=[dict(x='batch', y='throughput', hue='name', logx=True)])
+def _bench_total(hw, size:str) -> int:
+    "How many results `bench_diffucoder` yields at `size`: the load, a forward per batch, per generation batch one (JAX) or two (JAX and the PyTorch reference)."
+    b = BENCH[size]
+    return int(b['load']) + len(b['fwd']) + sum(1 + (B in b['ref']) for B in b['gen'])
+
+@suite('diffucoder', plots=[dict(x='batch', y='throughput', hue='name', logx=True)], total=_bench_total)
 def bench_diffucoder(hw:Hardware|None=None, size:str='default'):
-    "DiffuCoder/Dream in JAX: load, forward and generation throughput over batch sizes, against the PyTorch reference sampler."
+    "DiffuCoder/Dream in JAX: generation against the PyTorch reference sampler, alternated (--full: load, forward and generation throughput over batch sizes)."
     import torch
     hw, b = hw or detect(), BENCH[size]
     cfg = PRESETS[b['preset']]

@@ -652,7 +652,12 @@ def generate_text(prompt:str, *, model='diffucoder-tiny', # bundled name, HF fol
 FAST_BENCH = dict(  # prompts, new tokens, alternated rounds, decoders (`DECODER_CHOICES`); default: the headline, Fast-dLLM's defaults vs Dream's
     quick=(2, 32, 3, tuple(DECODER_CHOICES)), default=(4, 64, 3, ('dream', 'block')), full=(32, 256, 7, tuple(DECODER_CHOICES)))
 
-@bench.suite('diffucoder_fast', plots=[dict(x='decoder', y='median')])
+def _fast_total(hw, size:str) -> int:
+    "How many results `bench_fast` yields at `size`: Dream's sampler and each of the size's Fast-dLLM decoders."
+    decoders = FAST_BENCH[size][3]
+    return 1 + sum(1 for k, c in DECODER_CHOICES.items() if c is not None and k in decoders)
+
+@bench.suite('diffucoder_fast', plots=[dict(x='decoder', y='median')], total=_fast_total)
 def bench_fast(hw, size:str='default'):
     "Dream's sampler vs Fast-dLLM's decoders on the bundled tiny coder, alternated round by round: speed ratio, passes, parse rate, bodies."
     n, new, rounds, decoders = FAST_BENCH[size]

@@ -1310,7 +1310,13 @@ def _bench_notes(hw, size:str) -> list:
     "What the hybrid suite leaves out at `size`."
     return [] if size == 'full' else ['the prompt sweep, tokens/s per block type, the training utilisation and the compiled / dynamic int8 paths: --full']
 
-@suite('hybrid', plots=[dict(x='prompt', y='throughput', hue='name', logx=True, logy=True)], notes=_bench_notes)
+def _bench_total(hw, size:str) -> int:
+    "How many results `bench_hybrid` yields at `size` without a model or preset: 2 per prompt (state cache, re-encoding), one per int8 variant and mode, and with --full 2 per block type and the utilisation."
+    sz = _BENCH[size]
+    n = 2 * len(sz['prompts']) + 2 * (6 if sz.get('int8_paths') else 3)
+    return n + (2 * len(BLOCK_LETTERS) + 1 if size == 'full' else 0)
+
+@suite('hybrid', plots=[dict(x='prompt', y='throughput', hue='name', logx=True, logy=True)], notes=_bench_notes, total=_bench_total)
 def bench_hybrid(hw:Hardware, size:str='default',
                  model=None, # a checkpoint folder or hub name (`load_hf`): prefill and decode of that model instead
                  preset:str|None=None, # a MODEL_PRESETS name (350m, 1_3b, 7b, mamba-130m, xlstm-7b): its real size ...

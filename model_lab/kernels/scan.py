@@ -1023,7 +1023,16 @@ def _scan_quality(fn, kw, y_ref, p) -> dict:
     if p != 'fwd': return {}
     with torch.no_grad(): return dict(max_rel_err=_rel_err(fn(**kw, delta_softplus=True)[:, :8], y_ref))
 
-@suite('scan', plots=[dict(x='L', y='median', hue='name', logx=True, logy=True)])
+def _scan_contenders(hw:Hardware, d:int, l:int) -> dict:
+    "The backends timed at (D=d, L=l): every one that runs here, the sequential baseline only while its (L, B, D, N) tensors fit 1 GiB."
+    return {be: fn for be, fn in _scan_backends(hw).items() if be != 'seq' or 2 * d * l * 16 * 4 <= 2**30}
+
+def _scan_total(hw:Hardware, size:str) -> int:
+    "How many results `bench_scan` yields at `size`: one per backend, pass and (D, L); the run's progress bar counts on it."
+    cfg = _SCAN_SIZES[size]
+    return sum(2 * len(_scan_contenders(hw, d, l)) for d in cfg['dims'] for l in cfg['lengths'])
+
+@suite('scan', plots=[dict(x='L', y='median', hue='name', logx=True, logy=True)], total=_scan_total)
 def bench_scan(hw:Hardware, size:str='default',
                device=None, # where the tensors live (default: hw's device); the CPU runs the GPU contenders interpreted
                cfg:dict|None=None, # dims, lengths, rounds, min_time instead of `size`'s (a smoke test of the GPU run)
@@ -1038,7 +1047,7 @@ def bench_scan(hw:Hardware, size:str='default',
             kw = scan_inputs(2, d, 16, l, dtype=dtype, device=dev, seed=l)
             kw.pop('initial_state')
             y_ref = selective_scan_ref(**{k: v.double() for k, v in _first_channels(kw, 8).items()}, delta_softplus=True)
-            fns = {be: fn for be, fn in _scan_backends(hw).items() if be != 'seq' or 2 * d * l * 16 * 4 <= 2**30}  # seq's (L, B, D, N) tensors
+            fns = _scan_contenders(hw, d, l)
             base = 'seq' if 'seq' in fns else 'torch'
             for i, p in enumerate(('fwd', 'fwd+bwd')):
                 calls = {be: _scan_calls(fn, kw)[i] for be, fn in fns.items()}

@@ -1093,7 +1093,12 @@ def _bench_sizes(hw, sizes:dict, references:bool=True):
         for S in sizes['S']:
             for backward in (False, True): yield from _bench_size(hw, S, D, backward, dtype, dev, sizes, references)
 
-@suite('tfla', plots=[dict(x='S', y='median', hue='name', logx=True, logy=True)])
+def _tfla_total(hw:Hardware, size:str) -> int:
+    "How many results `bench_tfla` yields at `size` (one per implementation, S, D and pass; a peer that then fails to run is not counted by the run)."
+    sz = _BENCH_SIZES[size]
+    return len(sz['D']) * sum(len(_implementations(hw, S, b, references=size != 'default')) for S in sz['S'] for b in (False, True))
+
+@suite('tfla', plots=[dict(x='S', y='median', hue='name', logx=True, logy=True)], total=_tfla_total)
 def bench_tfla(hw:Hardware, size:str='default'):
     """mLSTM: chunkwise PyTorch vs Triton TFLA vs mlstm_kernels' chunkwise implementations (native autograd and custom backward;
     on a GPU its Triton TFLA kernels), with the parallel and recurrent references where they are fast enough, forward and
