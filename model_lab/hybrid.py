@@ -10,7 +10,7 @@ from pathlib import Path
 import torch, torch.nn as nn, torch.nn.functional as F
 from .devices import Hardware, detect, torch_device, peak_specs
 from .bench import suite, measure, record, atomic_write, peak_memory, torch_cpu_peak, Timing, fmt_bytes, ratios, ratio_record
-from .kernels.scan import selective_scan, selective_state_update
+from .kernels.scan import selective_scan, selective_state_update, causal_conv1d
 from .kernels.tfla import mlstm, mlstm_step
 
 # %% auto #0
@@ -263,7 +263,7 @@ class MambaBlock(HybridBlock):
         L = xn.shape[1]
         xi, z = self.in_proj(xn).chunk(2, -1)                         # (B, L, Di) each
         xi = xi.transpose(1, 2)                                       # (B, Di, L)
-        xc = F.silu(self.conv(xi)[..., :L])                           # causal: drop the right padding
+        xc = causal_conv1d(xi, self.conv.weight[:, 0], self.conv.bias)  # (B, Di, L): causal depthwise conv + SiLU
         dt, Bm, Cm = self._dbc(xc.transpose(1, 2))                    # (B, L, Di), (B, L, N), (B, L, N)
         A, D, bias = self._ssm_params(xc)
         y, h = selective_scan(xc, dt.transpose(1, 2), A, Bm.transpose(1, 2), Cm.transpose(1, 2), D, z.transpose(1, 2),
