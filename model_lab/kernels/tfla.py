@@ -18,9 +18,9 @@ except ImportError:  # the PyTorch paths work without triton
     logging.getLogger('model_lab').info("triton is not installed: mlstm runs its PyTorch paths (pip install 'model_lab[kernels]')")
 
 # %% auto #0
-__all__ = ['FLOOR', 'TILE_MAX', 'HEAD_MAX', 'STATE_BLOCK', 'MAXNREG', 'MAXNREG_QUARTER', 'BACKENDS', 'VARIANTS', 'PEERS',
-           'BASELINE', 'mlstm_inputs', 'mlstm_parallel', 'MLSTMState', 'mlstm_recurrent', 'default_chunk_size', 'mlstm',
-           'mlstm_step', 'mlstm_flops', 'bench_tfla', 'bench_tfla_peers']
+__all__ = ['FLOOR', 'SPREAD_MAX', 'TILE_MAX', 'HEAD_MAX', 'STATE_BLOCK', 'MAXNREG', 'MAXNREG_QUARTER', 'BACKENDS', 'VARIANTS',
+           'PEERS', 'BASELINE', 'mlstm_inputs', 'mlstm_parallel', 'MLSTMState', 'mlstm_recurrent', 'default_chunk_size',
+           'mlstm', 'mlstm_step', 'mlstm_flops', 'bench_tfla', 'bench_tfla_peers']
 
 # %% ../../nbs/11_kernels_tfla.ipynb #bfd67d1b
 def mlstm_inputs(B:int=1, H:int=4, S:int=256, Dqk:int=64, Dv:int|None=None, *,
@@ -162,30 +162,53 @@ def _intra_decay(u, mu, scale:float):
     L = u.shape[-1]
     return (u[..., None, :] - mu[..., :, None]).clamp_(FLOOR, 0.).exp_().mul_(_causal(L, scale, u.device, u.dtype))
 
+SPREAD_MAX = {torch.float32: 80., torch.float64: 200.}  # the largest stabilizer range in one chunk the factored form takes
+_SCALE_FLOOR = {torch.float32: FLOOR, torch.float64: -600.}  # beta's exponent clamp: a normal number, far below e^-SPREAD_MAX/2
+
+def _factored(mu) -> bool:
+    """Take the factored form E = alpha beta^T: tensors on the CPU whose every chunk's stabilizer range mu_last - mu_first
+    (mu (N, L)) is at most SPREAD_MAX. Reading that on a GPU would make the host wait for it: there the direct form runs."""
+    if mu.device.type != 'cpu': return False
+    return bool((mu[:, -1] - mu[:, 0]).max() <= SPREAD_MAX.get(mu.dtype, -math.inf))   # NaN: False (the direct form)
+
+def _row_col_scales(u, mu, scale:float):
+    """(alpha, beta) (N, L) with alpha_t beta_s = scale * E_ts for s <= t: alpha_t = scale * exp(r - mu_t), beta_s = exp(u_s - r),
+    r the middle of each chunk's mu range, so both lie within exp(+-range/2)."""
+    r = (mu[:, :1] + mu[:, -1:]) * 0.5
+    return (r - mu).exp_().mul_(scale), (u - r).clamp_(min=_SCALE_FLOOR[u.dtype]).exp_()
+
 def _carry(U, un, gam, C0, n0):
-    "States entering each chunk: C_0 = C0, C_{c+1} = gam_c C_c + U_c. Returns (B, H, NC+1, Dqk, Dv) and (B, H, NC+1, Dqk)."
-    B, H, NC = gam.shape
-    Cs, ns = U.new_empty(B, H, NC + 1, *U.shape[3:]), un.new_empty(B, H, NC + 1, un.shape[-1])
+    """States entering each chunk, C_0 = C0, C_{c+1} = gam_c C_c + U_c: (B, H, NC, Dqk, Dv) and (B, H, NC, Dqk), and the state
+    after the last chunk (C, n)."""
+    Cs, ns = torch.empty_like(U), torch.empty_like(un)
     Cs[:, :, 0], ns[:, :, 0] = C0, n0
-    for c in range(NC):  # no autograd here (inside a Function's forward/backward): write in place
-        torch.addcmul(U[:, :, c], gam[:, :, c, None, None], Cs[:, :, c], out=Cs[:, :, c + 1])
-        torch.addcmul(un[:, :, c], gam[:, :, c, None], ns[:, :, c], out=ns[:, :, c + 1])
-    return Cs, ns
+    g = gam[..., None, None]                                                    # (B, H, NC, 1, 1)
+    Uc, unc, gC, gn, Cc, nc = U.unbind(2), un.unbind(2), g.unbind(2), g[..., 0].unbind(2), Cs.unbind(2), ns.unbind(2)
+    for c in range(len(Cc) - 1):  # views made once (unbind): the loop is one multiply-add per state and chunk, written in place
+        torch.addcmul(Uc[c], gC[c], Cc[c], out=Cc[c + 1])
+        torch.addcmul(unc[c], gn[c], nc[c], out=nc[c + 1])
+    return Cs, ns, torch.addcmul(Uc[-1], gC[-1], Cc[-1]), torch.addcmul(unc[-1], gn[-1], nc[-1])
 
 def _carry_back(dCin, dnin, gam, dC_last, dn_last):
-    "Reverse of `_carry`: gradients w.r.t. every state C_0..C_NC, given the gradients the outputs send to C_0..C_{NC-1}."
-    B, H, NC = gam.shape
-    DC, Dn = dCin.new_empty(B, H, NC + 1, *dCin.shape[3:]), dnin.new_empty(B, H, NC + 1, dnin.shape[-1])
-    DC[:, :, NC], Dn[:, :, NC] = dC_last, dn_last
-    for c in range(NC - 1, -1, -1):
-        torch.addcmul(dCin[:, :, c], gam[:, :, c, None, None], DC[:, :, c + 1], out=DC[:, :, c])
-        torch.addcmul(dnin[:, :, c], gam[:, :, c, None], Dn[:, :, c + 1], out=Dn[:, :, c])
-    return DC, Dn
+    """Reverse of `_carry`, given the gradients the outputs send to the states entering each chunk: the gradients w.r.t. the
+    state after each chunk (B, H, NC, ...) and w.r.t. (C0, n0)."""
+    DC, Dn = torch.empty_like(dCin), torch.empty_like(dnin)
+    DC[:, :, -1], Dn[:, :, -1] = dC_last, dn_last
+    g = gam[..., None, None]
+    dC, dn, gC, gn, Dc, Dnc = dCin.unbind(2), dnin.unbind(2), g.unbind(2), g[..., 0].unbind(2), DC.unbind(2), Dn.unbind(2)
+    for c in range(len(Dc) - 1, 0, -1):
+        torch.addcmul(dC[c], gC[c], Dc[c], out=Dc[c - 1])
+        torch.addcmul(dn[c], gn[c], Dnc[c], out=Dnc[c - 1])
+    return DC, Dn, torch.addcmul(dC[0], gC[0], Dc[0]), torch.addcmul(dn[0], gn[0], Dnc[0])
+
+def _rowdot(a, b):
+    "sum over the last dim of a * b, without materialising a * b (a batched matmul underneath)."
+    return torch.einsum('...d,...d->...', a, b)
 
 def _norm_grads(dh, h, den, n, lbv, eps):
     "Backward through h = num / (max(|den|, lbv) + eps): (d num, d den, d log-lower-bound)."
     ne = n + eps
-    dn = -(dh * h).sum(-1) / ne
+    dn = _rowdot(dh, h).div_(ne).neg_()
     use_den = den.abs() >= lbv
     return dh / ne[..., None], torch.where(use_den, dn * den.sign(), 0.), torch.where(use_den, 0., dn * lbv)
 
@@ -197,52 +220,64 @@ class _TorchCore(torch.autograd.Function):
         B, H, Sp, Dk = q.shape; Dv, NC = v.shape[-1], Sp // L
         N = B * H * NC                                                     # one batch entry per chunk: bmm, no copies
         qc, kc, vc = q.reshape(N, L, Dk), k.reshape(N, L, Dk), v.reshape(N, L, Dv)
-        E = _intra_decay(u.reshape(N, L), mu.reshape(N, L), scale)         # (N, L, L), the 1/sqrt(Dqk) folded in
-        Ct = torch.bmm(qc, kc.transpose(1, 2)).mul_(E)
+        u, mu = u.reshape(N, L), mu.reshape(N, L)
+        if _factored(mu):                                                  # C~ = tril((alpha q)(beta k)^T): no L x L exp
+            al, be = _row_col_scales(u, mu, scale)
+            qa, kb, E = qc * al[..., None], kc * be[..., None], None        # (N, L, Dk)
+            Ct = torch.bmm(qa, kb.transpose(1, 2)).tril_()
+        else:                                                              # the direct form: E (N, L, L), 1/sqrt(Dqk) folded in
+            E, qa, kb, al, be = _intra_decay(u, mu, scale), None, None, None, None
+            Ct = torch.bmm(qc, kc.transpose(1, 2)).mul_(E)
         wk = la.reshape(N, L).exp()
         kw = kc * wk[..., None]                                            # (N, L, Dk)
         U = torch.bmm(kw.transpose(1, 2), vc).view(B, H, NC, Dk, Dv)
-        Cs, ns = _carry(U, kw.sum(1).view(B, H, NC, Dk), lgam.exp(), C0, n0)
-        Cin, nin = Cs[:, :, :-1].reshape(N, Dk, Dv), ns[:, :, :-1].reshape(N, Dk)  # state entering each chunk
+        Cin, nin, C, n_last = _carry(U, kw.sum(1).view(B, H, NC, Dk), lgam.exp(), C0, n0)
+        Cin, nin = Cin.view(N, Dk, Dv), nin.view(N, Dk)                    # the state entering each chunk
         w = lw.reshape(N, L).exp().mul_(scale)
         qi = qc * w[..., None]
         num = torch.bmm(Ct, vc).baddbmm_(qi, Cin)                          # (N, L, Dv)
-        den = Ct.sum(-1).add_((qi * nin[:, None, :]).sum(-1))              # (N, L)
+        den = torch.baddbmm(Ct.sum(-1, keepdim=True), qi, nin[..., None]).squeeze(-1)  # (N, L)
         lbv = lb.reshape(N, L).exp()
         n = torch.maximum(den.abs(), lbv)
-        h = num / (n + eps)[..., None]
-        ctx.save_for_backward(qc, kc, vc, E, Ct, wk, lgam, w, lbv, Cin, nin, den, n, h)
+        h = num.div_((n + eps)[..., None])
+        ctx.save_for_backward(qc, kc, vc, E, qa, kb, al, be, Ct, kw, wk, lgam, w, qi, lbv, Cin, nin, den, n, h)
         ctx.eps = eps
-        return h.view(B, H, Sp, Dv), Cs[:, :, -1], ns[:, :, -1]
+        return h.view(B, H, Sp, Dv), C, n_last
 
     @staticmethod
     def backward(ctx, dh, dC_last, dn_last):
-        qc, kc, vc, E, Ct, wk, lgam, w, lbv, Cin, nin, den, n, h = ctx.saved_tensors
+        qc, kc, vc, E, qa, kb, al, be, Ct, kw, wk, lgam, w, qi, lbv, Cin, nin, den, n, h = ctx.saved_tensors
         B, H, NC = lgam.shape; N, L, Dk = qc.shape; Dv, Sp = vc.shape[-1], NC * L
         dnum, dden, dlb = _norm_grads(dh.reshape(N, L, Dv), h, den, n, lbv, ctx.eps)
-        dCt = torch.bmm(dnum, vc.transpose(1, 2)).add_(dden[..., None])  # (N, L, L)
+        dCt = torch.bmm(dnum, vc.transpose(1, 2)).add_(dden[..., None])   # (N, L, L)
         dv = torch.bmm(Ct.transpose(1, 2), dnum)
-        dlogE = dCt * Ct
-        dS = dCt.mul_(E)
-        dq, dk = torch.bmm(dS, kc), torch.bmm(dS.transpose(1, 2), qc)
-        dqi = torch.bmm(dnum, Cin.transpose(1, 2)).add_(dden[..., None] * nin[:, None, :])  # (N, L, Dk)
+        if E is None:                                                      # factored: d log alpha, d log beta are row dots
+            dCt.tril_()
+            dqa, dkb = torch.bmm(dCt, kb), torch.bmm(dCt.transpose(1, 2), qa)
+            du, dmu = _rowdot(dkb, kb), _rowdot(dqa, qa).neg_()
+            dq, dk = dqa.mul_(al[..., None]), dkb.mul_(be[..., None])
+        else:                                                              # direct: d log E = dC~ * C~, summed both ways
+            dlogE = dCt * Ct
+            dS = dCt.mul_(E)
+            dq, dk = torch.bmm(dS, kc), torch.bmm(dS.transpose(1, 2), qc)
+            du, dmu = dlogE.sum(-2), dlogE.sum(-1).neg_()
+        dqi = torch.bmm(dnum, Cin.transpose(1, 2)).addcmul_(dden[..., None], nin[:, None, :])  # (N, L, Dk)
         dq.addcmul_(dqi, w[..., None])
-        dlw = (dqi * qc).sum(-1) * w
-        qi = qc * w[..., None]
+        dlw = _rowdot(dqi, qi)
         gam = lgam.exp()
-        DC, Dn = _carry_back(torch.bmm(qi.transpose(1, 2), dnum).view(B, H, NC, Dk, Dv),
-                             (qi * dden[..., None]).sum(1).view(B, H, NC, Dk), gam,
-                             torch.zeros_like(Cin[:B * H]).view(B, H, Dk, Dv) if dC_last is None else dC_last,
-                             torch.zeros_like(nin[:B * H]).view(B, H, Dk) if dn_last is None else dn_last)
-        dU, dun = DC[:, :, 1:].reshape(N, Dk, Dv), Dn[:, :, 1:].reshape(N, Dk)  # gradients w.r.t. the states after each chunk
+        zero = lambda x: torch.zeros_like(x[:B * H]).view(B, H, *x.shape[1:])
+        dU, dun, dC0, dn0 = _carry_back(torch.bmm(qi.transpose(1, 2), dnum).view(B, H, NC, Dk, Dv),
+                                        torch.bmm(dden[:, None, :], qi).view(B, H, NC, Dk), gam,
+                                        zero(Cin) if dC_last is None else dC_last, zero(nin) if dn_last is None else dn_last)
+        dU, dun = dU.view(N, Dk, Dv), dun.view(N, Dk)                      # gradients w.r.t. the states after each chunk
         dlgam = ((dU * Cin).sum((-1, -2)) + (dun * nin).sum(-1)).view(B, H, NC) * gam
         dkw = torch.bmm(vc, dU.transpose(1, 2)).add_(dun[:, None, :])     # (N, L, Dk)
-        dv.baddbmm_(kc * wk[..., None], dU)
+        dv.baddbmm_(kw, dU)
         dk.addcmul_(dkw, wk[..., None])
-        dla = (dkw * kc).sum(-1) * wk
+        dla = _rowdot(dkw, kw)
         flat = lambda x, *d: x.reshape(B, H, Sp, *d)
-        return (flat(dq, Dk), flat(dk, Dk), flat(dv, Dv), flat(dlogE.sum(-2)), flat(-dlogE.sum(-1)),
-                flat(dla), dlgam, flat(dlw), flat(dlb), DC[:, :, 0], Dn[:, :, 0], None, None, None)
+        return (flat(dq, Dk), flat(dk, Dk), flat(dv, Dv), flat(du), flat(dmu),
+                flat(dla), dlgam, flat(dlw), flat(dlb), dC0, dn0, None, None, None)
 
 # %% ../../nbs/11_kernels_tfla.ipynb #8640981e
 def _chunkwise(q, k, v, i, f, state:MLSTMState|None, L:int, variant:str, eps:float, core:str='torch'):
