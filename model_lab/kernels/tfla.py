@@ -19,8 +19,8 @@ except ImportError:  # the PyTorch paths work without triton
 
 # %% auto #0
 __all__ = ['FLOOR', 'SPREAD_MAX', 'TILE_MAX', 'HEAD_MAX', 'STATE_BLOCK', 'MAXNREG', 'MAXNREG_QUARTER', 'BACKENDS', 'VARIANTS',
-           'PEERS', 'BASELINE', 'mlstm_inputs', 'mlstm_parallel', 'MLSTMState', 'mlstm_recurrent', 'default_chunk_size',
-           'mlstm', 'mlstm_step', 'mlstm_flops', 'bench_tfla', 'bench_tfla_peers']
+           'PEERS', 'FLA_PEER', 'BASELINE', 'mlstm_inputs', 'mlstm_parallel', 'MLSTMState', 'mlstm_recurrent',
+           'default_chunk_size', 'mlstm', 'mlstm_step', 'mlstm_flops', 'bench_tfla', 'bench_tfla_peers']
 
 # %% ../../nbs/11_kernels_tfla.ipynb #bfd67d1b
 def mlstm_inputs(B:int=1, H:int=4, S:int=256, Dqk:int=64, Dv:int|None=None, *,
@@ -565,20 +565,25 @@ def _bw_states_kernel(Q, DH, WS, WB, DCL, DNL, DC0, DN0, scale, oCS, oNS, oG, oC
             tl.store(DN0 + bh * Dk + ok, dn.to(DN0.dtype.element_ty), mask=mk)
 
 @triton_kernel
+def _bw_qk_start(Q, K, V, DH, WS, WB, oG, oP, SL, NC, NBH, Dk, Dv, L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """Where the dq and dk kernels start: (batch*head, chunk, tile, Dqk block pk and its columns, Sp, GS; Q, K, V, DH moved to
+    this batch*head; its gate log-weights U (mu, la, lw follow GS apart); its d den and row scales DDEN, RS)."""
+    bh, c, t = _tile_ids(tl.program_id(0), NC, L // BT)
+    pk = tl.program_id(1)
+    Sp = NC * L
+    GS = NBH * Sp
+    return (bh, c, t, pk, pk * BK + tl.arange(0, BK), Sp, GS,
+            Q + bh * SL * Dk, K + bh * SL * Dk, V + bh * SL * Dv, DH + bh * SL * Dv,
+            WS + oG + bh * Sp, WB + oP + bh * Sp, WB + oP + 2 * GS + bh * Sp)
+
+@triton_kernel
 def _bw_dq_kernel(Q, K, V, DH, WS, WB, DQ, scale, oCS, oNS, oG, oP, oPD, SL, NC, NBH, Dk, Dv,
                   L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   FLOOR: tl.constexpr, PREC: tl.constexpr):
     """dq for BT rows x BK columns, and this Dqk block's share of the row sums behind d mu and d lw. Two matmuls per key tile
     (dh v^T, then ds k): the row sums of ds * (q k^T) are q . (ds k), read off the dq accumulator after the loop."""
-    bh, c, t = _tile_ids(tl.program_id(0), NC, L // BT)
-    pk = tl.program_id(1)
-    ok = pk * BK + tl.arange(0, BK)
-    Sp = NC * L
-    GS = NBH * Sp
-    Q, K, V, DH = Q + bh * SL * Dk, K + bh * SL * Dk, V + bh * SL * Dv, DH + bh * SL * Dv
-    U = WS + oG + bh * Sp
+    bh, c, t, pk, ok, Sp, GS, Q, K, V, DH, U, DDEN, RS = _bw_qk_start(Q, K, V, DH, WS, WB, oG, oP, SL, NC, NBH, Dk, Dv, L, BT, BK)
     MU, LW = U + GS, U + 3 * GS
-    DDEN, RS = WB + oP + bh * Sp, WB + oP + 2 * GS + bh * Sp
     DT: tl.constexpr = Q.dtype.element_ty
     rows = c * L + t * BT + tl.arange(0, BT)
     dd, rs = tl.load(DDEN + rows), tl.load(RS + rows)
@@ -604,15 +609,8 @@ def _bw_dk_kernel(Q, K, V, DH, WS, WB, DK, scale, oG, oDCS, oDNS, oP, oPD, SL, N
                   FLOOR: tl.constexpr, PREC: tl.constexpr):
     """dk for BT keys x BK columns, and this Dqk block's share of the column sums behind du and d la. Two matmuls per query
     tile (dh v^T, then ds^T q): the column sums of ds * (q k^T) are k . (ds^T q), read off the dk accumulator."""
-    bh, c, j = _tile_ids(tl.program_id(0), NC, L // BT)
-    pk = tl.program_id(1)
-    ok = pk * BK + tl.arange(0, BK)
-    Sp = NC * L
-    GS = NBH * Sp
-    Q, K, V, DH = Q + bh * SL * Dk, K + bh * SL * Dk, V + bh * SL * Dv, DH + bh * SL * Dv
-    U = WS + oG + bh * Sp
+    bh, c, j, pk, ok, Sp, GS, Q, K, V, DH, U, DDEN, RS = _bw_qk_start(Q, K, V, DH, WS, WB, oG, oP, SL, NC, NBH, Dk, Dv, L, BT, BK)
     MU, LA = U + GS, U + 2 * GS
-    DDEN, RS = WB + oP + bh * Sp, WB + oP + 2 * GS + bh * Sp
     DT: tl.constexpr = Q.dtype.element_ty
     cols = c * L + j * BT + tl.arange(0, BT)
     dk = tl.zeros((BT, BK), dtype=tl.float32)
@@ -1059,12 +1057,29 @@ def mlstm_flops(B, H, S, Dqk, Dv, chunk_size:int=64, backward:bool=False) -> flo
     fw = 2 * B * H * nc * (L * L * (Dqk + Dv) / 2 + 2 * L * Dqk * Dv)
     return fw * (3 if backward else 1)
 
+FLA_PEER = 'fla chunk_mlstm'   # flash-linear-attention's chunkwise mLSTM (Triton), a GPU contender where installed
+
+def _fla_mlstm():
+    """`fla.ops.mlstm.chunk_mlstm` (flash-linear-attention's mLSTM: exponential input gate, log-sigmoid forget gate, max-stabilized
+    normalizer) as fn(q, k, v, i, f, chunk_size) in our layout, or None where that package or that op is missing. fla takes
+    (B, S, H, D) and (B, S, H) and picks its chunk itself (64); the transposes are part of the call."""
+    try: from fla.ops.mlstm import chunk_mlstm
+    except Exception: return None
+    def run(q, k, v, i, f, chunk_size=None):
+        t = lambda x: x.transpose(1, 2)
+        return t(chunk_mlstm(t(q), t(k), t(v), t(i), t(f))[0])
+    return run
+
 def _peers(gpu:bool) -> dict:
-    "'mlstm_kernels chunkwise--<name>' -> (its function, chunk size) for the installed peer implementations that can run here."
+    """name -> (its function, chunk size) for the installed peer implementations that can run here: `mlstm_kernels`'
+    chunkwise ones ('mlstm_kernels chunkwise--<name>'), and on a GPU flash-linear-attention's (`FLA_PEER`)."""
     try: from mlstm_kernels.torch.chunkwise import registry
-    except Exception: return {}
-    return {f'mlstm_kernels chunkwise--{n}': (registry[n], L) for n, L in PEERS.items()
-            if n in registry and (gpu or n.startswith('native'))}
+    except Exception: registry = {}
+    peers = {f'mlstm_kernels chunkwise--{n}': (registry[n], L) for n, L in PEERS.items()
+             if n in registry and (gpu or n.startswith('native'))}
+    fla = _fla_mlstm() if gpu else None
+    if fla is not None: peers[FLA_PEER] = (fla, 64)
+    return peers
 
 def _implementations(hw:Hardware, S:int, backward:bool, references:bool=True) -> dict:
     "name -> (fn(q, k, v, i, f), chunk size) for the implementations that run at this size here."
@@ -1100,7 +1115,7 @@ def _runnable(impl:dict, x, backward:bool) -> dict:
     calls = {}
     for name, (fn, _) in impl.items():
         calls[name] = _timed_call(fn, x, backward)
-        if not name.startswith('mlstm_kernels'): continue
+        if not name.startswith(('mlstm_kernels', FLA_PEER)): continue
         try: calls[name]()
         except Exception as e:
             del calls[name]
