@@ -165,17 +165,19 @@ def _intra_decay(u, mu, scale:float):
 SPREAD_MAX = {torch.float32: 80., torch.float64: 200.}  # the largest stabilizer range in one chunk the factored form takes
 _SCALE_FLOOR = {torch.float32: FLOOR, torch.float64: -600.}  # beta's exponent clamp: a normal number, far below e^-SPREAD_MAX/2
 
-def _factored(mu) -> bool:
-    """Take the factored form E = alpha beta^T: tensors on the CPU whose every chunk's stabilizer range mu_last - mu_first
-    (mu (N, L)) is at most SPREAD_MAX. Reading that on a GPU would make the host wait for it: there the direct form runs."""
-    if mu.device.type != 'cpu': return False
-    return bool((mu[:, -1] - mu[:, 0]).max() <= SPREAD_MAX.get(mu.dtype, -math.inf))   # NaN: False (the direct form)
+def _direct_chunks(mu):
+    """The chunks (indices into N, mu (N, L)) whose stabilizer range mu_last - mu_first is above SPREAD_MAX (or NaN): they take
+    the direct form, the others the factored one. None: every chunk, as off the CPU, where reading which ones would make the
+    host wait for the device."""
+    if mu.device.type != 'cpu' or mu.dtype not in SPREAD_MAX: return None
+    return ((mu[:, -1] - mu[:, 0]) <= SPREAD_MAX[mu.dtype]).logical_not_().nonzero().squeeze(1)
 
 def _row_col_scales(u, mu, scale:float):
     """(alpha, beta) (N, L) with alpha_t beta_s = scale * E_ts for s <= t: alpha_t = scale * exp(r - mu_t), beta_s = exp(u_s - r),
-    r the middle of each chunk's mu range, so both lie within exp(+-range/2)."""
-    r = (mu[:, :1] + mu[:, -1:]) * 0.5
-    return (r - mu).exp_().mul_(scale), (u - r).clamp_(min=_SCALE_FLOOR[u.dtype]).exp_()
+    r the middle of each chunk's mu range, so both lie within exp(+-range/2). The exponents are clamped to +-SPREAD_MAX/2 (and
+    beta's to the floor below): a no-op in the chunks that take this form, no inf or subnormal in the others."""
+    r, h = (mu[:, :1] + mu[:, -1:]) * 0.5, SPREAD_MAX[mu.dtype] / 2
+    return (r - mu).clamp_(-h, h).exp_().mul_(scale), (u - r).clamp_(_SCALE_FLOOR[u.dtype], h).exp_()
 
 def _carry(U, un, gam, C0, n0):
     """States entering each chunk, C_0 = C0, C_{c+1} = gam_c C_c + U_c: (B, H, NC, Dqk, Dv) and (B, H, NC, Dqk), and the state
@@ -221,13 +223,19 @@ class _TorchCore(torch.autograd.Function):
         N = B * H * NC                                                     # one batch entry per chunk: bmm, no copies
         qc, kc, vc = q.reshape(N, L, Dk), k.reshape(N, L, Dk), v.reshape(N, L, Dv)
         u, mu = u.reshape(N, L), mu.reshape(N, L)
-        if _factored(mu):                                                  # C~ = tril((alpha q)(beta k)^T): no L x L exp
+        direct = _direct_chunks(mu)                                        # None: every chunk takes the direct form
+        nd = N if direct is None else len(direct)
+        sub = (lambda x: x) if nd == N else (lambda x: x[direct])          # the direct chunks' rows of a (N, ...) tensor
+        E = qa = kb = al = be = None
+        if nd < N:                                                         # factored: C~ = tril((alpha q)(beta k)^T)
             al, be = _row_col_scales(u, mu, scale)
-            qa, kb, E = qc * al[..., None], kc * be[..., None], None        # (N, L, Dk)
+            qa, kb = qc * al[..., None], kc * be[..., None]                 # (N, L, Dk)
             Ct = torch.bmm(qa, kb.transpose(1, 2)).tril_()
-        else:                                                              # the direct form: E (N, L, L), 1/sqrt(Dqk) folded in
-            E, qa, kb, al, be = _intra_decay(u, mu, scale), None, None, None, None
-            Ct = torch.bmm(qc, kc.transpose(1, 2)).mul_(E)
+        if nd:                                                             # direct: E (nd, L, L), the 1/sqrt(Dqk) folded in
+            E = _intra_decay(sub(u), sub(mu), scale)
+            Cd = torch.bmm(sub(qc), sub(kc).transpose(1, 2)).mul_(E)
+            if nd == N: Ct = Cd
+            else: Ct[direct] = Cd
         wk = la.reshape(N, L).exp()
         kw = kc * wk[..., None]                                            # (N, L, Dk)
         U = torch.bmm(kw.transpose(1, 2), vc).view(B, H, NC, Dk, Dv)
@@ -240,27 +248,31 @@ class _TorchCore(torch.autograd.Function):
         lbv = lb.reshape(N, L).exp()
         n = torch.maximum(den.abs(), lbv)
         h = num.div_((n + eps)[..., None])
-        ctx.save_for_backward(qc, kc, vc, E, qa, kb, al, be, Ct, kw, wk, lgam, w, qi, lbv, Cin, nin, den, n, h)
+        ctx.save_for_backward(qc, kc, vc, E, direct, qa, kb, al, be, Ct, kw, wk, lgam, w, qi, lbv, Cin, nin, den, n, h)
         ctx.eps = eps
         return h.view(B, H, Sp, Dv), C, n_last
 
     @staticmethod
     def backward(ctx, dh, dC_last, dn_last):
-        qc, kc, vc, E, qa, kb, al, be, Ct, kw, wk, lgam, w, qi, lbv, Cin, nin, den, n, h = ctx.saved_tensors
+        qc, kc, vc, E, direct, qa, kb, al, be, Ct, kw, wk, lgam, w, qi, lbv, Cin, nin, den, n, h = ctx.saved_tensors
         B, H, NC = lgam.shape; N, L, Dk = qc.shape; Dv, Sp = vc.shape[-1], NC * L
         dnum, dden, dlb = _norm_grads(dh.reshape(N, L, Dv), h, den, n, lbv, ctx.eps)
         dCt = torch.bmm(dnum, vc.transpose(1, 2)).add_(dden[..., None])   # (N, L, L)
         dv = torch.bmm(Ct.transpose(1, 2), dnum)
-        if E is None:                                                      # factored: d log alpha, d log beta are row dots
+        if qa is not None:                                                 # factored: d log alpha, d log beta are row dots
             dCt.tril_()
             dqa, dkb = torch.bmm(dCt, kb), torch.bmm(dCt.transpose(1, 2), qa)
             du, dmu = _rowdot(dkb, kb), _rowdot(dqa, qa).neg_()
             dq, dk = dqa.mul_(al[..., None]), dkb.mul_(be[..., None])
-        else:                                                              # direct: d log E = dC~ * C~, summed both ways
-            dlogE = dCt * Ct
-            dS = dCt.mul_(E)
-            dq, dk = torch.bmm(dS, kc), torch.bmm(dS.transpose(1, 2), qc)
-            du, dmu = dlogE.sum(-2), dlogE.sum(-1).neg_()
+        if E is not None:                                                  # direct: d log E = dC~ * C~, summed both ways
+            nd = E.shape[0]
+            sub = (lambda x: x) if nd == N else (lambda x: x[direct])
+            dCd, Cd = sub(dCt), sub(Ct)
+            dlogE = dCd * Cd
+            dS = dCd.mul_(E)
+            g = torch.bmm(dS, sub(kc)), torch.bmm(dS.transpose(1, 2), sub(qc)), dlogE.sum(-2), dlogE.sum(-1).neg_()
+            if nd == N: dq, dk, du, dmu = g
+            else: dq[direct], dk[direct], du[direct], dmu[direct] = g     # the factored form's rows of these chunks replaced
         dqi = torch.bmm(dnum, Cin.transpose(1, 2)).addcmul_(dden[..., None], nin[:, None, :])  # (N, L, Dk)
         dq.addcmul_(dqi, w[..., None])
         dlw = _rowdot(dqi, qi)
