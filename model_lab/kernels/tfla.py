@@ -999,11 +999,16 @@ def _triton_ready(q, L:int):
     if not (q.is_cuda or triton_interpreted()):
         raise RuntimeError(f"backend='triton' needs CUDA/ROCm tensors on a machine with a GPU (got tensors on {q.device})")
 
+def _chunk_for(gpu:bool, Dqk:int) -> int:
+    "`default_chunk_size` for a device kind and head size."
+    return 128 if gpu or Dqk >= 256 else 64
+
 def default_chunk_size(q:torch.Tensor) -> int:
     """Steps per chunk when `mlstm` is not told: 128 on a CUDA/ROCm GPU (the Triton kernels tile a chunk into 64-row tiles, so
-    a larger chunk only means fewer stored states; mlstm_kernels' TFLA kernels default to 128 too), 64 elsewhere (the
-    PyTorch path's L x L products per chunk; 64 was the fastest of 32-256 on this CPU, see the benchmark)."""
-    return 128 if q.is_cuda else 64
+    a larger chunk only means fewer stored states; mlstm_kernels' TFLA kernels default to 128 too); elsewhere (the PyTorch
+    path's L x L products per chunk against its per-chunk state products) 64, the fastest of 32-256 on this CPU at
+    Dqk = 64 and 128, and 128 from Dqk = 256 on (22% faster than 64 there, fwd+bwd at S=2048)."""
+    return _chunk_for(q.is_cuda, q.shape[-1])
 
 def _triton_fits(q, L:int) -> bool:
     "auto picks Triton: the tensors are on a GPU with triton, the dtype and chunk size suit the kernels."
@@ -1093,10 +1098,10 @@ def _peers(gpu:bool) -> dict:
     if fla is not None: peers[FLA_PEER] = (fla, 64)
     return peers
 
-def _implementations(hw:Hardware, S:int, backward:bool, references:bool=True) -> dict:
+def _implementations(hw:Hardware, S:int, backward:bool, references:bool=True, D:int=64) -> dict:
     "name -> (fn(q, k, v, i, f), chunk size) for the implementations that run at this size here."
     gpu = hw.kind in ('cuda', 'rocm')
-    lim, L = _REF_LIMITS['gpu' if gpu else 'cpu'], 128 if gpu else 64   # default_chunk_size of the device
+    lim, L = _REF_LIMITS['gpu' if gpu else 'cpu'], _chunk_for(gpu, D)   # default_chunk_size of the device
     impl = {'chunkwise torch': (lambda *x: mlstm(*x, backend='torch', chunk_size=L), L)}
     if gpu and triton is not None: impl['triton tfla'] = (lambda *x: mlstm(*x, backend='triton', chunk_size=L), L)
     for name, (fn, Lp) in _peers(gpu).items(): impl[name] = (lambda *x, fn=fn, Lp=Lp: fn(*x, chunk_size=Lp), Lp)
@@ -1137,7 +1142,7 @@ def _runnable(impl:dict, x, backward:bool) -> dict:
 def _bench_size(hw, S:int, D:int, backward:bool, dtype, dev, cfg:dict, references:bool):
     "Every implementation at one (S, D, pass), alternated round by round: one Result each, with its ratio to the baseline."
     x = mlstm_inputs(1, 4, S, D, dtype=dtype, device=dev, requires_grad=backward)
-    impl = _implementations(hw, S, backward, references)
+    impl = _implementations(hw, S, backward, references, D)
     calls = _runnable(impl, x, backward)
     base = BASELINE if BASELINE in calls else 'chunkwise torch'
     work = mlstm_flops(1, 4, S, D, D, 128 if hw.kind in ('cuda', 'rocm') else 64, backward) / 1e12
