@@ -4,7 +4,7 @@
 
 # %% ../../nbs/11_kernels_tfla.ipynb #aa869fb2
 from __future__ import annotations
-import os, math, logging
+import os, math, logging, threading
 from typing import NamedTuple
 import torch, torch.nn.functional as F
 from ..devices import (Hardware, triton_kernel, triton_interpreted, triton_usable, with_fallback, torch_device,
@@ -18,9 +18,10 @@ except ImportError:  # the PyTorch paths work without triton
     logging.getLogger('model_lab').info("triton is not installed: mlstm runs its PyTorch paths (pip install 'model_lab[kernels]')")
 
 # %% auto #0
-__all__ = ['FLOOR', 'SPREAD_MAX', 'TILE_MAX', 'HEAD_MAX', 'STATE_BLOCK', 'MAXNREG', 'MAXNREG_QUARTER', 'BACKENDS', 'VARIANTS',
-           'PEERS', 'FLA_PEER', 'BASELINE', 'mlstm_inputs', 'mlstm_parallel', 'MLSTMState', 'mlstm_recurrent',
-           'default_chunk_size', 'mlstm', 'mlstm_step', 'mlstm_flops', 'bench_tfla', 'bench_tfla_peers']
+__all__ = ['FLOOR', 'SPREAD_MAX', 'WORK_MAX', 'TILE_MAX', 'HEAD_MAX', 'STATE_BLOCK', 'MAXNREG', 'MAXNREG_QUARTER', 'BACKENDS',
+           'VARIANTS', 'PEERS', 'FLA_PEER', 'BASELINE', 'mlstm_inputs', 'mlstm_parallel', 'MLSTMState',
+           'mlstm_recurrent', 'default_chunk_size', 'mlstm', 'mlstm_step', 'mlstm_flops', 'bench_tfla',
+           'bench_tfla_peers']
 
 # %% ../../nbs/11_kernels_tfla.ipynb #bfd67d1b
 def mlstm_inputs(B:int=1, H:int=4, S:int=256, Dqk:int=64, Dv:int|None=None, *,
@@ -191,10 +192,10 @@ def _carry(U, un, gam, C0, n0):
         torch.addcmul(unc[c], gn[c], nc[c], out=nc[c + 1])
     return Cs, ns, torch.addcmul(Uc[-1], gC[-1], Cc[-1]), torch.addcmul(unc[-1], gn[-1], nc[-1])
 
-def _carry_back(dCin, dnin, gam, dC_last, dn_last):
+def _carry_back(dCin, dnin, gam, dC_last, dn_last, DC=None):
     """Reverse of `_carry`, given the gradients the outputs send to the states entering each chunk: the gradients w.r.t. the
-    state after each chunk (B, H, NC, ...) and w.r.t. (C0, n0)."""
-    DC, Dn = torch.empty_like(dCin), torch.empty_like(dnin)
+    state after each chunk (B, H, NC, ...; C's into `DC` if given) and w.r.t. (C0, n0)."""
+    DC, Dn = torch.empty_like(dCin) if DC is None else DC, torch.empty_like(dnin)
     DC[:, :, -1], Dn[:, :, -1] = dC_last, dn_last
     g = gam[..., None, None]
     dC, dn, gC, gn, Dc, Dnc = dCin.unbind(2), dnin.unbind(2), g.unbind(2), g[..., 0].unbind(2), DC.unbind(2), Dn.unbind(2)
@@ -203,16 +204,30 @@ def _carry_back(dCin, dnin, gam, dC_last, dn_last):
         torch.addcmul(dn[c], gn[c], Dnc[c], out=Dnc[c - 1])
     return DC, Dn, torch.addcmul(dC[0], gC[0], Dc[0]), torch.addcmul(dn[0], gn[0], Dnc[0])
 
+_WORK = threading.local()   # per thread: reusable work tensors of the CPU core (see `_work`)
+WORK_MAX = 2 ** 25           # bytes: larger work tensors are allocated per call, as usual
+
+def _work(slot:int, shape:tuple, like:torch.Tensor) -> torch.Tensor:
+    """A work tensor of `shape` for a temporary that dies inside one forward or backward call: on the CPU the `slot`-th of this
+    thread's reusable buffers (memory that is already mapped: a fresh 4 MB tensor costs ~1000 page faults, ~1/3 of the core's
+    time here), elsewhere or above WORK_MAX bytes a new tensor. Two temporaries alive at once must use different slots."""
+    n = math.prod(shape)
+    if like.device.type != 'cpu' or n * like.element_size() > WORK_MAX: return like.new_empty(shape)
+    pool = _WORK.__dict__.setdefault('pool', {})
+    buf = pool.get((slot, like.dtype))
+    if buf is None or buf.numel() < n: buf = pool[slot, like.dtype] = like.new_empty(n)
+    return buf[:n].view(shape)
+
 def _rowdot(a, b):
     "sum over the last dim of a * b, without materialising a * b (a batched matmul underneath)."
     return torch.einsum('...d,...d->...', a, b)
 
-def _norm_grads(dh, h, den, n, lbv, eps):
-    "Backward through h = num / (max(|den|, lbv) + eps): (d num, d den, d log-lower-bound)."
+def _norm_grads(dh, h, den, n, lbv, eps, out=None):
+    "Backward through h = num / (max(|den|, lbv) + eps): (d num (into `out` if given), d den, d log-lower-bound)."
     ne = n + eps
     dn = _rowdot(dh, h).div_(ne).neg_()
     use_den = den.abs() >= lbv
-    return dh / ne[..., None], torch.where(use_den, dn * den.sign(), 0.), torch.where(use_den, 0., dn * lbv)
+    return torch.div(dh, ne[..., None], out=out), torch.where(use_den, dn * den.sign(), 0.), torch.where(use_den, 0., dn * lbv)
 
 # %% ../../nbs/11_kernels_tfla.ipynb #e6a14c52
 class _TorchCore(torch.autograd.Function):
@@ -226,43 +241,52 @@ class _TorchCore(torch.autograd.Function):
         direct = _direct_chunks(mu)                                        # None: every chunk takes the direct form
         nd = N if direct is None else len(direct)
         sub = (lambda x: x) if nd == N else (lambda x: x[direct])          # the direct chunks' rows of a (N, ...) tensor
-        E = qa = kb = al = be = None
+        E = al = be = None
         if nd < N:                                                         # factored: C~ = tril((alpha q)(beta k)^T)
             al, be = _row_col_scales(u, mu, scale)
-            qa, kb = qc * al[..., None], kc * be[..., None]                 # (N, L, Dk)
-            Ct = torch.bmm(qa, kb.transpose(1, 2)).tril_()
+            qa = torch.mul(qc, al[..., None], out=_work(0, qc.shape, qc))
+            kb = torch.mul(kc, be[..., None], out=_work(1, kc.shape, kc))
+            Ct = torch.bmm(qa, kb.transpose(1, 2)).tril_()                 # C~ is kept: a new tensor
+            del qa, kb
         if nd:                                                             # direct: E (nd, L, L), the 1/sqrt(Dqk) folded in
             E = _intra_decay(sub(u), sub(mu), scale)
             Cd = torch.bmm(sub(qc), sub(kc).transpose(1, 2)).mul_(E)
             if nd == N: Ct = Cd
             else: Ct[direct] = Cd
+            del Cd
         wk = la.reshape(N, L).exp()
-        kw = kc * wk[..., None]                                            # (N, L, Dk)
-        U = torch.bmm(kw.transpose(1, 2), vc).view(B, H, NC, Dk, Dv)
+        kw = torch.mul(kc, wk[..., None], out=_work(0, kc.shape, kc))       # (N, L, Dk)
+        U = torch.bmm(kw.transpose(1, 2), vc, out=_work(1, (N, Dk, Dv), kc)).view(B, H, NC, Dk, Dv)
         Cin, nin, C, n_last = _carry(U, kw.sum(1).view(B, H, NC, Dk), lgam.exp(), C0, n0)
+        del kw, U
         Cin, nin = Cin.view(N, Dk, Dv), nin.view(N, Dk)                    # the state entering each chunk
         w = lw.reshape(N, L).exp().mul_(scale)
-        qi = qc * w[..., None]
+        qi = torch.mul(qc, w[..., None], out=_work(0, qc.shape, qc))
         num = torch.bmm(Ct, vc).baddbmm_(qi, Cin)                          # (N, L, Dv)
         den = torch.baddbmm(Ct.sum(-1, keepdim=True), qi, nin[..., None]).squeeze(-1)  # (N, L)
+        del qi
         lbv = lb.reshape(N, L).exp()
         n = torch.maximum(den.abs(), lbv)
         h = num.div_((n + eps)[..., None])
-        ctx.save_for_backward(qc, kc, vc, E, direct, qa, kb, al, be, Ct, kw, wk, lgam, w, qi, lbv, Cin, nin, den, n, h)
+        ctx.save_for_backward(qc, kc, vc, E, direct, al, be, Ct, wk, lgam, w, lbv, Cin, nin, den, n, h)
         ctx.eps = eps
         return h.view(B, H, Sp, Dv), C, n_last
 
     @staticmethod
     def backward(ctx, dh, dC_last, dn_last):
-        qc, kc, vc, E, direct, qa, kb, al, be, Ct, kw, wk, lgam, w, qi, lbv, Cin, nin, den, n, h = ctx.saved_tensors
+        qc, kc, vc, E, direct, al, be, Ct, wk, lgam, w, lbv, Cin, nin, den, n, h = ctx.saved_tensors
         B, H, NC = lgam.shape; N, L, Dk = qc.shape; Dv, Sp = vc.shape[-1], NC * L
-        dnum, dden, dlb = _norm_grads(dh.reshape(N, L, Dv), h, den, n, lbv, ctx.eps)
-        dCt = torch.bmm(dnum, vc.transpose(1, 2)).add_(dden[..., None])   # (N, L, L)
+        dnum, dden, dlb = _norm_grads(dh.reshape(N, L, Dv), h, den, n, lbv, ctx.eps, out=_work(0, h.shape, h))
+        dCt = torch.bmm(dnum, vc.transpose(1, 2), out=_work(1, (N, L, L), h)).add_(dden[..., None])   # (N, L, L)
         dv = torch.bmm(Ct.transpose(1, 2), dnum)
-        if qa is not None:                                                 # factored: d log alpha, d log beta are row dots
+        if al is not None:                                                 # factored: d log alpha, d log beta are row dots
             dCt.tril_()
-            dqa, dkb = torch.bmm(dCt, kb), torch.bmm(dCt.transpose(1, 2), qa)
+            kb = torch.mul(kc, be[..., None], out=_work(2, kc.shape, kc))   # recomputed rather than kept: see `_work`
+            dqa = torch.bmm(dCt, kb)
+            qa = torch.mul(qc, al[..., None], out=_work(3, qc.shape, qc))
+            dkb = torch.bmm(dCt.transpose(1, 2), qa)
             du, dmu = _rowdot(dkb, kb), _rowdot(dqa, qa).neg_()
+            del qa, kb
             dq, dk = dqa.mul_(al[..., None]), dkb.mul_(be[..., None])
         if E is not None:                                                  # direct: d log E = dC~ * C~, summed both ways
             nd = E.shape[0]
@@ -273,17 +297,25 @@ class _TorchCore(torch.autograd.Function):
             g = torch.bmm(dS, sub(kc)), torch.bmm(dS.transpose(1, 2), sub(qc)), dlogE.sum(-2), dlogE.sum(-1).neg_()
             if nd == N: dq, dk, du, dmu = g
             else: dq[direct], dk[direct], du[direct], dmu[direct] = g     # the factored form's rows of these chunks replaced
-        dqi = torch.bmm(dnum, Cin.transpose(1, 2)).addcmul_(dden[..., None], nin[:, None, :])  # (N, L, Dk)
+            del dCd, Cd, dlogE, dS, g
+        del dCt
+        qi = torch.mul(qc, w[..., None], out=_work(2, qc.shape, qc))
+        dqi = torch.bmm(dnum, Cin.transpose(1, 2), out=_work(1, qc.shape, qc)).addcmul_(dden[..., None], nin[:, None, :])  # (N, L, Dk)
         dq.addcmul_(dqi, w[..., None])
         dlw = _rowdot(dqi, qi)
-        gam = lgam.exp()
+        del dqi
+        dCin = torch.bmm(qi.transpose(1, 2), dnum, out=_work(3, Cin.shape, Cin)).view(B, H, NC, Dk, Dv)
+        dnin = torch.bmm(dden[:, None, :], qi).view(B, H, NC, Dk)
+        del qi, dnum
         zero = lambda x: torch.zeros_like(x[:B * H]).view(B, H, *x.shape[1:])
-        dU, dun, dC0, dn0 = _carry_back(torch.bmm(qi.transpose(1, 2), dnum).view(B, H, NC, Dk, Dv),
-                                        torch.bmm(dden[:, None, :], qi).view(B, H, NC, Dk), gam,
-                                        zero(Cin) if dC_last is None else dC_last, zero(nin) if dn_last is None else dn_last)
+        gam = lgam.exp()
+        dU, dun, dC0, dn0 = _carry_back(dCin, dnin, gam, zero(Cin) if dC_last is None else dC_last,
+                                        zero(nin) if dn_last is None else dn_last, _work(0, dCin.shape, Cin))
+        del dCin
         dU, dun = dU.view(N, Dk, Dv), dun.view(N, Dk)                      # gradients w.r.t. the states after each chunk
-        dlgam = ((dU * Cin).sum((-1, -2)) + (dun * nin).sum(-1)).view(B, H, NC) * gam
-        dkw = torch.bmm(vc, dU.transpose(1, 2)).add_(dun[:, None, :])     # (N, L, Dk)
+        dlgam = (torch.mul(dU, Cin, out=_work(1, Cin.shape, Cin)).sum((-1, -2)) + (dun * nin).sum(-1)).view(B, H, NC) * gam
+        dkw = torch.bmm(vc, dU.transpose(1, 2), out=_work(2, kc.shape, kc)).add_(dun[:, None, :])     # (N, L, Dk)
+        kw = torch.mul(kc, wk[..., None], out=_work(1, kc.shape, kc))
         dv.baddbmm_(kw, dU)
         dk.addcmul_(dkw, wk[..., None])
         dla = _rowdot(dkw, kw)
