@@ -1039,7 +1039,7 @@ def default_chunk_size(q:torch.Tensor) -> int:
     """Steps per chunk when `mlstm` is not told: 128 on a CUDA/ROCm GPU (the Triton kernels tile a chunk into 64-row tiles, so
     a larger chunk only means fewer stored states; mlstm_kernels' TFLA kernels default to 128 too); elsewhere (the PyTorch
     path's L x L products per chunk against its per-chunk state products) 64, the fastest of 32-256 on this CPU at
-    Dqk = 64 and 128, and 128 from Dqk = 256 on (22% faster than 64 there, fwd+bwd at S=2048)."""
+    Dqk = 64 and 128, and 128 from Dqk = 256 on (16-22% faster than 64 there in two runs, fwd+bwd at S=2048)."""
     return _chunk_for(q.is_cuda, q.shape[-1])
 
 def _triton_fits(q, L:int) -> bool:
