@@ -4,7 +4,7 @@
 
 # %% ../../nbs/11_kernels_tfla.ipynb #aa869fb2
 from __future__ import annotations
-import os, math, logging
+import os, math, logging, threading
 from typing import NamedTuple
 import torch, torch.nn.functional as F
 from ..devices import (Hardware, triton_kernel, triton_interpreted, triton_usable, with_fallback, torch_device,
@@ -18,9 +18,10 @@ except ImportError:  # the PyTorch paths work without triton
     logging.getLogger('model_lab').info("triton is not installed: mlstm runs its PyTorch paths (pip install 'model_lab[kernels]')")
 
 # %% auto #0
-__all__ = ['FLOOR', 'TILE_MAX', 'HEAD_MAX', 'STATE_BLOCK', 'MAXNREG', 'MAXNREG_QUARTER', 'BACKENDS', 'VARIANTS', 'PEERS',
-           'BASELINE', 'mlstm_inputs', 'mlstm_parallel', 'MLSTMState', 'mlstm_recurrent', 'default_chunk_size', 'mlstm',
-           'mlstm_step', 'mlstm_flops', 'bench_tfla', 'bench_tfla_peers']
+__all__ = ['FLOOR', 'SPREAD_MAX', 'WORK_MAX', 'TILE_MAX', 'HEAD_MAX', 'STATE_BLOCK', 'MAXNREG', 'MAXNREG_QUARTER', 'BACKENDS',
+           'VARIANTS', 'PEERS', 'FLA_PEER', 'BASELINE', 'mlstm_inputs', 'mlstm_parallel', 'MLSTMState',
+           'mlstm_recurrent', 'default_chunk_size', 'mlstm', 'mlstm_step', 'mlstm_flops', 'bench_tfla',
+           'bench_tfla_peers']
 
 # %% ../../nbs/11_kernels_tfla.ipynb #bfd67d1b
 def mlstm_inputs(B:int=1, H:int=4, S:int=256, Dqk:int=64, Dv:int|None=None, *,
@@ -162,32 +163,71 @@ def _intra_decay(u, mu, scale:float):
     L = u.shape[-1]
     return (u[..., None, :] - mu[..., :, None]).clamp_(FLOOR, 0.).exp_().mul_(_causal(L, scale, u.device, u.dtype))
 
+SPREAD_MAX = {torch.float32: 80., torch.float64: 200.}  # the largest stabilizer range in one chunk the factored form takes
+_SCALE_FLOOR = {torch.float32: FLOOR, torch.float64: -600.}  # beta's exponent clamp: a normal number, far below e^-SPREAD_MAX/2
+
+def _direct_chunks(mu):
+    """The chunks (indices into N, mu (N, L)) whose stabilizer range mu_last - mu_first is above SPREAD_MAX (or NaN): they take
+    the direct form, the others the factored one. None: every chunk, as off the CPU, where reading which ones would make the
+    host wait for the device."""
+    if mu.device.type != 'cpu' or mu.dtype not in SPREAD_MAX: return None
+    return ((mu[:, -1] - mu[:, 0]) <= SPREAD_MAX[mu.dtype]).logical_not_().nonzero().squeeze(1)
+
+def _row_col_scales(u, mu, scale:float):
+    """(alpha, beta) (N, L) with alpha_t beta_s = scale * E_ts for s <= t: alpha_t = scale * exp(r - mu_t), beta_s = exp(u_s - r),
+    r the middle of each chunk's mu range, so both lie within exp(+-range/2). The exponents are clamped to +-SPREAD_MAX/2 (and
+    beta's to the floor below): a no-op in the chunks that take this form, no inf or subnormal in the others."""
+    r, h = (mu[:, :1] + mu[:, -1:]) * 0.5, SPREAD_MAX[mu.dtype] / 2
+    return (r - mu).clamp_(-h, h).exp_().mul_(scale), (u - r).clamp_(_SCALE_FLOOR[u.dtype], h).exp_()
+
 def _carry(U, un, gam, C0, n0):
-    "States entering each chunk: C_0 = C0, C_{c+1} = gam_c C_c + U_c. Returns (B, H, NC+1, Dqk, Dv) and (B, H, NC+1, Dqk)."
-    B, H, NC = gam.shape
-    Cs, ns = U.new_empty(B, H, NC + 1, *U.shape[3:]), un.new_empty(B, H, NC + 1, un.shape[-1])
+    """States entering each chunk, C_0 = C0, C_{c+1} = gam_c C_c + U_c: (B, H, NC, Dqk, Dv) and (B, H, NC, Dqk), and the state
+    after the last chunk (C, n)."""
+    Cs, ns = torch.empty_like(U), torch.empty_like(un)
     Cs[:, :, 0], ns[:, :, 0] = C0, n0
-    for c in range(NC):  # no autograd here (inside a Function's forward/backward): write in place
-        torch.addcmul(U[:, :, c], gam[:, :, c, None, None], Cs[:, :, c], out=Cs[:, :, c + 1])
-        torch.addcmul(un[:, :, c], gam[:, :, c, None], ns[:, :, c], out=ns[:, :, c + 1])
-    return Cs, ns
+    g = gam[..., None, None]                                                    # (B, H, NC, 1, 1)
+    Uc, unc, gC, gn, Cc, nc = U.unbind(2), un.unbind(2), g.unbind(2), g[..., 0].unbind(2), Cs.unbind(2), ns.unbind(2)
+    for c in range(len(Cc) - 1):  # views made once (unbind): the loop is one multiply-add per state and chunk, written in place
+        torch.addcmul(Uc[c], gC[c], Cc[c], out=Cc[c + 1])
+        torch.addcmul(unc[c], gn[c], nc[c], out=nc[c + 1])
+    return Cs, ns, torch.addcmul(Uc[-1], gC[-1], Cc[-1]), torch.addcmul(unc[-1], gn[-1], nc[-1])
 
-def _carry_back(dCin, dnin, gam, dC_last, dn_last):
-    "Reverse of `_carry`: gradients w.r.t. every state C_0..C_NC, given the gradients the outputs send to C_0..C_{NC-1}."
-    B, H, NC = gam.shape
-    DC, Dn = dCin.new_empty(B, H, NC + 1, *dCin.shape[3:]), dnin.new_empty(B, H, NC + 1, dnin.shape[-1])
-    DC[:, :, NC], Dn[:, :, NC] = dC_last, dn_last
-    for c in range(NC - 1, -1, -1):
-        torch.addcmul(dCin[:, :, c], gam[:, :, c, None, None], DC[:, :, c + 1], out=DC[:, :, c])
-        torch.addcmul(dnin[:, :, c], gam[:, :, c, None], Dn[:, :, c + 1], out=Dn[:, :, c])
-    return DC, Dn
+def _carry_back(dCin, dnin, gam, dC_last, dn_last, DC=None):
+    """Reverse of `_carry`, given the gradients the outputs send to the states entering each chunk: the gradients w.r.t. the
+    state after each chunk (B, H, NC, ...; C's into `DC` if given) and w.r.t. (C0, n0)."""
+    DC, Dn = torch.empty_like(dCin) if DC is None else DC, torch.empty_like(dnin)
+    DC[:, :, -1], Dn[:, :, -1] = dC_last, dn_last
+    g = gam[..., None, None]
+    dC, dn, gC, gn, Dc, Dnc = dCin.unbind(2), dnin.unbind(2), g.unbind(2), g[..., 0].unbind(2), DC.unbind(2), Dn.unbind(2)
+    for c in range(len(Dc) - 1, 0, -1):
+        torch.addcmul(dC[c], gC[c], Dc[c], out=Dc[c - 1])
+        torch.addcmul(dn[c], gn[c], Dnc[c], out=Dnc[c - 1])
+    return DC, Dn, torch.addcmul(dC[0], gC[0], Dc[0]), torch.addcmul(dn[0], gn[0], Dnc[0])
 
-def _norm_grads(dh, h, den, n, lbv, eps):
-    "Backward through h = num / (max(|den|, lbv) + eps): (d num, d den, d log-lower-bound)."
+_WORK = threading.local()   # per thread: reusable work tensors of the CPU core (see `_work`)
+WORK_MAX = 2 ** 25           # bytes: larger work tensors are allocated per call, as usual
+
+def _work(slot:int, shape:tuple, like:torch.Tensor) -> torch.Tensor:
+    """A work tensor of `shape` for a temporary that dies inside one forward or backward call: on the CPU the `slot`-th of this
+    thread's reusable buffers (memory that is already mapped: a fresh 4 MB tensor costs ~1000 page faults, ~1/3 of the core's
+    time here), elsewhere or above WORK_MAX bytes a new tensor. Two temporaries alive at once must use different slots."""
+    n = math.prod(shape)
+    if like.device.type != 'cpu' or n * like.element_size() > WORK_MAX: return like.new_empty(shape)
+    pool = _WORK.__dict__.setdefault('pool', {})
+    buf = pool.get((slot, like.dtype))
+    if buf is None or buf.numel() < n: buf = pool[slot, like.dtype] = like.new_empty(n)
+    return buf[:n].view(shape)
+
+def _rowdot(a, b):
+    "sum over the last dim of a * b, without materialising a * b (a batched matmul underneath)."
+    return torch.einsum('...d,...d->...', a, b)
+
+def _norm_grads(dh, h, den, n, lbv, eps, out=None):
+    "Backward through h = num / (max(|den|, lbv) + eps): (d num (into `out` if given), d den, d log-lower-bound)."
     ne = n + eps
-    dn = -(dh * h).sum(-1) / ne
+    dn = _rowdot(dh, h).div_(ne).neg_()
     use_den = den.abs() >= lbv
-    return dh / ne[..., None], torch.where(use_den, dn * den.sign(), 0.), torch.where(use_den, 0., dn * lbv)
+    return torch.div(dh, ne[..., None], out=out), torch.where(use_den, dn * den.sign(), 0.), torch.where(use_den, 0., dn * lbv)
 
 # %% ../../nbs/11_kernels_tfla.ipynb #e6a14c52
 class _TorchCore(torch.autograd.Function):
@@ -197,52 +237,91 @@ class _TorchCore(torch.autograd.Function):
         B, H, Sp, Dk = q.shape; Dv, NC = v.shape[-1], Sp // L
         N = B * H * NC                                                     # one batch entry per chunk: bmm, no copies
         qc, kc, vc = q.reshape(N, L, Dk), k.reshape(N, L, Dk), v.reshape(N, L, Dv)
-        E = _intra_decay(u.reshape(N, L), mu.reshape(N, L), scale)         # (N, L, L), the 1/sqrt(Dqk) folded in
-        Ct = torch.bmm(qc, kc.transpose(1, 2)).mul_(E)
+        u, mu = u.reshape(N, L), mu.reshape(N, L)
+        direct = _direct_chunks(mu)                                        # None: every chunk takes the direct form
+        nd = N if direct is None else len(direct)
+        sub = (lambda x: x) if nd == N else (lambda x: x[direct])          # the direct chunks' rows of a (N, ...) tensor
+        E = al = be = None
+        if nd < N:                                                         # factored: C~ = tril((alpha q)(beta k)^T)
+            al, be = _row_col_scales(u, mu, scale)
+            qa = torch.mul(qc, al[..., None], out=_work(0, qc.shape, qc))
+            kb = torch.mul(kc, be[..., None], out=_work(1, kc.shape, kc))
+            Ct = torch.bmm(qa, kb.transpose(1, 2)).tril_()                 # C~ is kept: a new tensor
+            del qa, kb
+        if nd:                                                             # direct: E (nd, L, L), the 1/sqrt(Dqk) folded in
+            E = _intra_decay(sub(u), sub(mu), scale)
+            Cd = torch.bmm(sub(qc), sub(kc).transpose(1, 2)).mul_(E)
+            if nd == N: Ct = Cd
+            else: Ct[direct] = Cd
+            del Cd
         wk = la.reshape(N, L).exp()
-        kw = kc * wk[..., None]                                            # (N, L, Dk)
-        U = torch.bmm(kw.transpose(1, 2), vc).view(B, H, NC, Dk, Dv)
-        Cs, ns = _carry(U, kw.sum(1).view(B, H, NC, Dk), lgam.exp(), C0, n0)
-        Cin, nin = Cs[:, :, :-1].reshape(N, Dk, Dv), ns[:, :, :-1].reshape(N, Dk)  # state entering each chunk
+        kw = torch.mul(kc, wk[..., None], out=_work(0, kc.shape, kc))       # (N, L, Dk)
+        U = torch.bmm(kw.transpose(1, 2), vc, out=_work(1, (N, Dk, Dv), kc)).view(B, H, NC, Dk, Dv)
+        Cin, nin, C, n_last = _carry(U, kw.sum(1).view(B, H, NC, Dk), lgam.exp(), C0, n0)
+        del kw, U
+        Cin, nin = Cin.view(N, Dk, Dv), nin.view(N, Dk)                    # the state entering each chunk
         w = lw.reshape(N, L).exp().mul_(scale)
-        qi = qc * w[..., None]
+        qi = torch.mul(qc, w[..., None], out=_work(0, qc.shape, qc))
         num = torch.bmm(Ct, vc).baddbmm_(qi, Cin)                          # (N, L, Dv)
-        den = Ct.sum(-1).add_((qi * nin[:, None, :]).sum(-1))              # (N, L)
+        den = torch.baddbmm(Ct.sum(-1, keepdim=True), qi, nin[..., None]).squeeze(-1)  # (N, L)
+        del qi
         lbv = lb.reshape(N, L).exp()
         n = torch.maximum(den.abs(), lbv)
-        h = num / (n + eps)[..., None]
-        ctx.save_for_backward(qc, kc, vc, E, Ct, wk, lgam, w, lbv, Cin, nin, den, n, h)
+        h = num.div_((n + eps)[..., None])
+        ctx.save_for_backward(qc, kc, vc, E, direct, al, be, Ct, wk, lgam, w, lbv, Cin, nin, den, n, h)
         ctx.eps = eps
-        return h.view(B, H, Sp, Dv), Cs[:, :, -1], ns[:, :, -1]
+        return h.view(B, H, Sp, Dv), C, n_last
 
     @staticmethod
     def backward(ctx, dh, dC_last, dn_last):
-        qc, kc, vc, E, Ct, wk, lgam, w, lbv, Cin, nin, den, n, h = ctx.saved_tensors
+        qc, kc, vc, E, direct, al, be, Ct, wk, lgam, w, lbv, Cin, nin, den, n, h = ctx.saved_tensors
         B, H, NC = lgam.shape; N, L, Dk = qc.shape; Dv, Sp = vc.shape[-1], NC * L
-        dnum, dden, dlb = _norm_grads(dh.reshape(N, L, Dv), h, den, n, lbv, ctx.eps)
-        dCt = torch.bmm(dnum, vc.transpose(1, 2)).add_(dden[..., None])  # (N, L, L)
+        dnum, dden, dlb = _norm_grads(dh.reshape(N, L, Dv), h, den, n, lbv, ctx.eps, out=_work(0, h.shape, h))
+        dCt = torch.bmm(dnum, vc.transpose(1, 2), out=_work(1, (N, L, L), h)).add_(dden[..., None])   # (N, L, L)
         dv = torch.bmm(Ct.transpose(1, 2), dnum)
-        dlogE = dCt * Ct
-        dS = dCt.mul_(E)
-        dq, dk = torch.bmm(dS, kc), torch.bmm(dS.transpose(1, 2), qc)
-        dqi = torch.bmm(dnum, Cin.transpose(1, 2)).add_(dden[..., None] * nin[:, None, :])  # (N, L, Dk)
+        if al is not None:                                                 # factored: d log alpha, d log beta are row dots
+            dCt.tril_()
+            kb = torch.mul(kc, be[..., None], out=_work(2, kc.shape, kc))   # recomputed rather than kept: see `_work`
+            dqa = torch.bmm(dCt, kb)
+            qa = torch.mul(qc, al[..., None], out=_work(3, qc.shape, qc))
+            dkb = torch.bmm(dCt.transpose(1, 2), qa)
+            du, dmu = _rowdot(dkb, kb), _rowdot(dqa, qa).neg_()
+            del qa, kb
+            dq, dk = dqa.mul_(al[..., None]), dkb.mul_(be[..., None])
+        if E is not None:                                                  # direct: d log E = dC~ * C~, summed both ways
+            nd = E.shape[0]
+            sub = (lambda x: x) if nd == N else (lambda x: x[direct])
+            dCd, Cd = sub(dCt), sub(Ct)
+            dlogE = dCd * Cd
+            dS = dCd.mul_(E)
+            g = torch.bmm(dS, sub(kc)), torch.bmm(dS.transpose(1, 2), sub(qc)), dlogE.sum(-2), dlogE.sum(-1).neg_()
+            if nd == N: dq, dk, du, dmu = g
+            else: dq[direct], dk[direct], du[direct], dmu[direct] = g     # the factored form's rows of these chunks replaced
+            del dCd, Cd, dlogE, dS, g
+        del dCt
+        qi = torch.mul(qc, w[..., None], out=_work(2, qc.shape, qc))
+        dqi = torch.bmm(dnum, Cin.transpose(1, 2), out=_work(1, qc.shape, qc)).addcmul_(dden[..., None], nin[:, None, :])  # (N, L, Dk)
         dq.addcmul_(dqi, w[..., None])
-        dlw = (dqi * qc).sum(-1) * w
-        qi = qc * w[..., None]
+        dlw = _rowdot(dqi, qi)
+        del dqi
+        dCin = torch.bmm(qi.transpose(1, 2), dnum, out=_work(3, Cin.shape, Cin)).view(B, H, NC, Dk, Dv)
+        dnin = torch.bmm(dden[:, None, :], qi).view(B, H, NC, Dk)
+        del qi, dnum
+        zero = lambda x: torch.zeros_like(x[:B * H]).view(B, H, *x.shape[1:])
         gam = lgam.exp()
-        DC, Dn = _carry_back(torch.bmm(qi.transpose(1, 2), dnum).view(B, H, NC, Dk, Dv),
-                             (qi * dden[..., None]).sum(1).view(B, H, NC, Dk), gam,
-                             torch.zeros_like(Cin[:B * H]).view(B, H, Dk, Dv) if dC_last is None else dC_last,
-                             torch.zeros_like(nin[:B * H]).view(B, H, Dk) if dn_last is None else dn_last)
-        dU, dun = DC[:, :, 1:].reshape(N, Dk, Dv), Dn[:, :, 1:].reshape(N, Dk)  # gradients w.r.t. the states after each chunk
-        dlgam = ((dU * Cin).sum((-1, -2)) + (dun * nin).sum(-1)).view(B, H, NC) * gam
-        dkw = torch.bmm(vc, dU.transpose(1, 2)).add_(dun[:, None, :])     # (N, L, Dk)
-        dv.baddbmm_(kc * wk[..., None], dU)
+        dU, dun, dC0, dn0 = _carry_back(dCin, dnin, gam, zero(Cin) if dC_last is None else dC_last,
+                                        zero(nin) if dn_last is None else dn_last, _work(0, dCin.shape, Cin))
+        del dCin
+        dU, dun = dU.view(N, Dk, Dv), dun.view(N, Dk)                      # gradients w.r.t. the states after each chunk
+        dlgam = (torch.mul(dU, Cin, out=_work(1, Cin.shape, Cin)).sum((-1, -2)) + (dun * nin).sum(-1)).view(B, H, NC) * gam
+        dkw = torch.bmm(vc, dU.transpose(1, 2), out=_work(2, kc.shape, kc)).add_(dun[:, None, :])     # (N, L, Dk)
+        kw = torch.mul(kc, wk[..., None], out=_work(1, kc.shape, kc))
+        dv.baddbmm_(kw, dU)
         dk.addcmul_(dkw, wk[..., None])
-        dla = (dkw * kc).sum(-1) * wk
+        dla = _rowdot(dkw, kw)
         flat = lambda x, *d: x.reshape(B, H, Sp, *d)
-        return (flat(dq, Dk), flat(dk, Dk), flat(dv, Dv), flat(dlogE.sum(-2)), flat(-dlogE.sum(-1)),
-                flat(dla), dlgam, flat(dlw), flat(dlb), DC[:, :, 0], Dn[:, :, 0], None, None, None)
+        return (flat(dq, Dk), flat(dk, Dk), flat(dv, Dv), flat(du), flat(dmu),
+                flat(dla), dlgam, flat(dlw), flat(dlb), dC0, dn0, None, None, None)
 
 # %% ../../nbs/11_kernels_tfla.ipynb #8640981e
 def _chunkwise(q, k, v, i, f, state:MLSTMState|None, L:int, variant:str, eps:float, core:str='torch'):
@@ -530,20 +609,25 @@ def _bw_states_kernel(Q, DH, WS, WB, DCL, DNL, DC0, DN0, scale, oCS, oNS, oG, oC
             tl.store(DN0 + bh * Dk + ok, dn.to(DN0.dtype.element_ty), mask=mk)
 
 @triton_kernel
+def _bw_qk_start(Q, K, V, DH, WS, WB, oG, oP, SL, NC, NBH, Dk, Dv, L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr):
+    """Where the dq and dk kernels start: (batch*head, chunk, tile, Dqk block pk and its columns, Sp, GS; Q, K, V, DH moved to
+    this batch*head; its gate log-weights U (mu, la, lw follow GS apart); its d den and row scales DDEN, RS)."""
+    bh, c, t = _tile_ids(tl.program_id(0), NC, L // BT)
+    pk = tl.program_id(1)
+    Sp = NC * L
+    GS = NBH * Sp
+    return (bh, c, t, pk, pk * BK + tl.arange(0, BK), Sp, GS,
+            Q + bh * SL * Dk, K + bh * SL * Dk, V + bh * SL * Dv, DH + bh * SL * Dv,
+            WS + oG + bh * Sp, WB + oP + bh * Sp, WB + oP + 2 * GS + bh * Sp)
+
+@triton_kernel
 def _bw_dq_kernel(Q, K, V, DH, WS, WB, DQ, scale, oCS, oNS, oG, oP, oPD, SL, NC, NBH, Dk, Dv,
                   L: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   FLOOR: tl.constexpr, PREC: tl.constexpr):
     """dq for BT rows x BK columns, and this Dqk block's share of the row sums behind d mu and d lw. Two matmuls per key tile
     (dh v^T, then ds k): the row sums of ds * (q k^T) are q . (ds k), read off the dq accumulator after the loop."""
-    bh, c, t = _tile_ids(tl.program_id(0), NC, L // BT)
-    pk = tl.program_id(1)
-    ok = pk * BK + tl.arange(0, BK)
-    Sp = NC * L
-    GS = NBH * Sp
-    Q, K, V, DH = Q + bh * SL * Dk, K + bh * SL * Dk, V + bh * SL * Dv, DH + bh * SL * Dv
-    U = WS + oG + bh * Sp
+    bh, c, t, pk, ok, Sp, GS, Q, K, V, DH, U, DDEN, RS = _bw_qk_start(Q, K, V, DH, WS, WB, oG, oP, SL, NC, NBH, Dk, Dv, L, BT, BK)
     MU, LW = U + GS, U + 3 * GS
-    DDEN, RS = WB + oP + bh * Sp, WB + oP + 2 * GS + bh * Sp
     DT: tl.constexpr = Q.dtype.element_ty
     rows = c * L + t * BT + tl.arange(0, BT)
     dd, rs = tl.load(DDEN + rows), tl.load(RS + rows)
@@ -569,15 +653,8 @@ def _bw_dk_kernel(Q, K, V, DH, WS, WB, DK, scale, oG, oDCS, oDNS, oP, oPD, SL, N
                   FLOOR: tl.constexpr, PREC: tl.constexpr):
     """dk for BT keys x BK columns, and this Dqk block's share of the column sums behind du and d la. Two matmuls per query
     tile (dh v^T, then ds^T q): the column sums of ds * (q k^T) are k . (ds^T q), read off the dk accumulator."""
-    bh, c, j = _tile_ids(tl.program_id(0), NC, L // BT)
-    pk = tl.program_id(1)
-    ok = pk * BK + tl.arange(0, BK)
-    Sp = NC * L
-    GS = NBH * Sp
-    Q, K, V, DH = Q + bh * SL * Dk, K + bh * SL * Dk, V + bh * SL * Dv, DH + bh * SL * Dv
-    U = WS + oG + bh * Sp
+    bh, c, j, pk, ok, Sp, GS, Q, K, V, DH, U, DDEN, RS = _bw_qk_start(Q, K, V, DH, WS, WB, oG, oP, SL, NC, NBH, Dk, Dv, L, BT, BK)
     MU, LA = U + GS, U + 2 * GS
-    DDEN, RS = WB + oP + bh * Sp, WB + oP + 2 * GS + bh * Sp
     DT: tl.constexpr = Q.dtype.element_ty
     cols = c * L + j * BT + tl.arange(0, BT)
     dk = tl.zeros((BT, BK), dtype=tl.float32)
@@ -954,11 +1031,16 @@ def _triton_ready(q, L:int):
     if not (q.is_cuda or triton_interpreted()):
         raise RuntimeError(f"backend='triton' needs CUDA/ROCm tensors on a machine with a GPU (got tensors on {q.device})")
 
+def _chunk_for(gpu:bool, Dqk:int) -> int:
+    "`default_chunk_size` for a device kind and head size."
+    return 128 if gpu or Dqk >= 256 else 64
+
 def default_chunk_size(q:torch.Tensor) -> int:
     """Steps per chunk when `mlstm` is not told: 128 on a CUDA/ROCm GPU (the Triton kernels tile a chunk into 64-row tiles, so
-    a larger chunk only means fewer stored states; mlstm_kernels' TFLA kernels default to 128 too), 64 elsewhere (the
-    PyTorch path's L x L products per chunk; 64 was the fastest of 32-256 on this CPU, see the benchmark)."""
-    return 128 if q.is_cuda else 64
+    a larger chunk only means fewer stored states; mlstm_kernels' TFLA kernels default to 128 too); elsewhere (the PyTorch
+    path's L x L products per chunk against its per-chunk state products) 64, the fastest of 32-256 on this CPU at
+    Dqk = 64 and 128, and 128 from Dqk = 256 on (16-22% faster than 64 there in two runs, fwd+bwd at S=2048)."""
+    return _chunk_for(q.is_cuda, q.shape[-1])
 
 def _triton_fits(q, L:int) -> bool:
     "auto picks Triton: the tensors are on a GPU with triton, the dtype and chunk size suit the kernels."
@@ -1024,17 +1106,34 @@ def mlstm_flops(B, H, S, Dqk, Dv, chunk_size:int=64, backward:bool=False) -> flo
     fw = 2 * B * H * nc * (L * L * (Dqk + Dv) / 2 + 2 * L * Dqk * Dv)
     return fw * (3 if backward else 1)
 
-def _peers(gpu:bool) -> dict:
-    "'mlstm_kernels chunkwise--<name>' -> (its function, chunk size) for the installed peer implementations that can run here."
-    try: from mlstm_kernels.torch.chunkwise import registry
-    except Exception: return {}
-    return {f'mlstm_kernels chunkwise--{n}': (registry[n], L) for n, L in PEERS.items()
-            if n in registry and (gpu or n.startswith('native'))}
+FLA_PEER = 'fla chunk_mlstm'   # flash-linear-attention's chunkwise mLSTM (Triton), a GPU contender where installed
 
-def _implementations(hw:Hardware, S:int, backward:bool, references:bool=True) -> dict:
+def _fla_mlstm():
+    """`fla.ops.mlstm.chunk_mlstm` (flash-linear-attention's mLSTM: exponential input gate, log-sigmoid forget gate, max-stabilized
+    normalizer) as fn(q, k, v, i, f, chunk_size) in our layout, or None where that package or that op is missing. fla takes
+    (B, S, H, D) and (B, S, H) and picks its chunk itself (64); the transposes are part of the call."""
+    try: from fla.ops.mlstm import chunk_mlstm
+    except Exception: return None
+    def run(q, k, v, i, f, chunk_size=None):
+        t = lambda x: x.transpose(1, 2)
+        return t(chunk_mlstm(t(q), t(k), t(v), t(i), t(f))[0])
+    return run
+
+def _peers(gpu:bool) -> dict:
+    """name -> (its function, chunk size) for the installed peer implementations that can run here: `mlstm_kernels`'
+    chunkwise ones ('mlstm_kernels chunkwise--<name>'), and on a GPU flash-linear-attention's (`FLA_PEER`)."""
+    try: from mlstm_kernels.torch.chunkwise import registry
+    except Exception: registry = {}
+    peers = {f'mlstm_kernels chunkwise--{n}': (registry[n], L) for n, L in PEERS.items()
+             if n in registry and (gpu or n.startswith('native'))}
+    fla = _fla_mlstm() if gpu else None
+    if fla is not None: peers[FLA_PEER] = (fla, 64)
+    return peers
+
+def _implementations(hw:Hardware, S:int, backward:bool, references:bool=True, D:int=64) -> dict:
     "name -> (fn(q, k, v, i, f), chunk size) for the implementations that run at this size here."
     gpu = hw.kind in ('cuda', 'rocm')
-    lim, L = _REF_LIMITS['gpu' if gpu else 'cpu'], 128 if gpu else 64   # default_chunk_size of the device
+    lim, L = _REF_LIMITS['gpu' if gpu else 'cpu'], _chunk_for(gpu, D)   # default_chunk_size of the device
     impl = {'chunkwise torch': (lambda *x: mlstm(*x, backend='torch', chunk_size=L), L)}
     if gpu and triton is not None: impl['triton tfla'] = (lambda *x: mlstm(*x, backend='triton', chunk_size=L), L)
     for name, (fn, Lp) in _peers(gpu).items(): impl[name] = (lambda *x, fn=fn, Lp=Lp: fn(*x, chunk_size=Lp), Lp)
@@ -1065,7 +1164,7 @@ def _runnable(impl:dict, x, backward:bool) -> dict:
     calls = {}
     for name, (fn, _) in impl.items():
         calls[name] = _timed_call(fn, x, backward)
-        if not name.startswith('mlstm_kernels'): continue
+        if not name.startswith(('mlstm_kernels', FLA_PEER)): continue
         try: calls[name]()
         except Exception as e:
             del calls[name]
@@ -1075,7 +1174,7 @@ def _runnable(impl:dict, x, backward:bool) -> dict:
 def _bench_size(hw, S:int, D:int, backward:bool, dtype, dev, cfg:dict, references:bool):
     "Every implementation at one (S, D, pass), alternated round by round: one Result each, with its ratio to the baseline."
     x = mlstm_inputs(1, 4, S, D, dtype=dtype, device=dev, requires_grad=backward)
-    impl = _implementations(hw, S, backward, references)
+    impl = _implementations(hw, S, backward, references, D)
     calls = _runnable(impl, x, backward)
     base = BASELINE if BASELINE in calls else 'chunkwise torch'
     work = mlstm_flops(1, 4, S, D, D, 128 if hw.kind in ('cuda', 'rocm') else 64, backward) / 1e12
