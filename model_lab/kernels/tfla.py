@@ -1195,7 +1195,7 @@ def _bench_sizes(hw, sizes:dict, references:bool=True):
 def _tfla_total(hw:Hardware, size:str) -> int:
     "How many results `bench_tfla` yields at `size` (one per implementation, S, D and pass; a peer that then fails to run is not counted by the run)."
     sz = _BENCH_SIZES[size]
-    return len(sz['D']) * sum(len(_implementations(hw, S, b, references=size != 'default')) for S in sz['S'] for b in (False, True))
+    return sum(len(_implementations(hw, S, b, size != 'default', D)) for D in sz['D'] for S in sz['S'] for b in (False, True))
 
 @suite('tfla', plots=[dict(x='S', y='median', hue='name', logx=True, logy=True)], total=_tfla_total)
 def bench_tfla(hw:Hardware, size:str='default'):
