@@ -1290,6 +1290,21 @@ def summary_markdown(results) -> str:
     return '\n'.join(parts + [head, *rows])
 
 # %% ../nbs/40_diffucoder_jax.ipynb #9fce78a1
+def _loop_upto(graphdef, state, x, timesteps, key, *, upto, steps, start, logits_dtype, mask_token_id, alg, unroll):
+    "The generation loop (greedy) cut after `upto`: 'layers', 'forward' (layers + LM head) or 'step' (the whole step, the real loop)."
+    model = nnx.merge(graphdef, state)
+    def body(i, carry):
+        x, key = carry
+        key, sk = jax.random.split(key)
+        if upto == 'step':
+            return _denoise(model, x, None, None, timesteps[i], timesteps[i + 1], i == steps - 1, sk, start=start, logits_dtype=logits_dtype, unroll=unroll,
+                            mask_token_id=mask_token_id, alg=alg, temperature=0.0, top_p=None, top_k=None, alg_temp=0.0), key
+        out = model.hidden_states(x, unroll=unroll) if upto == 'layers' else answer_logits(model, x, start=start, logits_dtype=logits_dtype, unroll=unroll)
+        return x.at[0, start].set(2 + (jnp.sum(out) > 0).astype(x.dtype)), key   # x depends on the whole output: nothing leaves the loop
+    return jax.lax.fori_loop(0, steps, body, (x, key))[0]
+
+_loop_upto_jit = jax.jit(_loop_upto, static_argnames=('graphdef', 'upto', 'steps', 'start', 'logits_dtype', 'mask_token_id', 'alg', 'unroll'))
+
 def profile_generation(model:DreamModel, ref, # ref: the same weights in transformers' Qwen2ForCausalLM (the PyTorch reference)
                        input_ids, *, max_new_tokens:int, alg:str='entropy', rounds:int=3, min_time:float=0.05) -> dict:
     "Milliseconds per step of each piece of a generation step (fastest round), JAX and the PyTorch reference (1 torch thread), alternated; and the ratio."
@@ -1300,22 +1315,19 @@ def profile_generation(model:DreamModel, ref, # ref: the same weights in transfo
     if (ids == cfg.mask_token_id).any(): raise ValueError('profile_generation times prompts without mask tokens (the answer-only path)')
     x, gd, st = jnp.asarray(prepare_inputs(ids, None, N, cfg.mask_token_id)[0]), *nnx.split(model)
     ts, key, ldt = jnp.asarray(dream_timesteps(N)), jax.random.key(0), jnp.dtype(model.dtype)
-    un = jax.default_backend() == 'cpu'                                       # as `diffusion_generate` runs them
-    layers = jax.jit(lambda s, x: nnx.merge(gd, s).hidden_states(x, unroll=un))
-    fwd = jax.jit(lambda s, x: answer_logits(nnx.merge(gd, s), x, start=P0, logits_dtype=ldt, unroll=un))
-    step = jax.jit(lambda s, x, k: _denoise(nnx.merge(gd, s), x, None, None, ts[N // 2], ts[N // 2 + 1], False, k, start=P0, logits_dtype=ldt, unroll=un,
-                                            mask_token_id=cfg.mask_token_id, alg=alg, temperature=0.0, top_p=None, top_k=None, alg_temp=0.0))
+    kw = dict(steps=N, start=P0, logits_dtype=ldt, mask_token_id=cfg.mask_token_id, alg=alg, unroll=jax.default_backend() == 'cpu')
+    loop = lambda upto: (lambda: _loop_upto_jit(gd, st, x, ts, key, upto=upto, **kw))
     xt, m4 = torch.as_tensor(np.array(x), dtype=torch.long), torch.zeros(B, 1, x.shape[1], x.shape[1])
     def tcall(m):
         with torch.inference_mode(): return m(input_ids=xt, attention_mask=m4)[0]
     fns = {'torch generate': lambda: torch_diffusion_generate(ref, ids, max_new_tokens=N, steps=N, mask_token_id=cfg.mask_token_id, alg=alg),
            'torch layers': lambda: tcall(ref.model), 'torch forward': lambda: tcall(ref),
            'jax generate': lambda: diffusion_generate(model, ids, max_new_tokens=N, steps=N, alg=alg),
-           'jax layers': lambda: layers(st, x), 'jax forward': lambda: fwd(st, x), 'jax step': lambda: step(st, x, key)}
+           'jax layers': loop('layers'), 'jax forward': loop('forward'), 'jax step': loop('step')}
     threads = torch.get_num_threads(); torch.set_num_threads(1)
     try: rs = ratios(fns, 'torch generate', rounds=rounds, min_time=min_time)
     finally: torch.set_num_threads(threads)
-    ms = {k: r.timing.min * 1e3 / (N if k.endswith('generate') else 1) for k, r in rs.items()}   # each piece's fastest round: the least disturbed
+    ms = {k: r.timing.min * 1e3 / (1 if k.startswith('torch') and not k.endswith('generate') else N) for k, r in rs.items()}   # fastest round
     rows = {'jax': dict(layers=ms['jax layers'], lm_head=ms['jax forward'] - ms['jax layers'], sampler=ms['jax step'] - ms['jax forward'],
                         loop_and_host=ms['jax generate'] - ms['jax step'], step=ms['jax generate']),
             'torch': dict(layers=ms['torch layers'], lm_head=ms['torch forward'] - ms['torch layers'],
@@ -1328,7 +1340,7 @@ def profile_generation(model:DreamModel, ref, # ref: the same weights in transfo
 def profile_table(prof:dict) -> str:
     "Markdown of `profile_generation`: ms per step and share of the step, per piece, JAX beside PyTorch, and the ratio."
     names = dict(layers='transformer layers', lm_head='LM head', sampler='sampler (PyTorch: with its Python loop)',
-                 loop_and_host='compiled loop, dispatch, host', step='**whole step** (generation / steps)')
+                 loop_and_host='host: inputs, `nnx.split`, dispatch', step='**whole step** (generation / steps)')
     cell = lambda side, k: '—' if prof['rows'][side][k] is None else (
         f"{prof['rows'][side][k]:.2f}" + ('' if k == 'step' else f" ({prof['rows'][side][k] / prof['rows'][side]['step']:.0%})"))
     r = prof['ratio']
