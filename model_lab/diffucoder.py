@@ -28,8 +28,8 @@ __all__ = ['log', 'DIFFUCODER_7B_CONFIG', 'PRESETS', 'LAYER_PARAMS', 'BYTES', 'S
            'torch_sample_tokens', 'torch_diffusion_generate', 'save_params', 'load_params', 'save_hf_checkpoint',
            'convert_checkpoint', 'jit_forward', 'chat_prompt', 'load_tokenizer', 'is_instruct', 'stop_text',
            'decode_generation', 'is_oom', 'random_token_ids', 'benchmark_inference', 'benchmark_generation',
-           'plot_throughput', 'check_generation_args', 'DiffuCoderInference', 'bench_diffucoder', 'summary_markdown',
-           'profile_generation', 'profile_table']
+           'plot_throughput', 'check_generation_args', 'DiffuCoderInference', 'one_cpu', 'bench_diffucoder',
+           'summary_markdown', 'profile_generation', 'profile_table']
 
 # %% ../nbs/40_diffucoder_jax.ipynb #71312154
 @dataclass(frozen=True)
@@ -1153,6 +1153,22 @@ BENCH = dict(  # default: the headline only (JAX vs the PyTorch reference sample
     default=dict(preset='dream_small', seq=128, prompt=16, new=16, load=False, fwd=(), gen=(8,), ref=(8,), rounds=7),
     full=dict(preset='dream_base', seq=512, prompt=64, new=128, load=True, fwd=(1, 2, 4, 8), gen=(1, 2, 4, 8, 16, 32, 64), ref=(1, 8), rounds=7))
 
+def _tids() -> list: return [int(t) for t in os.listdir('/proc/self/task')]
+
+@contextlib.contextmanager
+def one_cpu(enabled:bool=True):
+    """Run the block with every thread of this process on one CPU (Linux), then restore: yields that CPU, or None where it cannot.
+    `XLA_FLAGS=... intra_op_parallelism_threads=1` does not bound XLA:CPU's thread pool (a 'one-thread' JAX generation used 1.8
+    cores' CPU time on 2 cores); one CPU for the process does, and leaves a one-thread torch as it was."""
+    if not enabled or not hasattr(os, 'sched_setaffinity') or not os.path.isdir('/proc/self/task'): yield None; return
+    mask = os.sched_getaffinity(0); cpu = min(mask)
+    for t in _tids():
+        with contextlib.suppress(OSError): os.sched_setaffinity(t, {cpu})
+    try: yield cpu
+    finally:
+        for t in _tids():
+            with contextlib.suppress(OSError): os.sched_setaffinity(t, mask)
+
 def _conditions(**kw) -> dict:
     import torch
     return dict(jax_backend=jax.default_backend(), jax_devices=jax.device_count(), torch_threads=torch.get_num_threads(),
@@ -1221,14 +1237,15 @@ def _versus_torch(model, ref, ids, gkw, cfg, p, hw, dt, rounds, cpu_model):
     fns = {'torch': lambda: torch_diffusion_generate(ref, ids, mask_token_id=cfg.mask_token_id, **gkw),
            'jax': lambda: diffusion_generate(model, ids, **gkw)}
     torch.set_num_threads(1)
-    try: rs = ratios(fns, 'torch', rounds=rounds, min_time=0)
+    try:
+        with one_cpu(jax.default_backend() == 'cpu') as cpu: rs = ratios(fns, 'torch', rounds=rounds, min_time=0)
     except Exception as e:
         if not is_oom(e): raise
         yield _failed('diffucoder', 'generate', dict(p, backend='jax'), hw, e, dt); return
     finally: torch.set_num_threads(threads)
     same = float((np.asarray(diffusion_generate(cpu_model, ids, **gkw)) == fns['torch']()).mean()) if cpu_model is not None else None
     cond = dict(_conditions(), torch_threads=1, xla_flags=os.environ.get('XLA_FLAGS', ''),
-                jax_threads='1 (XLA_FLAGS has intra_op_parallelism_threads=1)' if 'intra_op_parallelism_threads=1' in os.environ.get('XLA_FLAGS', '') else 'XLA default (all cores)')
+                jax_threads=f'1 CPU (cpu {cpu}: every thread of the process pinned to it)' if cpu is not None else f'XLA default ({jax.default_backend()})')
     for name, k, d in (('generate torch', 'torch', 'float32'), ('generate', 'jax', dt)):
         r = ratio_record('diffucoder', name, rs[k], hw=hw, params=dict(p, backend=k), dtype=d, work=B * gkw['max_new_tokens'], unit='tokens/s',
                          quality={} if k == 'torch' else dict(speedup_vs_torch_sdpa=rs['jax'].value, **({} if same is None else dict(same_tokens=same))),
@@ -1325,16 +1342,16 @@ def profile_generation(model:DreamModel, ref, # ref: the same weights in transfo
            'jax generate': lambda: diffusion_generate(model, ids, max_new_tokens=N, steps=N, alg=alg),
            'jax layers': loop('layers'), 'jax forward': loop('forward'), 'jax step': loop('step')}
     threads = torch.get_num_threads(); torch.set_num_threads(1)
-    try: rs = ratios(fns, 'torch generate', rounds=rounds, min_time=min_time)
+    try:
+        with one_cpu(jax.default_backend() == 'cpu') as cpu: rs = ratios(fns, 'torch generate', rounds=rounds, min_time=min_time)
     finally: torch.set_num_threads(threads)
     ms = {k: r.timing.min * 1e3 / (1 if k.startswith('torch') and not k.endswith('generate') else N) for k, r in rs.items()}   # fastest round
     rows = {'jax': dict(layers=ms['jax layers'], lm_head=ms['jax forward'] - ms['jax layers'], sampler=ms['jax step'] - ms['jax forward'],
                         loop_and_host=ms['jax generate'] - ms['jax step'], step=ms['jax generate']),
             'torch': dict(layers=ms['torch layers'], lm_head=ms['torch forward'] - ms['torch layers'],
                           sampler=ms['torch generate'] - ms['torch forward'], loop_and_host=None, step=ms['torch generate'])}
-    xla = os.environ.get('XLA_FLAGS', '')
     return dict(rows=rows, ratio=rs['jax generate'], batch=B, prompt=P0, new_tokens=N, alg=alg, torch_threads=1,
-                jax_threads='1 (XLA_FLAGS)' if 'intra_op_parallelism_threads=1' in xla else 'XLA default (all cores)',
+                jax_threads=f'1 CPU (the process pinned to cpu {cpu})' if cpu is not None else f'XLA default ({jax.default_backend()})',
                 load_average=rs['jax generate'].conditions.get('loadavg_before'), rounds=rounds)
 
 def profile_table(prof:dict) -> str:
