@@ -23,12 +23,13 @@ __all__ = ['log', 'DIFFUCODER_7B_CONFIG', 'PRESETS', 'LAYER_PARAMS', 'BYTES', 'S
            'shard_model', 'batch_sharding', 'SafetensorsFile', 'write_safetensors', 'hf_name', 'hf_shape', 'hf_to_jax',
            'jax_to_hf', 'HFCheckpoint', 'bundled_models', 'resolve_model_path', 'as_dtype', 'load_hf_checkpoint',
            'hf_reference_model', 'hf_4d_mask', 'save_hf_reference', 'hf_layer_outputs', 'jax_layer_outputs',
-           'parity_table', 'dream_timesteps', 'top_p_filter', 'top_k_filter', 'sample_tokens', 'transfer_count',
-           'sample_step', 'prepare_inputs', 'diffusion_generate', 'torch_sample_tokens', 'torch_diffusion_generate',
-           'save_params', 'load_params', 'save_hf_checkpoint', 'convert_checkpoint', 'jit_forward', 'chat_prompt',
-           'load_tokenizer', 'is_instruct', 'stop_text', 'decode_generation', 'is_oom', 'random_token_ids',
-           'benchmark_inference', 'benchmark_generation', 'plot_throughput', 'check_generation_args',
-           'DiffuCoderInference', 'bench_diffucoder', 'summary_markdown']
+           'parity_table', 'dream_timesteps', 'top_p_filter', 'top_k_filter', 'first_argmax', 'sample_tokens',
+           'transfer_count', 'sample_step', 'answer_logits', 'prepare_inputs', 'diffusion_generate',
+           'torch_sample_tokens', 'torch_diffusion_generate', 'save_params', 'load_params', 'save_hf_checkpoint',
+           'convert_checkpoint', 'jit_forward', 'chat_prompt', 'load_tokenizer', 'is_instruct', 'stop_text',
+           'decode_generation', 'is_oom', 'random_token_ids', 'benchmark_inference', 'benchmark_generation',
+           'plot_throughput', 'check_generation_args', 'DiffuCoderInference', 'one_cpu', 'bench_diffucoder',
+           'summary_markdown', 'profile_generation', 'profile_table']
 
 # %% ../nbs/40_diffucoder_jax.ipynb #71312154
 @dataclass(frozen=True)
@@ -215,6 +216,7 @@ class DreamModel(nnx.Module):
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, *, all_layers:bool=False,
                       causal:bool=False, # attend to the same and earlier positions only (an AR language model, e.g. a warm start)
+                      unroll:bool=False, # a Python loop over the layers, each reading static slices of the stacked weights, instead of a scan
                      ):
         "Final hidden states (B, L, D) after the last norm; with `all_layers`, also (embeddings, every layer's output)."
         cfg = self.config
@@ -234,7 +236,11 @@ class DreamModel(nnx.Module):
         def body(x, w):
             y = decoder_layer(x, w, cos, sin, keep, cfg)
             return y, (y if all_layers else None)
-        x, per_layer = jax.lax.scan(body, x, self.layers.stacked())
+        if unroll:                     # XLA:CPU reads a static slice in place; a scan copies each layer's weights out of the stack per call
+            ws, outs = self.layers.stacked(), []
+            for i in range(cfg.num_hidden_layers): x = decoder_layer(x, {n: a[i] for n, a in ws.items()}, cos, sin, keep, cfg); outs.append(x)
+            per_layer = jnp.stack(outs) if all_layers else None
+        else: x, per_layer = jax.lax.scan(body, x, self.layers.stacked())
         x = rms_norm(x, self.norm[...], cfg.rms_norm_eps)
         return (x, emb, per_layer) if all_layers else x
 
@@ -628,6 +634,15 @@ def top_k_filter(logits, top_k:int):
     kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
     return jnp.where(logits < kth, jnp.finfo(logits.dtype).min, logits)
 
+def _first_argmax_cpu(a):
+    m = jnp.max(a, axis=-1, keepdims=True)
+    i = jnp.min(jnp.where(a == m, jax.lax.broadcasted_iota(jnp.int32, a.shape, a.ndim - 1), a.shape[-1]), axis=-1)
+    return jnp.minimum(i, a.shape[-1] - 1), m[..., 0]                      # a NaN row (no element equals its max): the last index
+
+def first_argmax(a):
+    "(index of the first maximum, the maximum) on the last axis. On the CPU from two plain reductions: XLA:CPU's argmax, a reduce over (value, index) pairs, took a fifth of a generation step; elsewhere `jnp.argmax` (chosen when lowering, so a TPU compile on a CPU host gets the TPU's)."
+    return jax.lax.platform_dependent(a, cpu=_first_argmax_cpu, default=lambda a: (jnp.argmax(a, -1).astype(jnp.int32), jnp.max(a, -1)))
+
 def sample_tokens(logits, key, *, temperature:float=0.0, top_p=None, top_k=None, alg:str='maskgit_plus'):
     "(confidence, x0) at every position of logits (..., V), in their dtype (Dream's bf16 or fp32), as Dream's `sample_tokens` with `alg`'s confidence."
     if temperature > 0: logits = logits / temperature
@@ -635,10 +650,10 @@ def sample_tokens(logits, key, *, temperature:float=0.0, top_p=None, top_k=None,
     if top_k is not None: logits = top_k_filter(logits, top_k)
     probs = jax.nn.softmax(logits, axis=-1)
     if temperature > 0:
-        x0 = jax.random.categorical(key, logits, axis=-1)
+        x0 = first_argmax(logits + jax.random.gumbel(key, logits.shape, logits.dtype))[0]   # `jax.random.categorical`'s draw
         conf = jnp.take_along_axis(probs, x0[..., None], -1)[..., 0]
     else:
-        x0, conf = jnp.argmax(probs, -1), jnp.max(probs, -1)
+        x0, conf = first_argmax(probs)
     if alg == 'topk_margin':
         top2 = jax.lax.top_k(probs, 2)[0]
         conf = top2[..., 0] - top2[..., 1]
@@ -676,21 +691,36 @@ def sample_step(logits, # (B, L, V) logits, already shifted (position j predicte
 # %% ../nbs/40_diffucoder_jax.ipynb #aa4ddc01
 TRACES = dict(generate=0, step=0)   # incremented while tracing (not while running): the compile-once test reads them
 
-def _generate(graphdef, state, x, attn, pos, timesteps, key, *, steps, alg, temperature, top_p, top_k, alg_temp, mask_token_id, logits_dtype):
+def answer_logits(model:DreamModel, x, attn=None, pos=None, *, start:int=0, logits_dtype=jnp.float32, unroll:bool=False):
+    "Shifted logits (B, L - start, V) of positions `start`.. of x (B, L): position j predicted from the output at j-1, the LM head run only there."
+    L = x.shape[1]
+    h = model.hidden_states(x, attn, pos, unroll=unroll)                      # (B, L, D)
+    h = h[:, start - 1:L - 1] if start else jnp.concatenate([h[:, :1], h[:, :-1]], axis=1)
+    return model.logits(h).astype(logits_dtype)                               # fp32 accumulated, in the sampler's dtype
+
+def _denoise(model, x, attn, pos, t, s, last, key, *, start, logits_dtype, mask_token_id, unroll=False, **sampler):
+    "One step of the loop: the answer's logits, Dream's sampler on them, the new x (B, L)."
+    xs = x[:, start:]
+    xs = sample_step(answer_logits(model, x, attn, pos, start=start, logits_dtype=logits_dtype, unroll=unroll), xs, xs == mask_token_id, t, s, last, key,
+                     mask_token_id=mask_token_id, **sampler)
+    return x.at[:, start:].set(xs)
+
+def _generate(graphdef, state, x, attn, pos, timesteps, key, *, steps, alg, temperature, top_p, top_k, alg_temp, mask_token_id, logits_dtype,
+              start:int=0, # the first position that can hold a mask (the prompt's length when the prompt has none)
+              unroll:bool=False): # the layers unrolled (`DreamModel.hidden_states`): on the CPU
     TRACES['generate'] += 1
     model = nnx.merge(graphdef, state)
     def body(i, carry):
         TRACES['step'] += 1
         x, key = carry
         key, sk = jax.random.split(key)
-        logits = model(x, attn, pos).astype(logits_dtype)                     # (B, L, V) raw, fp32 accumulated, in the sampler's dtype
-        logits = jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)     # position j predicted from output j-1
-        x = sample_step(logits, x, x == mask_token_id, timesteps[i], timesteps[i + 1], i == steps - 1, sk, alg=alg,
-                        temperature=temperature, top_p=top_p, top_k=top_k, alg_temp=alg_temp, mask_token_id=mask_token_id)
+        x = _denoise(model, x, attn, pos, timesteps[i], timesteps[i + 1], i == steps - 1, sk, start=start, logits_dtype=logits_dtype,
+                     unroll=unroll, mask_token_id=mask_token_id, alg=alg, temperature=temperature, top_p=top_p, top_k=top_k, alg_temp=alg_temp)
         return x, key
     return jax.lax.fori_loop(0, steps, body, (x, key))[0]
 
-_generate_jit = jax.jit(_generate, static_argnames=('graphdef', 'steps', 'alg', 'temperature', 'top_p', 'top_k', 'alg_temp', 'mask_token_id', 'logits_dtype'))
+_generate_jit = jax.jit(_generate, static_argnames=('graphdef', 'steps', 'alg', 'temperature', 'top_p', 'top_k', 'alg_temp', 'mask_token_id',
+                                                    'logits_dtype', 'start', 'unroll'))
 
 def prepare_inputs(input_ids, attention_mask, max_new_tokens:int, mask_token_id:int) -> tuple:
     "(x, attention mask or None, positions or None) as Dream builds them: mask ids appended, positions from the mask."
@@ -717,6 +747,8 @@ def diffusion_generate(model:DreamModel, input_ids, attention_mask=None, *, max_
     if top_p is not None and not 0 < top_p <= 1: raise ValueError(f'top_p must be in (0, 1] or None, got {top_p}')
     mid = model.config.mask_token_id
     x, am, pos = prepare_inputs(input_ids, attention_mask, max_new_tokens, mid)
+    prompt = x.shape[1] - max_new_tokens
+    start = 0 if (x[:, :prompt] == mid).any() else prompt                    # no mask in the prompt: logits and sampling on the answer only
     key = rng if isinstance(rng, jax.Array) else jax.random.key(0 if rng is None else rng)
     if mesh is not None:
         put = lambda a: None if a is None else jax.device_put(a, batch_sharding(mesh))
@@ -724,7 +756,7 @@ def diffusion_generate(model:DreamModel, input_ids, attention_mask=None, *, max_
     graphdef, state = nnx.split(model)
     return _generate_jit(graphdef, state, x, am, pos, jnp.asarray(dream_timesteps(steps, eps)), key, steps=steps, alg=alg,
                          temperature=float(temperature), top_p=top_p, top_k=top_k, alg_temp=float(alg_temp or 0.0), mask_token_id=mid,
-                         logits_dtype=jnp.dtype(logits_dtype or model.dtype))
+                         logits_dtype=jnp.dtype(logits_dtype or model.dtype), start=start, unroll=jax.default_backend() == 'cpu')
 
 # %% ../nbs/40_diffucoder_jax.ipynb #573239a8
 def torch_sample_tokens(logits, temperature=0.0, top_p=None, top_k=None, margin_confidence=False, neg_entropy=False, generator=None):
@@ -1118,8 +1150,24 @@ PRESETS['dream_base'] = DreamConfig(vocab_size=32768, hidden_size=1024, intermed
 
 BENCH = dict(  # default: the headline only (JAX vs the PyTorch reference sampler, alternated); the sweeps under `full`
     quick=dict(preset='dream_tiny', seq=32, prompt=8, new=8, load=True, fwd=(1, 8), gen=(1, 8), ref=(1,), rounds=3),
-    default=dict(preset='dream_small', seq=128, prompt=16, new=16, load=False, fwd=(), gen=(8,), ref=(8,), rounds=3),
+    default=dict(preset='dream_small', seq=128, prompt=16, new=16, load=False, fwd=(), gen=(8,), ref=(8,), rounds=7),
     full=dict(preset='dream_base', seq=512, prompt=64, new=128, load=True, fwd=(1, 2, 4, 8), gen=(1, 2, 4, 8, 16, 32, 64), ref=(1, 8), rounds=7))
+
+def _tids() -> list: return [int(t) for t in os.listdir('/proc/self/task')]
+
+@contextlib.contextmanager
+def one_cpu(enabled:bool=True):
+    """Run the block with every thread of this process on one CPU (Linux), then restore: yields that CPU, or None where it cannot.
+    `XLA_FLAGS=... intra_op_parallelism_threads=1` does not bound XLA:CPU's thread pool (a 'one-thread' JAX generation used 1.8
+    cores' CPU time on 2 cores); one CPU for the process does, and leaves a one-thread torch as it was."""
+    if not enabled or not hasattr(os, 'sched_setaffinity') or not os.path.isdir('/proc/self/task'): yield None; return
+    mask = os.sched_getaffinity(0); cpu = min(mask)
+    for t in _tids():
+        with contextlib.suppress(OSError): os.sched_setaffinity(t, {cpu})
+    try: yield cpu
+    finally:
+        for t in _tids():
+            with contextlib.suppress(OSError): os.sched_setaffinity(t, mask)
 
 def _conditions(**kw) -> dict:
     import torch
@@ -1194,14 +1242,15 @@ def _versus_torch(model, ref, ids, gkw, cfg, p, hw, dt, rounds, cpu_model):
     fns = {'torch': lambda: torch_diffusion_generate(ref, ids, mask_token_id=cfg.mask_token_id, **gkw),
            'jax': lambda: diffusion_generate(model, ids, **gkw)}
     torch.set_num_threads(1)
-    try: rs = ratios(fns, 'torch', rounds=rounds, min_time=0)
+    try:
+        with one_cpu(jax.default_backend() == 'cpu') as cpu: rs = ratios(fns, 'torch', rounds=rounds, min_time=0)
     except Exception as e:
         if not is_oom(e): raise
         yield _failed('diffucoder', 'generate', dict(p, backend='jax'), hw, e, dt); return
     finally: torch.set_num_threads(threads)
     same = float((np.asarray(diffusion_generate(cpu_model, ids, **gkw)) == fns['torch']()).mean()) if cpu_model is not None else None
     cond = dict(_conditions(), torch_threads=1, xla_flags=os.environ.get('XLA_FLAGS', ''),
-                jax_threads='1 (XLA_FLAGS has intra_op_parallelism_threads=1)' if 'intra_op_parallelism_threads=1' in os.environ.get('XLA_FLAGS', '') else 'XLA default (all cores)')
+                jax_threads=f'1 CPU (cpu {cpu}: every thread of the process pinned to it)' if cpu is not None else f'XLA default ({jax.default_backend()})')
     for name, k, d in (('generate torch', 'torch', 'float32'), ('generate', 'jax', dt)):
         r = ratio_record('diffucoder', name, rs[k], hw=hw, params=dict(p, backend=k), dtype=d, work=B * gkw['max_new_tokens'], unit='tokens/s',
                          quality={} if k == 'torch' else dict(speedup_vs_torch_sdpa=rs['jax'].value, **({} if same is None else dict(same_tokens=same))),
@@ -1261,3 +1310,65 @@ def summary_markdown(results) -> str:
             rows.append(f"| {g[0].device.get('kind')} | {B} | {_fmt_tps(_tps(f))} | {'OOM' if err else _fmt_tps(_tps(ge))} | "
                         f"{_fmt_tps(_tps(t))} | {vs} | {fmt_bytes(ge.peak_mem_bytes) if ge else '—'} |")
     return '\n'.join(parts + [head, *rows])
+
+# %% ../nbs/40_diffucoder_jax.ipynb #9fce78a1
+def _loop_upto(graphdef, state, x, timesteps, key, *, upto, steps, start, logits_dtype, mask_token_id, alg, unroll):
+    "The generation loop (greedy) cut after `upto`: 'layers', 'forward' (layers + LM head) or 'step' (the whole step, the real loop)."
+    model = nnx.merge(graphdef, state)
+    def body(i, carry):
+        x, key = carry
+        key, sk = jax.random.split(key)
+        if upto == 'step':
+            return _denoise(model, x, None, None, timesteps[i], timesteps[i + 1], i == steps - 1, sk, start=start, logits_dtype=logits_dtype, unroll=unroll,
+                            mask_token_id=mask_token_id, alg=alg, temperature=0.0, top_p=None, top_k=None, alg_temp=0.0), key
+        out = model.hidden_states(x, unroll=unroll) if upto == 'layers' else answer_logits(model, x, start=start, logits_dtype=logits_dtype, unroll=unroll)
+        return x.at[0, start].set(2 + (jnp.sum(out) > 0).astype(x.dtype)), key   # x depends on the whole output: nothing leaves the loop
+    return jax.lax.fori_loop(0, steps, body, (x, key))[0]
+
+_loop_upto_jit = jax.jit(_loop_upto, static_argnames=('graphdef', 'upto', 'steps', 'start', 'logits_dtype', 'mask_token_id', 'alg', 'unroll'))
+
+def profile_generation(model:DreamModel, ref, # ref: the same weights in transformers' Qwen2ForCausalLM (the PyTorch reference)
+                       input_ids, *, max_new_tokens:int, alg:str='entropy', rounds:int=3, min_time:float=0.05) -> dict:
+    "Milliseconds per step of each piece of a generation step (fastest round), JAX and the PyTorch reference (1 torch thread), alternated; and the ratio."
+    import torch
+    from model_lab.bench import ratios
+    cfg, N, ids = model.config, max_new_tokens, np.asarray(input_ids)
+    B, P0 = ids.shape
+    if (ids == cfg.mask_token_id).any(): raise ValueError('profile_generation times prompts without mask tokens (the answer-only path)')
+    x, gd, st = jnp.asarray(prepare_inputs(ids, None, N, cfg.mask_token_id)[0]), *nnx.split(model)
+    ts, key, ldt = jnp.asarray(dream_timesteps(N)), jax.random.key(0), jnp.dtype(model.dtype)
+    kw = dict(steps=N, start=P0, logits_dtype=ldt, mask_token_id=cfg.mask_token_id, alg=alg, unroll=jax.default_backend() == 'cpu')
+    loop = lambda upto: (lambda: _loop_upto_jit(gd, st, x, ts, key, upto=upto, **kw))
+    xt, m4 = torch.as_tensor(np.array(x), dtype=torch.long), torch.zeros(B, 1, x.shape[1], x.shape[1])
+    def tcall(m):
+        with torch.inference_mode(): return m(input_ids=xt, attention_mask=m4)[0]
+    fns = {'torch generate': lambda: torch_diffusion_generate(ref, ids, max_new_tokens=N, steps=N, mask_token_id=cfg.mask_token_id, alg=alg),
+           'torch layers': lambda: tcall(ref.model), 'torch forward': lambda: tcall(ref),
+           'jax generate': lambda: diffusion_generate(model, ids, max_new_tokens=N, steps=N, alg=alg),
+           'jax layers': loop('layers'), 'jax forward': loop('forward'), 'jax step': loop('step')}
+    threads = torch.get_num_threads(); torch.set_num_threads(1)
+    try:
+        with one_cpu(jax.default_backend() == 'cpu') as cpu: rs = ratios(fns, 'torch generate', rounds=rounds, min_time=min_time)
+    finally: torch.set_num_threads(threads)
+    ms = {k: r.timing.min * 1e3 / (1 if k.startswith('torch') and not k.endswith('generate') else N) for k, r in rs.items()}   # fastest round
+    rows = {'jax': dict(layers=ms['jax layers'], lm_head=ms['jax forward'] - ms['jax layers'], sampler=ms['jax step'] - ms['jax forward'],
+                        loop_and_host=ms['jax generate'] - ms['jax step'], step=ms['jax generate']),
+            'torch': dict(layers=ms['torch layers'], lm_head=ms['torch forward'] - ms['torch layers'],
+                          sampler=ms['torch generate'] - ms['torch forward'], loop_and_host=None, step=ms['torch generate'])}
+    return dict(rows=rows, ratio=rs['jax generate'], batch=B, prompt=P0, new_tokens=N, alg=alg, torch_threads=1,
+                jax_threads=f'1 CPU (the process pinned to cpu {cpu})' if cpu is not None else f'XLA default ({jax.default_backend()})',
+                load_average=rs['jax generate'].conditions.get('loadavg_before'), rounds=rounds)
+
+def profile_table(prof:dict) -> str:
+    "Markdown of `profile_generation`: ms per step and share of the step, per piece, JAX beside PyTorch, and the ratio."
+    names = dict(layers='transformer layers', lm_head='LM head', sampler='sampler (PyTorch: with its Python loop)',
+                 loop_and_host='host: inputs, `nnx.split`, dispatch', step='**whole step** (generation / steps)')
+    cell = lambda side, k: '—' if prof['rows'][side][k] is None else (
+        f"{prof['rows'][side][k]:.2f}" + ('' if k == 'step' else f" ({prof['rows'][side][k] / prof['rows'][side]['step']:.0%})"))
+    r = prof['ratio']
+    out = ['| piece | JAX ms (share) | PyTorch ms (share) |', '|---|---|---|']
+    out += [f"| {n} | {cell('jax', k)} | {cell('torch', k)} |" for k, n in names.items()]
+    return '\n'.join(out + ['', f"JAX {r.value:.2f}x faster per generated token [{r.low:.2f}, {r.high:.2f}]{' (noisy)' if r.noisy else ''}; "
+                           f"batch {prof['batch']}, {prof['prompt']} + {prof['new_tokens']} tokens, alg {prof['alg']}, fp32; torch threads "
+                           f"{prof['torch_threads']}, JAX threads {prof['jax_threads']}; {prof['rounds']} alternated rounds, load average "
+                           f"{prof['load_average']:.1f} on {os.cpu_count()} cores"])
