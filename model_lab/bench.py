@@ -804,16 +804,15 @@ def _first_quality(r:Result) -> str:
     return _kv(dict(list(r.quality.items())[:1]))
 
 def headline_table(results:Iterable[Result]) -> str:
-    "One short line per suite: its comparisons (each ratio with its 95% interval against its baseline, the params that tell them apart) and each one's first quality figure, from the records that carry a ratio."
+    "A row per comparison, suite by suite: the ratio with its 95% interval against its baseline, the params that tell the suite's comparisons apart and the first quality figure, from the records that carry a ratio (a suite without one: a row saying so)."
     by = {}
     for r in results: by.setdefault(r.suite, []).append(r)
     rows = []
     for s, rs in by.items():
         rat = [r for r in rs if r.ratio and r.ratio.get('baseline') != r.name and not _is_self_ratio(r.ratio)]
         if not rat: rows.append(f'| {s} | no comparison in this run ({len(rs)} results) | — | {_first_quality(rs[0]) or "—"} |'); continue
-        comp = '; '.join(f'{r.name} vs {r.ratio["baseline"]}' + (f' ({p})' if (p := _params(_distinct_params(r, rat))) else '') for r in rat)
-        rows.append(f'| {s} | {comp} | ' + '; '.join(fmt_ratio(r.ratio, baseline=False) for r in rat)
-                    + ' | ' + ('; '.join(q for r in rat if (q := _first_quality(r))) or '—') + ' |')
+        rows += [f'| {s} | {r.name} vs {r.ratio["baseline"]}' + (f' ({p})' if (p := _params(_distinct_params(r, rat))) else '')
+                 + f' | {fmt_ratio(r.ratio, baseline=False)} | {_first_quality(r) or "—"} |' for r in rat]
     return '| suite | comparison | times faster [95% interval] | quality |\n|---|---|---|---|\n' + '\n'.join(rows)
 
 def noisy_line(results:Iterable[Result]) -> str:
